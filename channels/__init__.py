@@ -1,0 +1,49 @@
+"""mpchannels: Lona-style pub/sub channels across the worker processes of a server.
+
+::
+
+    from channels import Channel
+
+    Channel('chat.rooms.*', on_message)               # subscribe
+    Channel('chat.rooms.lona').send({'text': 'hi'})   # publish
+
+The machinery starts on first use; :func:`shutdown` drains and stops it.
+"""
+
+from __future__ import annotations
+
+from . import settings
+from .channel import Channel
+from .errors import (BrokerUnavailableError, BufferFullError, ChannelsError,
+                     ConfigurationError, ProtocolError, SerializationError, ShutdownError)
+from .message import Message
+from .runtime import SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
+from .settings import configure
+from .workers import MessageBroker, Task, TaskWorker, Worker
+
+__all__ = [
+    'Channel', 'Message', 'Worker', 'MessageBroker', 'TaskWorker', 'Task',
+    'configure', 'settings', 'shutdown', 'is_running',
+    'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC',
+    'ChannelsError', 'ConfigurationError', 'SerializationError', 'ShutdownError',
+    'BufferFullError', 'ProtocolError', 'BrokerUnavailableError',
+]
+
+__version__ = '0.1.0'
+
+
+def shutdown(timeout: float = 5.0) -> bool:
+    """Drain and stop this process's channels machinery.
+
+    New sends raise :class:`ShutdownError` meanwhile; every non-droppable message
+    already sent is handled before it returns, within *timeout* seconds (what is left
+    is logged with a count); droppable ones may be dropped. Returns True if everything
+    was handled and every thread stopped in time. The next use starts it afresh.
+    Also runs at interpreter exit, with ``CHANNEL_SHUTDOWN_TIMEOUT``.
+    """
+    return _runtime.shutdown(timeout)
+
+
+def is_running() -> bool:
+    """True while the machinery runs (from the first use until :func:`shutdown`)."""
+    return _runtime.is_running()

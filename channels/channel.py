@@ -1,0 +1,100 @@
+"""``Channel``: subscribe a handler to a topic, and send messages to a topic.
+
+The channels of a process live in one registry (a :class:`~channels.topics.TopicIndex`
+owned by the runtime), so ``Channel.get_channels(topic)`` finds the matching ones
+without scanning every subscription.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import runtime as _runtime
+from .message import Message
+from .topics import validate_topic
+
+__all__ = ['Channel']
+
+Handler = Callable[[Message], Any]
+
+
+class Channel:
+    """A topic, and optionally a handler subscribed to it.
+
+    ``Channel(topic, handler)`` subscribes; ``Channel(topic)`` alone does not. A channel
+    has one topic and at most one handler at a time; it may subscribe again after
+    ``unsubscribe()``. Thread safe.
+    """
+
+    __slots__ = ('_topic', '_handler', '_generation', '_mailbox', '__weakref__')
+
+    def __init__(self, topic: str, handler: Handler | None = None) -> None:
+        self._topic = validate_topic(topic)
+        self._handler: Handler | None = None
+        self._generation = 0      # subscriptions so far; a task remembers its own
+        self._mailbox: Any = None  # pending tasks, owned by the runtime
+        if handler is not None:
+            self.subscribe(handler)
+
+    def __repr__(self) -> str:
+        return f'<Channel(topic={self._topic!r}, handler={self._handler!r})>'
+
+    @property
+    def topic(self) -> str:
+        """The channel's topic; may contain wildcards (``*``, ``?``, ``[...]``)."""
+        return self._topic
+
+    @property
+    def handler(self) -> Handler | None:
+        """The subscribed handler, or None when the channel is not subscribed."""
+        return self._handler
+
+    @classmethod
+    def get_channels(cls, topic: str) -> list[Channel]:
+        """The subscribed channels of this process whose topic matches *topic*."""
+        if type(topic) is not str or not topic:
+            topic = validate_topic(topic)
+        runtime = _runtime.runtime
+        with runtime.registry_lock:
+            return runtime.registry.match(topic)
+
+    def subscribe(self, handler: Handler) -> None:
+        """Call *handler* with every matching message from now on, in order, one at a time.
+
+        Raises ``RuntimeError`` if the channel is subscribed already, ``TypeError`` if
+        *handler* is not callable. Sends ``lona.channels.subscribe`` locally.
+        """
+        if not callable(handler):
+            raise TypeError(f'handler must be callable (it is called with a Message), got '
+                            f'{type(handler).__name__} {handler!r}')
+        _runtime.runtime.subscribe(self, handler)
+
+    def unsubscribe(self) -> None:
+        """Stop calling the handler; pending calls are dropped. A no-op if not subscribed.
+
+        Sends ``lona.channels.unsubscribe`` locally.
+        """
+        _runtime.runtime.unsubscribe(self)
+
+    def send(self, message_data: dict | None = None,
+             expiry: datetime | timedelta | None = None,
+             local: bool = False, droppable: bool = False) -> Message:
+        """Send a message to every channel subscribed to a matching topic.
+
+        :message_data: a dict (shallow-copied) or None for ``{}``. Unless *local*, it
+            is pickled here, so data that cannot cross processes raises
+            :class:`~channels.errors.SerializationError` (a ``TypeError``) here.
+        :expiry: a ``datetime`` (naive: local time) or a ``timedelta`` from now; the
+            message is dropped if it expires before it is routed or handled.
+        :local: handle it in this process only; it never reaches the broker.
+        :droppable: it may be dropped to shut down faster.
+
+        Never blocks. Raises :class:`~channels.errors.ShutdownError` while
+        ``channels.shutdown()`` drains.
+        """
+        message = Message.create(self._topic, message_data, expiry, local, droppable)
+        runtime = _runtime.runtime
+        (runtime.machinery or runtime.ensure_running()).submit(message)
+        return message

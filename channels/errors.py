@@ -1,0 +1,50 @@
+"""The exceptions of ``channels``: one base class, each subclass also a built-in.
+
+Every error the library raises on purpose derives from :class:`ChannelsError`, and
+also from the built-in exception that fits, so code written as
+``except ValueError`` or ``except ConnectionError`` keeps working.
+
+Bad arguments (a topic that is not a non-empty ``str``, a handler that is not
+callable, non-dict data, a bad expiry) raise plain :class:`TypeError` or
+:class:`ValueError` at the call, as the standard library does.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    'ChannelsError',
+    'ConfigurationError',
+    'SerializationError',
+    'ShutdownError',
+    'BufferFullError',
+    'ProtocolError',
+    'BrokerUnavailableError',
+]
+
+
+class ChannelsError(Exception):
+    """Base class of every error that ``channels`` raises on purpose."""
+
+
+class ConfigurationError(ChannelsError, ValueError):
+    """A setting has a value that is not allowed, or was changed at the wrong time."""
+
+
+class SerializationError(ChannelsError, TypeError):
+    """Message data could not be serialized to cross a process boundary."""
+
+
+class ShutdownError(ChannelsError, RuntimeError):
+    """The machinery is shutting down and refuses new messages until it has stopped."""
+
+
+class BufferFullError(ChannelsError):
+    """The process buffered as much as its bound allows while the broker was unreachable."""
+
+
+class ProtocolError(ChannelsError):
+    """Bytes on a connection do not form a valid frame of the ``channels`` wire format."""
+
+
+class BrokerUnavailableError(ChannelsError, ConnectionError):
+    """No broker is listening at the configured address."""

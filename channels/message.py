@@ -1,0 +1,196 @@
+"""``Message``: what ``Channel.send()`` returns and what every handler receives.
+
+A message that is not ``local`` is pickled once, at ``send()``, so that data which
+could not cross a process boundary fails there, in the caller's thread. Each handler
+gets its own copy: unpickled from those bytes on first access of ``data`` (a deep
+copy), or, for a ``local`` message, a shallow ``copy.copy`` as in Lona. Every copy
+shares the ``id``, ``timestamp`` and dropped state of the message ``send()`` returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import pickle
+import secrets
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from .errors import SerializationError
+
+__all__ = ['Message', 'new_message_id']
+
+_UNSET: Any = object()
+
+
+class _Identity:
+    """This process's part of message ids; renewed in a forked child."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.prefix = f'{os.getpid()}-{secrets.token_hex(4)}-'
+        self.sequence = itertools.count(1)
+
+
+_identity = _Identity()
+os.register_at_fork(after_in_child=_identity.renew)
+
+
+def new_message_id() -> str:
+    """A message id unique across processes: the sender's pid, a nonce and a sequence number."""
+    return _identity.prefix + str(next(_identity.sequence))
+
+
+def resolve_expiry(expiry: object) -> tuple[datetime | None, float | None]:
+    """Validate *expiry* of ``send()``; return it as a datetime and as a POSIX deadline."""
+    if expiry is None:
+        return None, None
+    if isinstance(expiry, timedelta):
+        expiry = datetime.now() + expiry            # naive local time, as in Lona
+    elif not isinstance(expiry, datetime):
+        raise TypeError(f'expiry must be a datetime, a timedelta or None, got '
+                        f'{type(expiry).__name__} {expiry!r}')
+    try:
+        deadline = expiry.timestamp()   # a naive datetime is local time; aware ones work too
+    except (OverflowError, OSError, ValueError) as exc:
+        raise ValueError(f'expiry {expiry!r} is out of range: {exc}') from exc
+    return expiry, deadline
+
+
+class Message:
+    """A message sent to a topic.
+
+    Attributes: ``topic`` (the sender's topic), ``data`` (a dict), ``expiry`` (a
+    datetime or None), ``local``, ``droppable``, ``id`` (unique across processes) and
+    ``timestamp`` (``time.time()`` at ``send()``).
+    """
+
+    __slots__ = ('topic', '_data', '_payload', 'expiry', 'deadline', 'local', 'droppable',
+                 '_id', 'timestamp', '_origin', '_dropped')
+
+    def __init__(self, topic: str, data: dict | None = None, *,
+                 expiry: datetime | None = None, deadline: float | None = None,
+                 local: bool = False, droppable: bool = False,
+                 id: str | None = None, timestamp: float | None = None,
+                 payload: bytes | None = None) -> None:
+        self.topic = topic
+        self._data = _UNSET if data is None else data
+        self._payload = payload
+        self.expiry = expiry
+        self.deadline = deadline
+        self.local = local
+        self.droppable = droppable
+        self._id = new_message_id() if id is None else id
+        self.timestamp = time.time() if timestamp is None else timestamp
+        self._origin: Message = self
+        self._dropped = False
+
+    @classmethod
+    def create(cls, topic: str, data: object, expiry: object, local: object,
+               droppable: object) -> Message:
+        """Validate the arguments of ``send()`` and build the message it returns."""
+        if data is None:
+            data = {}
+        elif not isinstance(data, dict):
+            raise TypeError(f'message_data must be a dict or None, got '
+                            f'{type(data).__name__} {data!r:.200}')
+        if local is not False and local is not True:
+            raise TypeError(f'local must be a bool, got {local!r}')
+        if droppable is not False and droppable is not True:
+            raise TypeError(f'droppable must be a bool, got {droppable!r}')
+        if expiry is None:
+            deadline = None
+        else:
+            expiry, deadline = resolve_expiry(expiry)
+        if local:
+            payload = None
+        else:
+            try:
+                payload = _dumps(data, _PROTOCOL)
+            except Exception as exc:
+                raise SerializationError(
+                    f'message_data for topic {topic!r} cannot be pickled, so it cannot reach '
+                    f'other processes: {exc!r}. Send picklable data, or pass local=True to '
+                    f'keep the message in this process.') from exc
+        # built slot by slot: this runs once per send() and per handler
+        message = _new(cls)
+        message.topic = topic
+        message._data = data.copy() if type(data) is dict else copy.copy(data)
+        message._payload = payload
+        message.expiry = expiry
+        message.deadline = deadline
+        message.local = local
+        message.droppable = droppable
+        message._id = (_identity.prefix, next(_identity.sequence))
+        message.timestamp = _time()
+        message._origin = message
+        message._dropped = False
+        return message
+
+    @property
+    def id(self) -> str:
+        """Unique across processes: the sender's pid and nonce and a sequence number."""
+        id = self._id
+        if type(id) is tuple:
+            id = self._origin._id = self._id = f'{id[0]}{id[1]}'
+        return id
+
+    @property
+    def data(self) -> dict:
+        """The message payload: a dict of this copy's own."""
+        data = self._data
+        if data is _UNSET:
+            data = self._data = _loads(self._payload) if self._payload else {}
+        return data
+
+    @property
+    def payload(self) -> bytes | None:
+        """The pickled data, for a message that is not ``local``."""
+        return self._payload
+
+    def copy(self) -> Message:
+        """A copy for one handler: same id, timestamp and dropped state, its own data."""
+        message = _new(Message)
+        if self._payload is not None:
+            message._data = _UNSET          # unpickled on first access of .data
+        else:
+            data = self.data
+            message._data = data.copy() if type(data) is dict else copy.copy(data)
+        message.topic = self.topic
+        message._payload = self._payload
+        message.expiry = self.expiry
+        message.deadline = self.deadline
+        message.local = self.local
+        message.droppable = self.droppable
+        message._id = self._id
+        message.timestamp = self.timestamp
+        message._origin = self._origin
+        message._dropped = False
+        return message
+
+    def is_expired(self) -> bool:
+        """True once the expiry given to ``send()`` has passed."""
+        return self.deadline is not None and _time() >= self.deadline
+
+    def is_dropped(self) -> bool:
+        """True if this message was dropped in this process (expired, or at shutdown)."""
+        return self._origin._dropped
+
+    def drop(self) -> None:
+        """Mark this message, and every copy of it in this process, as dropped."""
+        self._origin._dropped = True
+
+    def __repr__(self) -> str:
+        flags = ''.join(f' {name}' for name in ('local', 'droppable') if getattr(self, name))
+        return f'<Message id={self.id!r} topic={self.topic!r}{flags}>'
+
+
+_new = object.__new__
+_time = time.time
+_dumps = pickle.dumps
+_loads = pickle.loads
+_PROTOCOL = pickle.HIGHEST_PROTOCOL

@@ -1,0 +1,343 @@
+"""The process's machinery: lazy start, the queues, scheduling, shutdown, fork safety.
+
+::
+
+    Channel.send() --put--> messages --> MessageBroker thread(s): get_channels(topic),
+                                           schedule_task(channel, message)
+                                                  |
+                     per-channel mailboxes <------+   a channel with pending tasks
+                            |                         sits once in `ready`
+                            v
+                          ready --> TaskWorker thread(s): one channel at a time each
+
+:class:`Runtime` is the one per process: it owns the registry of subscribed channels,
+which lives as long as the process, and the current :class:`Machinery`, which lives from
+the first use after a start to ``shutdown()``. Every start builds a new ``Machinery``
+from the settings of that moment, so a restart shares nothing with the run before it,
+not even with a thread that a handler which never returns still holds.
+
+Shutdown is an ordered protocol: refuse new sends -> mark workers not running (so
+droppable work is dropped) -> wait until every message and task is settled or the
+timeout passes -> one sentinel per thread -> join with the time left -> release.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING, Any
+
+from . import settings
+from .errors import ShutdownError
+from .message import Message
+from .topics import TopicIndex
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .workers import Worker
+
+__all__ = ['Runtime', 'Machinery', 'runtime', 'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC']
+
+logger = logging.getLogger(__name__)
+
+SUBSCRIBE_TOPIC = 'lona.channels.subscribe'
+UNSUBSCRIBE_TOPIC = 'lona.channels.unsubscribe'
+
+RUNNING, DRAINING, STOPPING = 'running', 'draining', 'stopping'
+
+
+class _Sequencer:
+    """Keeps the scheduling order of several broker threads equal to the sending order."""
+
+    def __init__(self) -> None:
+        self._take_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._turn = 0
+        self._done: set[int] = set()
+
+    def take(self, messages: SimpleQueue, timeout: float, worker: Worker) -> Any:
+        # taking the message and its ticket is one step, so tickets follow queue order
+        if not self._take_lock.acquire(timeout=timeout):
+            raise Empty
+        try:
+            item = messages.get(timeout=timeout)
+            if isinstance(item, Message):
+                worker._ticket = self._next_ticket
+                self._next_ticket += 1
+            return item
+        finally:
+            self._take_lock.release()
+
+    def wait_turn(self, ticket: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == ticket)
+
+    def done(self, ticket: int) -> None:
+        with self._cond:
+            self._done.add(ticket)
+            while self._turn in self._done:
+                self._done.discard(self._turn)
+                self._turn += 1
+            self._cond.notify_all()
+
+
+class Machinery:
+    """The queues and threads of one run, from start to ``shutdown()``.
+
+    The hot path takes no lock that two of its threads contend for (under the GIL a
+    contended lock turns every later acquire into a context switch): the queues are
+    ``SimpleQueue``s, a mailbox is claimed with a non-blocking acquire, and each thread
+    counts its own work. Only senders share ``send_lock``, which makes "not shutting
+    down" and "counted" one step.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.send_lock = threading.Lock()
+        self.box_lock = threading.Lock()      # creating mailboxes (once per channel and run)
+        self.state = RUNNING
+        self.submitted = 0                    # messages accepted by submit()
+        self.messages: SimpleQueue = SimpleQueue()
+        self.ready: SimpleQueue = SimpleQueue()
+        self.brokers: list[Worker] = []
+        self.task_workers: list[Worker] = []
+        self.schedulers: list[Any] = []       # objects with a `scheduled` count: brokers, ...
+        self.sequencer: _Sequencer | None = None
+
+    def __repr__(self) -> str:
+        return (f'<Machinery {self.state} brokers={len(self.brokers)} '
+                f'task_workers={len(self.task_workers)} submitted={self.submitted}>')
+
+    def start(self) -> None:
+        from . import workers    # imported here: workers imports channel, which imports us
+        broker_class = settings.get('CHANNEL_MESSAGE_BROKER_CLASS')
+        task_class = settings.get('CHANNEL_TASK_WORKER_CLASS')
+        brokers = settings.get('MAX_CHANNEL_MESSAGE_BROKER_THREADS')
+        tasks = settings.get('MAX_CHANNEL_TASK_WORKER_THREADS')
+        timeout = settings.get('CHANNEL_WORKER_TIMEOUT')
+        if brokers > 1:
+            self.sequencer = _Sequencer()
+        self._stop_token = workers.STOP
+        self._task_class = workers.Task
+        self._mailbox_class = workers.Mailbox
+        self.brokers = [broker_class(self, n, timeout) for n in range(brokers)]
+        self.task_workers = [task_class(self, n, timeout) for n in range(tasks)]
+        self.schedulers = list(self.brokers)
+        for worker in self.workers:
+            worker.start()
+        logger.debug('started %d broker and %d task worker threads', brokers, tasks)
+
+    @property
+    def workers(self) -> list[Worker]:
+        """Every worker of this run, brokers first."""
+        return self.brokers + self.task_workers
+
+    # the hot path ----------------------------------------------------------------------
+
+    def submit(self, message: Message) -> None:
+        with self.send_lock:
+            if self.state is not RUNNING:
+                raise ShutdownError(
+                    f'cannot send {message!r}: channels is shutting down. Messages are '
+                    f'accepted again once channels.shutdown() has returned.')
+            self.submitted += 1
+            self.messages.put(message)
+
+    def schedule(self, channel: Channel, message: Message) -> bool:
+        """Queue a task of *channel* with a copy of *message*; False if it is not subscribed."""
+        if channel._handler is None:
+            return False
+        box = channel._mailbox
+        if box is None or box.machinery is not self:
+            box = self._mailbox_of(channel)
+        box.tasks.append(self._task_class(channel, message.copy(), channel._generation))
+        if box.claim.acquire(False):
+            self.ready.put(box)
+        return True
+
+    def _mailbox_of(self, channel: Channel) -> Any:
+        with self.box_lock:
+            box = channel._mailbox
+            if box is None or box.machinery is not self:
+                box = channel._mailbox = self._mailbox_class(self, channel)
+            return box
+
+    # shutdown --------------------------------------------------------------------------
+
+    def _routed(self) -> bool:
+        return sum(broker.routed for broker in self.brokers) >= self.submitted
+
+    def _settled(self) -> bool:
+        scheduled = sum(scheduler.scheduled for scheduler in self.schedulers)
+        return sum(worker.settled for worker in self.task_workers) >= scheduled
+
+    def stop(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.send_lock:
+            self.state = DRAINING
+        for worker in self.workers:
+            worker.running = False
+        # Once every accepted message is routed no task can be added, so the scheduled
+        # counts are final before the settled counts are compared with them.
+        drained = _poll(self._routed, deadline) and _poll(self._settled, deadline)
+        self.state = STOPPING
+        if not drained:
+            left = self.submitted - sum(broker.routed for broker in self.brokers)
+            tasks = sum(s.scheduled for s in self.schedulers) \
+                - sum(w.settled for w in self.task_workers)
+            logger.warning('shutdown: %d messages and %d tasks were not handled within '
+                           '%.3gs; they are lost', left, tasks, timeout)
+        for worker in self.workers:
+            worker.stop()
+        for _ in self.brokers:
+            self.messages.put(self._stop_token)
+        for _ in self.task_workers:
+            self.ready.put(self._stop_token)
+        stuck = [worker.name for worker in self.workers
+                 if not worker.join(max(deadline - time.monotonic(), 0.05))]
+        if stuck:
+            logger.warning('shutdown: threads %s did not stop within %.3gs (a handler that '
+                           'does not return?); each ends once its handler returns',
+                           stuck, timeout)
+        return drained and not stuck
+
+
+def _poll(predicate: Callable[[], bool], deadline: float) -> bool:
+    """Wait until *predicate()* or *deadline*; polls, as the counters have no waiters."""
+    delay = 0.0002
+    while not predicate():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.01)
+    return True
+
+
+class Runtime:
+    """The channels machinery of this process: registry, lazy start, shutdown."""
+
+    def __init__(self) -> None:
+        self.registry: TopicIndex[Channel] = TopicIndex()
+        self.registry_lock = threading.Lock()
+        self.state_lock = threading.RLock()
+        self.machinery: Machinery | None = None
+        self._atexit_registered = False
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f'<Runtime pid={self._pid} channels={len(self.registry)} {self.machinery!r}>'
+
+    def is_running(self) -> bool:
+        """True from the first use until ``shutdown()`` returns."""
+        return self.machinery is not None
+
+    # lifecycle ------------------------------------------------------------------------
+
+    def ensure_running(self) -> Machinery:
+        """The current machinery, started from the settings if it is not running."""
+        machinery = self.machinery
+        if machinery is not None:
+            return machinery
+        with self.state_lock:
+            if self.machinery is None:
+                machinery = Machinery(self)
+                machinery.start()
+                self.machinery = machinery
+                if not self._atexit_registered:
+                    atexit.register(self._shutdown_at_exit)
+                    self._atexit_registered = True
+            return self.machinery
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        """Drain and stop; True if everything was handled and every thread stopped in time."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not timeout >= 0:
+            raise ValueError(f'timeout must be a number of seconds >= 0, got {timeout!r}')
+        with self.state_lock:
+            machinery = self.machinery
+            if machinery is None:
+                return True
+            if threading.current_thread() in {w.thread for w in machinery.workers}:
+                raise RuntimeError('channels.shutdown() was called from a channels worker '
+                                   'thread (a handler); it would wait for itself. Call it '
+                                   'from another thread.')
+            try:
+                return machinery.stop(timeout)
+            finally:
+                self.machinery = None
+
+    def _shutdown_at_exit(self) -> None:
+        if self.machinery is not None and os.getpid() == self._pid:
+            self.shutdown(settings.get('CHANNEL_SHUTDOWN_TIMEOUT'))
+
+    def _before_fork(self) -> None:
+        self.registry_lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self.registry_lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The child inherits the subscriptions, not the threads, queues or locks.
+        self.registry_lock = threading.Lock()
+        self.state_lock = threading.RLock()
+        self.machinery = None
+        self._pid = os.getpid()
+
+    # channels ---------------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        """Deliver *message* to every matching channel (non-blocking)."""
+        machinery = self.machinery or self.ensure_running()
+        machinery.submit(message)
+
+    def subscribe(self, channel: Channel, handler: Callable[[Message], Any]) -> None:
+        """Register *channel* with *handler*; RuntimeError if it is subscribed already."""
+        machinery = self.machinery or self.ensure_running()
+        with self.registry_lock:
+            if channel._handler is not None:
+                raise RuntimeError(f'{channel!r} is already subscribed; call unsubscribe() '
+                                   f'before subscribing it again')
+            channel._handler = handler
+            channel._generation += 1     # tasks of an earlier subscription are dropped
+            self.registry.add(channel.topic, channel)
+        self._send_event(machinery, SUBSCRIBE_TOPIC, channel.topic)
+
+    def unsubscribe(self, channel: Channel) -> None:
+        """Unregister *channel*; its pending tasks are dropped. A no-op if not subscribed."""
+        with self.registry_lock:
+            if channel._handler is None:
+                return
+            channel._handler = None
+            self.registry.remove(channel.topic, channel)
+        machinery = self.machinery
+        if machinery is not None:
+            self._send_event(machinery, UNSUBSCRIBE_TOPIC, channel.topic)
+
+    def get_channels(self, topic: str) -> list[Channel]:
+        """The subscribed channels of this process whose topic matches *topic*."""
+        with self.registry_lock:
+            return self.registry.match(topic)
+
+    def _send_event(self, machinery: Machinery, event_topic: str, topic: str) -> None:
+        if machinery.state is not RUNNING:
+            return   # no internal events while draining: nothing may start new work
+        try:
+            machinery.submit(Message(event_topic, {'topic': topic}, local=True))
+        except ShutdownError:
+            logger.debug('%s for %r not sent: shutting down', event_topic, topic)
+
+
+runtime = Runtime()
+"""This process's runtime."""
+
+settings._is_running = runtime.is_running
+os.register_at_fork(before=runtime._before_fork,
+                    after_in_parent=runtime._after_fork_in_parent,
+                    after_in_child=runtime._after_fork_in_child)

@@ -1,0 +1,169 @@
+"""Settings: their defaults, the environment, and :func:`configure`.
+
+Each setting is read, in this order, from
+
+1. :func:`configure` (``channels.configure(MAX_CHANNEL_TASK_WORKER_THREADS=8)``),
+2. the environment, as ``CHANNELS_<NAME>`` (``CHANNELS_CHANNEL_WORKER_TIMEOUT=0.5``),
+3. the default below.
+
+Read a setting as an attribute of this module: ``channels.settings.CHANNEL_WORKER_TIMEOUT``.
+Values are validated when set (``configure``) and when read from the environment, and a
+bad one raises :class:`~channels.errors.ConfigurationError` naming the setting, the
+value and what is allowed. The machinery reads settings when it starts, so
+``configure()`` is refused while it runs: call ``channels.shutdown()`` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ['configure', 'reset', 'names', 'ENV_PREFIX']
+
+ENV_PREFIX = 'CHANNELS_'
+
+
+@dataclass(frozen=True)
+class _Setting:
+    default: Any
+    parse: Callable[[str, Any], Any]   # (name, value) -> validated value
+    doc: str
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f'{name} must be an int >= 1, got {value!r}')
+    return value
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or value == float('inf'):
+        raise ConfigurationError(f'{name} must be a finite number > 0 (seconds), got {value!r}')
+    return float(value)
+
+
+def _import_string(name: str, value: Any) -> type:
+    """Accept a class or a dotted import string ``'package.module.ClassName'``."""
+    if isinstance(value, type):
+        return value
+    if not isinstance(value, str) or '.' not in value:
+        raise ConfigurationError(
+            f"{name} must be a class or an import string like 'package.module.ClassName', "
+            f'got {value!r}')
+    module_name, _, class_name = value.strip().rpartition('.')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f'{name}: cannot import module {module_name!r} named in {value!r}: {exc}') from exc
+    try:
+        cls = getattr(module, class_name)
+    except AttributeError:
+        raise ConfigurationError(
+            f'{name}: module {module_name!r} has no attribute {class_name!r} '
+            f'(from {value!r})') from None
+    if not isinstance(cls, type):
+        raise ConfigurationError(f'{name}: {value!r} is not a class, got {cls!r}')
+    return cls
+
+
+def _worker_class(base_name: str) -> Callable[[str, Any], type]:
+    def parse(name: str, value: Any) -> type:
+        from . import workers   # imported late: workers reads these settings
+        cls = _import_string(name, value)
+        base = getattr(workers, base_name)
+        if not issubclass(cls, base):
+            raise ConfigurationError(
+                f'{name} must name a subclass of channels.{base_name}, got {cls!r}')
+        return cls
+    return parse
+
+
+_SETTINGS: dict[str, _Setting] = {
+    'MAX_CHANNEL_MESSAGE_BROKER_THREADS': _Setting(
+        1, _positive_int, 'threads that route messages to channels (spec name)'),
+    'MAX_CHANNEL_TASK_WORKER_THREADS': _Setting(
+        4, _positive_int, 'threads that run handlers (spec name)'),
+    'CHANNEL_MESSAGE_BROKER_CLASS': _Setting(
+        'channels.workers.MessageBroker', _worker_class('MessageBroker'),
+        'the MessageBroker subclass, as a class or an import string'),
+    'CHANNEL_TASK_WORKER_CLASS': _Setting(
+        'channels.workers.TaskWorker', _worker_class('TaskWorker'),
+        'the TaskWorker subclass, as a class or an import string'),
+    'CHANNEL_WORKER_TIMEOUT': _Setting(
+        1.0, _positive_float, 'seconds a worker waits for work before run() returns'),
+    'CHANNEL_SHUTDOWN_TIMEOUT': _Setting(
+        5.0, _positive_float, 'seconds the shutdown at interpreter exit may take'),
+}
+
+_overrides: dict[str, Any] = {}
+_is_running: Callable[[], bool] = lambda: False   # set by the runtime
+
+
+def names() -> list[str]:
+    """The names of every setting, in the order they are documented."""
+    return list(_SETTINGS)
+
+
+def _check_name(name: str) -> _Setting:
+    try:
+        return _SETTINGS[name]
+    except KeyError:
+        raise ConfigurationError(
+            f'unknown setting {name!r}; the settings are: {", ".join(_SETTINGS)}') from None
+
+
+def get(name: str) -> Any:
+    """The current value of setting *name*: configured, else from the environment, else default."""
+    spec = _check_name(name)
+    if name in _overrides:
+        return _overrides[name]
+    env_name = ENV_PREFIX + name
+    raw = os.environ.get(env_name)
+    if raw is not None:
+        return spec.parse(env_name, raw)
+    return spec.parse(name, spec.default)
+
+
+def configure(**settings: Any) -> None:
+    """Set one or more settings for this process; validated before any is applied.
+
+    Raises :class:`ConfigurationError` for an unknown name or a bad value, and while
+    the machinery runs (call ``channels.shutdown()`` first).
+    """
+    if _is_running():
+        raise ConfigurationError(
+            'configure() was called while channels is running; its threads read settings '
+            'when they start. Call channels.shutdown() first, then configure().')
+    parsed = {name: _check_name(name).parse(name, value) for name, value in settings.items()}
+    _overrides.update(parsed)
+
+
+def reset() -> None:
+    """Forget every value set by :func:`configure` (the environment and defaults remain)."""
+    if _is_running():
+        raise ConfigurationError('reset() was called while channels is running; '
+                                 'call channels.shutdown() first.')
+    _overrides.clear()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SETTINGS:
+        return get(name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,296 @@
+"""``Worker``, ``MessageBroker`` and ``TaskWorker``: the threads that deliver messages.
+
+As in Lona, a worker's ``run()`` is called again and again; it blocks for at most
+``CHANNEL_WORKER_TIMEOUT`` seconds in ``get_message()`` / ``get_task()``, which raise
+``queue.Empty`` when nothing came. Subclass either class and name it in the settings
+``CHANNEL_MESSAGE_BROKER_CLASS`` / ``CHANNEL_TASK_WORKER_CLASS`` to change routing or
+how handlers run.
+
+What the base class adds to Lona's contract, so that every subclass keeps the spec's
+promises:
+
+* **Per-channel order, one call at a time.** ``schedule_task()`` appends to the
+  channel's own mailbox; a channel with pending tasks is handed to one task worker at a
+  time, which keeps it until its mailbox is empty (or it has run a few tasks in a row,
+  for fairness), so a channel's handler never runs concurrently with itself and sees
+  messages in order, however many task threads there are. Other channels run on the
+  other threads meanwhile.
+* **Order across several broker threads.** Each message taken by ``get_message()`` gets
+  a ticket; ``schedule_task()`` waits until every earlier message has been scheduled.
+* **No silent death.** An exception from ``run()`` is logged with its traceback,
+  counted in ``errors``, and the loop goes on.
+* **Lifecycle.** Threads are named ``channels-broker-N`` / ``channels-task-N``, started
+  and stopped by their owner (the runtime), stopped by one sentinel each and joined
+  with a timeout. Nothing starts in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from queue import Empty
+from typing import TYPE_CHECKING
+
+from .channel import Channel
+from .message import Message
+
+if TYPE_CHECKING:
+    from .runtime import Machinery
+
+__all__ = ['Task', 'Worker', 'MessageBroker', 'TaskWorker', 'Mailbox', 'STOP']
+
+logger = logging.getLogger(__name__)
+
+STOP = object()
+"""The sentinel that stops one worker thread when it comes out of its queue."""
+
+_STREAK = 16
+"""Tasks of one channel a task worker runs in a row before it lets other channels go first."""
+
+
+class Task:
+    """One handler call to make: ``task.channel.handler(task.message)``."""
+
+    __slots__ = ('channel', 'message', 'generation')
+
+    def __init__(self, channel: Channel, message: Message, generation: int = 0) -> None:
+        self.channel = channel
+        self.message = message
+        self.generation = generation   # the channel's subscription it was scheduled for
+
+    def __repr__(self) -> str:
+        return f'<Task {self.channel!r} {self.message!r}>'
+
+
+class Worker:
+    """Base class: a named thread that calls ``run()`` until it is stopped.
+
+    ``running`` is False once shutdown has begun: droppable messages are then dropped.
+    ``timeout`` is how long ``get_message()`` / ``get_task()`` wait before raising
+    ``queue.Empty``. Subclasses implement :meth:`run`.
+
+    The counters ``routed``, ``scheduled`` and ``settled`` are written by the worker's
+    own thread only; shutdown reads them to know when everything has been handled.
+    """
+
+    kind = 'worker'
+
+    def __init__(self, machinery: Machinery, number: int, timeout: float) -> None:
+        self.machinery = machinery
+        self.number = number
+        self.timeout = timeout
+        self.name = f'channels-{self.kind}-{number}'
+        self.running = True
+        self.errors = 0
+        self.routed = 0       # messages taken and settled (routed or dropped)
+        self.scheduled = 0    # tasks scheduled
+        self.settled = 0      # tasks run or dropped
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # what the current run() took, settled when run() returns
+        self._message: Message | None = None
+        self._ticket: int | None = None
+        self._box: Mailbox | None = None
+        self._task: Task | None = None
+        self._streak = 0
+
+    def __repr__(self) -> str:
+        state = 'alive' if self.is_alive() else 'not running'
+        return f'<{type(self).__name__} {self.name} {state} errors={self.errors}>'
+
+    # lifecycle, driven by the runtime ---------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker's thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError(f'{self.name} was started already')
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current ``run()``; the owner also sends a sentinel."""
+        self._stopping = True
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True if it did."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.is_alive()
+
+    def is_alive(self) -> bool:
+        """True while the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker's thread, once started."""
+        return self._thread
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self.run()
+            except (Empty, TimeoutError):
+                pass
+            except Exception:
+                self.errors += 1
+                logger.exception('%s.run() raised in %s; the worker goes on',
+                                 type(self).__name__, self.name)
+            finally:
+                if self._message is not None:
+                    self._finish_message()
+                if self._task is not None:
+                    self._finish_task()
+        if self._box is not None:     # hand a held channel on; nothing is dropped here
+            self.machinery.ready.put(self._box)
+            self._box = None
+
+    # the spec's API -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """One unit of work; called again and again. Subclasses implement it."""
+        raise NotImplementedError(f'{type(self).__name__} must implement run()')
+
+    def get_message(self) -> Message:
+        """The next message sent in (or to) this process; ``queue.Empty`` after ``timeout``.
+
+        Expired messages, and droppable ones during shutdown, are dropped here and
+        reported as ``queue.Empty``.
+        """
+        if self._message is not None:
+            self._finish_message()
+        machinery = self.machinery
+        sequencer = machinery.sequencer
+        if sequencer is None:
+            message = machinery.messages.get(timeout=self.timeout)
+        else:
+            message = sequencer.take(machinery.messages, self.timeout, self)
+        if message is STOP:
+            self._stopping = True
+            raise Empty
+        self._message = message
+        if (message.deadline is not None and message.is_expired()) \
+                or (message.droppable and not self.running):
+            message.drop()
+            logger.debug('%s dropped %r before routing', self.name, message)
+            raise Empty
+        return message
+
+    def schedule_task(self, channel: Channel, message: Message) -> None:
+        """Queue a call of *channel*'s handler with its own copy of *message*."""
+        if self._ticket is not None:
+            self.machinery.sequencer.wait_turn(self._ticket)
+        if self.machinery.schedule(channel, message):
+            self.scheduled += 1
+
+    def get_task(self) -> Task:
+        """The next handler call to make; ``queue.Empty`` after ``timeout``.
+
+        While the caller runs the task, no other worker gets a task of the same channel.
+        """
+        if self._task is not None:
+            self._finish_task()
+        box = self._box
+        while True:
+            if box is None:
+                box = self.machinery.ready.get(timeout=self.timeout)
+                if box is STOP:
+                    self._stopping = True
+                    raise Empty
+                self._box = box
+                self._streak = 0
+            try:
+                task = box.tasks.popleft()
+                break
+            except IndexError:
+                if not box.release():
+                    self._box = box = None
+        self._task = task
+        self._streak += 1
+        message = task.message
+        channel = task.channel
+        if task.generation != channel._generation or channel._handler is None \
+                or message._origin._dropped \
+                or (message.deadline is not None and message.is_expired()) \
+                or (message.droppable and not self.running):
+            if channel._handler is not None:
+                message.drop()
+                logger.debug('%s dropped %r before its handler', self.name, message)
+            raise Empty
+        return task
+
+    # settling what run() took ----------------------------------------------------------
+
+    def _finish_message(self) -> None:
+        self._message = None
+        if self._ticket is not None:
+            self.machinery.sequencer.done(self._ticket)
+            self._ticket = None
+        self.routed += 1
+
+    def _finish_task(self) -> None:
+        self._task = None
+        self.settled += 1
+        box = self._box
+        if box is not None and self._streak >= _STREAK and box.tasks:
+            self._box = None
+            self.machinery.ready.put(box)   # to the back of the line, still claimed
+
+
+class Mailbox:
+    """The pending tasks of one channel in one run of the machinery.
+
+    ``claim`` is held while the mailbox is in the ready queue or held by a task worker,
+    so at most one worker runs the channel's tasks. Whoever takes the claim puts the
+    mailbox in the ready queue. Only non-blocking acquires are used: no thread ever
+    waits for another here.
+    """
+
+    __slots__ = ('machinery', 'channel', 'tasks', 'claim')
+
+    def __init__(self, machinery: Machinery, channel: Channel) -> None:
+        self.machinery = machinery
+        self.channel = channel
+        self.tasks: deque[Task] = deque()
+        self.claim = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f'<Mailbox {self.channel!r} tasks={len(self.tasks)}>'
+
+    def release(self) -> bool:
+        """Let the channel go; True if a task arrived meanwhile and the claim was retaken."""
+        self.claim.release()
+        return bool(self.tasks) and self.claim.acquire(False)
+
+
+class MessageBroker(Worker):
+    """Routes each message to the channels subscribed to a matching topic (the spec's)."""
+
+    kind = 'broker'
+
+    def run(self) -> None:
+        """Take a message, find its channels, schedule a task for each."""
+        message = self.get_message()
+        channels = Channel.get_channels(topic=message.topic)
+        for channel in channels:
+            self.schedule_task(channel=channel, message=message)
+
+
+class TaskWorker(Worker):
+    """Runs handlers (the spec's); a handler's exception is logged and the worker goes on."""
+
+    kind = 'task'
+
+    def run(self) -> None:
+        """Take a task and call its channel's handler with its message."""
+        task = self.get_task()
+        handler = task.channel.handler
+        if handler is None:
+            logger.debug('channel unsubscribed before its handler ran')
+            return
+        try:
+            handler(task.message)
+        except Exception:
+            logger.exception('exception was raised while running %r for %r on %s',
+                             handler, task.message, self.name)

@@ -1,0 +1,166 @@
+"""Message data, ids, expiry and serialization, as send() promises them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from support import Recorder, wait_until
+
+from channels import Channel, Message, SerializationError
+
+
+def test_send_returns_a_message_with_the_spec_attributes():
+    message = Channel('chat.rooms.lona').send({'text': 'hi'}, droppable=True)
+    assert message.topic == 'chat.rooms.lona'
+    assert message.data == {'text': 'hi'}
+    assert message.expiry is None
+    assert message.local is False and message.droppable is True
+    assert isinstance(message.id, str) and message.id
+    assert abs(message.timestamp - time.time()) < 5
+    assert not message.is_expired() and not message.is_dropped()
+
+
+def test_send_without_data_gives_an_empty_dict():
+    received = Recorder()
+    Channel('chat', received)
+    assert Channel('chat').send().data == {}
+    received.wait_for(1)
+    assert received.data == [{}]
+
+
+@pytest.mark.parametrize('data', [[1, 2], 'text', 42, ('a', 1)])
+def test_data_that_is_not_a_dict_raises_type_error(data):
+    with pytest.raises(TypeError, match='message_data must be a dict or None'):
+        Channel('chat').send(data)
+
+
+def test_send_copies_the_data_shallowly():
+    data = {'text': 'hi'}
+    message = Channel('chat').send(data)
+    data['text'] = 'changed'
+    assert message.data == {'text': 'hi'}
+
+
+def test_each_handler_gets_its_own_copy_of_the_data():
+    first, second = Recorder(), Recorder()
+    Channel('chat', first)
+    Channel('chat', second)
+    sent = Channel('chat').send({'items': [1]})
+    first.wait_for(1)
+    second.wait_for(1)
+    a, b = first.messages[0], second.messages[0]
+    a.data['items'].append(2)
+    assert b.data == {'items': [1]} and sent.data == {'items': [1]}
+
+
+def test_local_messages_are_shallow_copied_per_handler():
+    first, second = Recorder(), Recorder()
+    Channel('chat', first)
+    Channel('chat', second)
+    Channel('chat').send({'n': 1}, local=True)
+    first.wait_for(1)
+    second.wait_for(1)
+    first.messages[0].data['n'] = 2
+    assert second.messages[0].data == {'n': 1}
+
+
+def test_every_copy_shares_the_id_and_timestamp_of_the_sent_message():
+    first, second = Recorder(), Recorder()
+    Channel('chat', first)
+    Channel('chat', second)
+    sent = Channel('chat').send({'n': 1})
+    first.wait_for(1)
+    second.wait_for(1)
+    for received in (first.messages[0], second.messages[0]):
+        assert received.id == sent.id
+        assert received.timestamp == sent.timestamp
+
+
+def test_message_ids_are_unique():
+    ids = {Channel('chat').send().id for _ in range(1000)}
+    assert len(ids) == 1000
+
+
+def test_data_that_cannot_be_pickled_raises_at_send_in_the_callers_thread():
+    with pytest.raises(SerializationError, match='cannot be pickled') as info:
+        Channel('chat').send({'lock': threading.Lock()})
+    assert isinstance(info.value, TypeError)
+
+
+def test_unpicklable_data_is_fine_for_a_local_message():
+    received = Recorder()
+    Channel('chat', received)
+    lock = threading.Lock()
+    Channel('chat').send({'lock': lock}, local=True)
+    received.wait_for(1)
+    assert received.messages[0].data['lock'] is lock
+
+
+@pytest.mark.parametrize('flag', ['local', 'droppable'])
+@pytest.mark.parametrize('value', [1, 'yes', None])
+def test_flags_must_be_bools(flag, value):
+    with pytest.raises(TypeError, match=f'{flag} must be a bool'):
+        Channel('chat').send({}, **{flag: value})
+
+
+# -- expiry -----------------------------------------------------------------------------
+
+def test_timedelta_expiry_is_relative_to_send():
+    before = datetime.now()
+    message = Channel('chat').send(expiry=timedelta(seconds=30))
+    assert before + timedelta(seconds=29) < message.expiry <= datetime.now() + \
+        timedelta(seconds=30)
+    assert not message.is_expired()
+
+
+def test_naive_datetime_expiry_is_local_time():
+    message = Channel('chat').send(expiry=datetime.now() + timedelta(seconds=30))
+    assert not message.is_expired()
+    assert Channel('chat').send(expiry=datetime.now() - timedelta(seconds=1)).is_expired()
+
+
+def test_aware_datetime_expiry_works():
+    future = datetime.now(timezone(timedelta(hours=-7))) + timedelta(seconds=30)
+    assert not Channel('chat').send(expiry=future).is_expired()
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    assert Channel('chat').send(expiry=past).is_expired()
+
+
+@pytest.mark.parametrize('expiry', [5, 1.5, '2030-01-01', datetime.now().date()])
+def test_bad_expiry_raises_type_error(expiry):
+    with pytest.raises(TypeError, match='expiry must be a datetime, a timedelta or None'):
+        Channel('chat').send(expiry=expiry)
+
+
+def test_expired_message_is_dropped_before_routing():
+    received = Recorder()
+    Channel('chat', received)
+    expired = Channel('chat').send({'n': 0}, expiry=timedelta(seconds=-1))
+    Channel('chat').send({'n': 1})
+    received.wait_for(1)
+    wait_until(expired.is_dropped, what='the expired message to be dropped')
+    assert received.data == [{'n': 1}]
+
+
+def test_message_that_expires_while_queued_is_dropped_before_its_handler():
+    release = threading.Event()
+    received = Recorder()
+
+    def blocking(message):
+        release.wait(10)
+        received(message)
+
+    Channel('chat', blocking)
+    Channel('chat').send({'n': 0})                                   # holds the channel
+    doomed = Channel('chat').send({'n': 1}, expiry=timedelta(milliseconds=50))
+    wait_until(doomed.is_expired, what='the message to expire')
+    release.set()
+    wait_until(doomed.is_dropped, what='the expired message to be dropped')
+    assert received.data == [{'n': 0}]
+
+
+def test_message_constructed_directly_has_empty_data():
+    assert Message('chat').data == {}

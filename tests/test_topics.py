@@ -1,0 +1,124 @@
+"""Topic validation, Lona's matching rule, and the index that must agree with it."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from channels.topics import TopicIndex, is_pattern, literal_prefix, matches, validate_topic
+
+
+@pytest.mark.parametrize('subscription, topic, expected', [
+    ('chat.rooms.lona', 'chat.rooms.lona', True),
+    ('chat.rooms.lona', 'chat.rooms.other', False),
+    ('chat.rooms.*', 'chat.rooms.lona', True),
+    ('chat.rooms.lona-*', 'chat.rooms.lona-releases', True),
+    ('chat.rooms.lona-*', 'chat.rooms.releases', False),
+    ('*', 'anything.at.all', True),
+    ('*', 'lona.channels.subscribe', True),
+    ('chat.*', 'chat.rooms.lona', True),                 # * crosses dots
+    ('chat.room?', 'chat.rooms', True),
+    ('chat.room?', 'chat.room', False),
+    ('chat.[ab]', 'chat.a', True),
+    ('chat.[ab]', 'chat.c', False),
+    ('chat.[!ab]', 'chat.c', True),
+    # the sender may use wildcards
+    ('chat.rooms.lona', 'chat.rooms.*', True),
+    ('chat.rooms.lona', '*', True),
+    ('chat.rooms.lona', 'chat.rooms.l?na', True),
+    ('other.lona', 'chat.*', False),
+    # wildcard against wildcard is the same string test, both ways
+    ('chat.*', 'chat.rooms.*', True),
+    ('chat.rooms.*', 'chat.*', True),
+    ('chat.a*', 'chat.b*', False),
+    # case-sensitive on every platform
+    ('Chat.Rooms', 'chat.rooms', False),
+    ('chat.*', 'CHAT.rooms', False),
+])
+def test_matching_follows_lonas_rule(subscription, topic, expected):
+    assert matches(subscription, topic) is expected
+
+
+@pytest.mark.parametrize('subscription, topic, expected', [
+    ('chat.rooms.*', 'chat.rooms.lona', True),
+    ('chat.rooms.lona', 'chat.rooms.*', True),
+    ('chat.*', 'chat.rooms.*', True),
+    ('chat.rooms.*', 'chat.*', True),
+    ('Chat.*', 'chat.x', False),
+    ('chat.[ab]', 'chat.b', True),
+    ('a[b', 'a[b', True),
+])
+def test_index_agrees_with_the_rule_on_examples(subscription, topic, expected):
+    index = TopicIndex()
+    index.add(subscription, 'sub')
+    assert (index.match(topic) == ['sub']) is expected
+
+
+@pytest.mark.parametrize('topic', ['chat', 'a.b.c', '*', 'x' * 1000])
+def test_validate_topic_accepts_non_empty_strings(topic):
+    assert validate_topic(topic) == topic
+
+
+@pytest.mark.parametrize('topic, error, message', [
+    ('', ValueError, "non-empty str, got ''"),
+    (None, TypeError, 'non-empty str, got NoneType None'),
+    (b'chat', TypeError, "got bytes b'chat'"),
+    (42, TypeError, 'got int 42'),
+])
+def test_validate_topic_rejects_everything_else(topic, error, message):
+    with pytest.raises(error, match=message):
+        validate_topic(topic)
+
+
+@pytest.mark.parametrize('topic, pattern, prefix', [
+    ('chat.rooms.lona', False, 'chat.rooms.lona'),
+    ('chat.rooms.*', True, 'chat.rooms.'),
+    ('chat.r?oms', True, 'chat.r'),
+    ('[ab].x', True, ''),
+])
+def test_literal_prefix_stops_at_the_first_wildcard(topic, pattern, prefix):
+    assert is_pattern(topic) is pattern
+    assert literal_prefix(topic) == prefix
+
+
+def test_index_returns_each_item_once_even_when_several_of_its_topics_match():
+    index = TopicIndex()
+    index.add('chat.*', 'p1')
+    index.add('chat.rooms.*', 'p1')
+    index.add('chat.rooms.lona', 'p2')
+    assert sorted(index.match('chat.rooms.lona')) == ['p1', 'p2']
+
+
+def test_index_forgets_topics_when_their_last_item_is_removed():
+    index = TopicIndex()
+    assert index.add('chat.*', 'a') is True
+    assert index.add('chat.*', 'b') is False
+    assert index.remove('chat.*', 'a') is False
+    assert index.remove('chat.*', 'b') is True
+    assert len(index) == 0 and index.match('chat.x') == []
+    assert index.remove('chat.*', 'b') is False       # absent: a no-op
+
+
+# -- the index against the plain rule, on random topics and patterns -----------------
+
+_alphabet = st.sampled_from(list('ab.') + ['*', '?', '[', ']', '!', 'c'])
+_topics = st.text(alphabet=_alphabet, min_size=1, max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(subscriptions=st.lists(_topics, max_size=25), topics=st.lists(_topics, min_size=1,
+                                                                     max_size=10),
+       removed=st.sets(st.integers(min_value=0, max_value=24)))
+def test_index_agrees_with_the_rule_on_random_topics(subscriptions, topics, removed):
+    index = TopicIndex()
+    for number, subscription in enumerate(subscriptions):
+        index.add(subscription, number)
+    for number in removed:
+        if number < len(subscriptions):
+            index.remove(subscriptions[number], number)
+    live = {n: s for n, s in enumerate(subscriptions) if n not in removed}
+    for topic in topics:
+        expected = sorted(n for n, s in live.items() if matches(s, topic))
+        got = index.match(topic)
+        assert len(got) == len(set(got)), 'an item came back twice'
+        assert sorted(got) == expected, (topic, live)
