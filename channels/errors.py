@@ -19,6 +19,7 @@ __all__ = [
     'BufferFullError',
     'ProtocolError',
     'BrokerUnavailableError',
+    'MessageTooLargeError',
 ]
 
 
@@ -48,3 +49,7 @@ class ProtocolError(ChannelsError):
 
 class BrokerUnavailableError(ChannelsError, ConnectionError):
     """No broker is listening at the configured address."""
+
+
+class MessageTooLargeError(ChannelsError, ValueError):
+    """A message is larger than ``MAX_FRAME_BYTES`` on the wire."""

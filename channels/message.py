@@ -131,6 +131,24 @@ class Message:
         message._dropped = False
         return message
 
+    @classmethod
+    def received(cls, topic: str, message_id: str, timestamp: float, deadline: float | None,
+                 droppable: bool, payload: bytes) -> Message:
+        """A message that arrived from the broker (its data is unpickled on first access)."""
+        message = _new(cls)
+        message.topic = topic
+        message._data = _UNSET
+        message._payload = payload
+        message.expiry = None if deadline is None else datetime.fromtimestamp(deadline)
+        message.deadline = deadline
+        message.local = False
+        message.droppable = droppable
+        message._id = message_id
+        message.timestamp = timestamp
+        message._origin = message
+        message._dropped = False
+        return message
+
     @property
     def id(self) -> str:
         """Unique across processes: the sender's pid and nonce and a sequence number."""

@@ -39,6 +39,7 @@ from .topics import TopicIndex
 
 if TYPE_CHECKING:
     from .channel import Channel
+    from .client import BrokerLink
     from .workers import Worker
 
 __all__ = ['Runtime', 'Machinery', 'runtime', 'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC']
@@ -54,7 +55,8 @@ RUNNING, DRAINING, STOPPING = 'running', 'draining', 'stopping'
 class _Sequencer:
     """Keeps the scheduling order of several broker threads equal to the sending order."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_token: object) -> None:
+        self._stop_token = stop_token
         self._take_lock = threading.Lock()
         self._cond = threading.Condition()
         self._next_ticket = 0
@@ -67,12 +69,17 @@ class _Sequencer:
             raise Empty
         try:
             item = messages.get(timeout=timeout)
-            if isinstance(item, Message):
+            if item is not self._stop_token:
                 worker._ticket = self._next_ticket
                 self._next_ticket += 1
             return item
         finally:
             self._take_lock.release()
+
+    def wait_all_done(self) -> None:
+        """Wait until every message taken so far was scheduled (the caller holds the
+        take lock, inside ``messages.get()``)."""
+        self.wait_turn(self._next_ticket)
 
     def wait_turn(self, ticket: int) -> None:
         with self._cond:
@@ -109,6 +116,7 @@ class Machinery:
         self.task_workers: list[Worker] = []
         self.schedulers: list[Any] = []       # objects with a `scheduled` count: brokers, ...
         self.sequencer: _Sequencer | None = None
+        self.link: BrokerLink | None = None   # the broker connection, in broker mode
 
     def __repr__(self) -> str:
         return (f'<Machinery {self.state} brokers={len(self.brokers)} '
@@ -122,16 +130,31 @@ class Machinery:
         tasks = settings.get('MAX_CHANNEL_TASK_WORKER_THREADS')
         timeout = settings.get('CHANNEL_WORKER_TIMEOUT')
         if brokers > 1:
-            self.sequencer = _Sequencer()
+            self.sequencer = _Sequencer(workers.STOP)
         self._stop_token = workers.STOP
         self._task_class = workers.Task
         self._mailbox_class = workers.Mailbox
         self.brokers = [broker_class(self, n, timeout) for n in range(brokers)]
         self.task_workers = [task_class(self, n, timeout) for n in range(tasks)]
         self.schedulers = list(self.brokers)
+        address = settings.get('BROKER_ADDRESS')
+        if address is not None:
+            from .client import BrokerLink
+            from .connection import load_authkey, parse_address
+            self.link = BrokerLink(self, parse_address(address), load_authkey(),
+                                   max_buffer=settings.get('MAX_BUFFER_BYTES'),
+                                   max_frame=settings.get('MAX_FRAME_BYTES'))
+        elif not Runtime.told_embedded:
+            Runtime.told_embedded = True
+            logger.info('no broker is configured (CHANNELS_BROKER_ADDRESS is unset): messages '
+                        'reach the channels of this process only. To reach every worker '
+                        "process, run the server under 'channels-broker -- <command>'.")
         for worker in self.workers:
             worker.start()
-        logger.debug('started %d broker and %d task worker threads', brokers, tasks)
+        if self.link is not None:
+            self.link.start()
+        logger.debug('started %d broker and %d task worker threads%s', brokers, tasks,
+                     f' for the broker on {self.link.address_text}' if self.link else '')
 
     @property
     def workers(self) -> list[Worker]:
@@ -141,13 +164,17 @@ class Machinery:
     # the hot path ----------------------------------------------------------------------
 
     def submit(self, message: Message) -> None:
+        """Accept *message*: local ones go to this process's brokers, others to the broker."""
         with self.send_lock:
             if self.state is not RUNNING:
                 raise ShutdownError(
                     f'cannot send {message!r}: channels is shutting down. Messages are '
                     f'accepted again once channels.shutdown() has returned.')
-            self.submitted += 1
-            self.messages.put(message)
+            if self.link is None or message.local:
+                self.submitted += 1
+                self.messages.put(message)
+            else:
+                self.link.put_message(message)
 
     def schedule(self, channel: Channel, message: Message) -> bool:
         """Queue a task of *channel* with a copy of *message*; False if it is not subscribed."""
@@ -184,8 +211,19 @@ class Machinery:
         for worker in self.workers:
             worker.running = False
         # Once every accepted message is routed no task can be added, so the scheduled
-        # counts are final before the settled counts are compared with them.
-        drained = _poll(self._routed, deadline) and _poll(self._settled, deadline)
+        # counts are final before the settled counts are compared with them. In broker
+        # mode, a PING/PONG barrier first brings back what this process sent.
+        drained = _poll(self._routed, deadline)
+        link = self.link
+        if link is not None:
+            flushed = link.flush(deadline)
+            link.stop_accepting()
+            if not flushed:
+                logger.warning('shutdown: the broker on %s did not confirm within %.3gs that it '
+                               'routed what this process sent (%d bytes still buffered)',
+                               link.address_text, timeout, link.buffered_bytes)
+            drained = drained and flushed
+        drained = _poll(self._settled, deadline) and drained
         self.state = STOPPING
         if not drained:
             left = self.submitted - sum(broker.routed for broker in self.brokers)
@@ -201,6 +239,8 @@ class Machinery:
             self.ready.put(self._stop_token)
         stuck = [worker.name for worker in self.workers
                  if not worker.join(max(deadline - time.monotonic(), 0.05))]
+        if link is not None and not link.close(deadline):
+            stuck.extend(thread.name for thread in link.threads if thread.is_alive())
         if stuck:
             logger.warning('shutdown: threads %s did not stop within %.3gs (a handler that '
                            'does not return?); each ends once its handler returns',
@@ -222,6 +262,8 @@ def _poll(predicate: Callable[[], bool], deadline: float) -> bool:
 
 class Runtime:
     """The channels machinery of this process: registry, lazy start, shutdown."""
+
+    told_embedded = False   # the INFO line about the embedded default is logged once
 
     def __init__(self) -> None:
         self.registry: TopicIndex[Channel] = TopicIndex()
@@ -284,11 +326,22 @@ class Runtime:
         self.registry_lock.release()
 
     def _after_fork_in_child(self) -> None:
-        # The child inherits the subscriptions, not the threads, queues or locks.
+        # The child inherits the subscriptions, not the threads, queues, locks or
+        # connection: it closes its copy of the parent's socket (the parent's stays open)
+        # and, in broker mode, connects on its own at once, so that inherited
+        # subscriptions (gunicorn --preload) reach the broker without waiting for a send.
         self.registry_lock = threading.Lock()
         self.state_lock = threading.RLock()
-        self.machinery = None
+        inherited, self.machinery = self.machinery, None
         self._pid = os.getpid()
+        if inherited is not None and inherited.link is not None:
+            inherited.link.abandon()
+        if len(self.registry):
+            try:
+                if settings.get('BROKER_ADDRESS') is not None:
+                    self.ensure_running()
+            except Exception:
+                logger.exception('could not start channels in the forked child %d', self._pid)
 
     # channels ---------------------------------------------------------------------------
 
@@ -306,7 +359,8 @@ class Runtime:
                                    f'before subscribing it again')
             channel._handler = handler
             channel._generation += 1     # tasks of an earlier subscription are dropped
-            self.registry.add(channel.topic, channel)
+            if self.registry.add(channel.topic, channel) and machinery.link is not None:
+                machinery.link.subscribe(channel.topic)
         self._send_event(machinery, SUBSCRIBE_TOPIC, channel.topic)
 
     def unsubscribe(self, channel: Channel) -> None:
@@ -315,10 +369,17 @@ class Runtime:
             if channel._handler is None:
                 return
             channel._handler = None
-            self.registry.remove(channel.topic, channel)
-        machinery = self.machinery
+            machinery = self.machinery
+            if self.registry.remove(channel.topic, channel) and machinery is not None \
+                    and machinery.link is not None:
+                machinery.link.unsubscribe(channel.topic)
         if machinery is not None:
             self._send_event(machinery, UNSUBSCRIBE_TOPIC, channel.topic)
+
+    def use_registry(self, registry: TopicIndex, lock: Any) -> None:
+        """Make ``Channel.get_channels()`` search *registry* (the broker process does
+        this: its "channels" are the subscriptions of every connected process)."""
+        self.registry, self.registry_lock = registry, lock
 
     def get_channels(self, topic: str) -> list[Channel]:
         """The subscribed channels of this process whose topic matches *topic*."""

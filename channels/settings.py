@@ -112,6 +112,42 @@ _SETTINGS: dict[str, _Setting] = {
         5.0, _positive_float, 'seconds the shutdown at interpreter exit may take'),
 }
 
+def _optional_text(name: str, value: Any) -> str | None:
+    if value is None or value == '':
+        return None
+    if not isinstance(value, str):
+        raise ConfigurationError(f'{name} must be a str or None, got {value!r}')
+    return value
+
+
+def _authkey(name: str, value: Any) -> bytes | None:
+    if value is None or value == '' or value == b'':
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes):
+        raise ConfigurationError(f'{name} must be str or bytes, got {type(value).__name__}')
+    return value
+
+
+def _positive_bytes(name: str, value: Any) -> int:
+    return _positive_int(name, value)
+
+
+_SETTINGS.update({
+    'BROKER_ADDRESS': _Setting(
+        None, _optional_text,
+        "the broker's socket path or host:port; None runs the embedded default"),
+    'AUTHKEY': _Setting(None, _authkey, 'the shared secret of broker and processes'),
+    'AUTHKEY_FILE': _Setting(None, _optional_text, 'a file holding the authkey'),
+    'MAX_BUFFER_BYTES': _Setting(
+        64 * 1024 * 1024, _positive_bytes,
+        'bytes a process buffers for the broker while it is unreachable or slow'),
+    'MAX_FRAME_BYTES': _Setting(
+        64 * 1024 * 1024, _positive_bytes,
+        'the largest message, in bytes on the wire; larger ones raise at send()'),
+})
+
 _overrides: dict[str, Any] = {}
 _is_running: Callable[[], bool] = lambda: False   # set by the runtime
 

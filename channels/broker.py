@@ -1,0 +1,583 @@
+"""The broker process: one listener, a connection per app process, routing between them.
+
+::
+
+    app process --conn--> reader thread ---+
+    app process --conn--> reader thread ---+--> inbound queue (one) --> MessageBroker
+                                                                         thread(s):
+          +---------------------------------------------------------------+ get_channels
+          v                                                                 schedule_task
+    result queue (outbox) per process --> writer thread --conn--> app process
+
+* A reader authenticates its connection, reads batches, decodes frame headers (never the
+  payload: the broker does not unpickle application data) and puts each batch on the
+  inbound queue as one item: MESSAGE frames become :class:`RoutedMessage`, and SUB,
+  UNSUB, PING and the end of the connection travel the same queue, so each process's
+  subscriptions change in order with its messages.
+* The MessageBroker threads are the same class as in an app process (or the user's
+  ``--broker-class``). Here ``Channel.get_channels(topic)`` returns
+  :class:`RemoteChannel`\\ s: one per process and subscribed topic. ``schedule_task``
+  appends the message's frame, unchanged, to the outbox of the channel's process, once
+  per message and process however many of its topics match.
+* A writer drains its outbox and writes batches. A process that disconnects, even by
+  SIGKILL, is noticed by its reader at once (end of file) and its subscriptions go.
+
+Shutdown (``stop()``, on SIGTERM/SIGINT in the CLI): stop accepting -> stop reading ->
+route what the inbound queue holds -> let every writer write its outbox -> close.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from . import wire
+from .connection import Address, format_address, listen, server_handshake
+from .errors import ChannelsError, ProtocolError
+from .runtime import _Sequencer, runtime
+from .topics import TopicIndex
+from .workers import STOP, MessageBroker, Worker
+
+__all__ = ['Broker', 'RemoteChannel', 'RoutedMessage', 'Peer']
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0
+"""Seconds a new connection has to authenticate and say HELLO."""
+
+_SUB, _UNSUB, _PING, _GONE = 'sub', 'unsub', 'ping', 'gone'
+
+
+class RoutedMessage:
+    """A message as the broker sees it: its header, and its frame as opaque bytes.
+
+    Has the attributes of :class:`~channels.Message` that routing needs; ``data`` is not
+    available here, by design (the broker never unpickles application data).
+    """
+
+    __slots__ = ('topic', 'id', 'timestamp', 'deadline', 'droppable', 'frame', 'sender',
+                 '_dropped')
+    local = False
+
+    def __init__(self, topic: str, message_id: str, timestamp: float,
+                 deadline: float | None, droppable: bool, frame: bytes, sender: Peer) -> None:
+        self.topic = topic
+        self.id = message_id
+        self.timestamp = timestamp
+        self.deadline = deadline
+        self.droppable = droppable
+        self.frame = frame
+        self.sender = sender
+        self._dropped = False
+
+    def __repr__(self) -> str:
+        return f'<RoutedMessage id={self.id!r} topic={self.topic!r} from pid {self.sender.pid}>'
+
+    @property
+    def data(self) -> dict:
+        """Not available in the broker."""
+        raise ChannelsError('the broker does not unpickle application data: route on '
+                            'message.topic (and id, timestamp, expiry, droppable) only')
+
+    @property
+    def payload(self) -> bytes:
+        """The pickled data, as bytes (the broker never unpickles it)."""
+        return self.frame
+
+    @property
+    def expiry(self) -> Any:
+        """The expiry as a local naive datetime, or None."""
+        from datetime import datetime
+        return None if self.deadline is None else datetime.fromtimestamp(self.deadline)
+
+    def is_expired(self) -> bool:
+        """True once the sender's expiry has passed."""
+        return self.deadline is not None and time.time() >= self.deadline
+
+    def is_dropped(self) -> bool:
+        """True if the broker dropped it."""
+        return self._dropped
+
+    def drop(self) -> None:
+        """Mark it dropped."""
+        self._dropped = True
+
+
+class RemoteChannel:
+    """One process's subscription to one topic: a "channel" in the broker process."""
+
+    __slots__ = ('topic', 'peer', '__weakref__')
+
+    def __init__(self, topic: str, peer: Peer) -> None:
+        self.topic = topic
+        self.peer = peer
+
+    def __repr__(self) -> str:
+        return f'<RemoteChannel topic={self.topic!r} pid={self.peer.pid}>'
+
+    @property
+    def handler(self) -> Peer | None:
+        """The process that receives the messages, while it is connected."""
+        return None if self.peer.closed else self.peer
+
+
+class Peer:
+    """A connected app process: its connection, subscriptions, outbox and counters."""
+
+    def __init__(self, broker: Broker, sock: socket.socket, number: int) -> None:
+        self.broker = broker
+        self.sock = sock
+        self.number = number
+        self.connection = Connection(os.dup(sock.fileno()))
+        self.pid = 0
+        self.name = ''
+        self.role = ''
+        self.topics: dict[str, RemoteChannel] = {}
+        self.outbox: SimpleQueue = SimpleQueue()
+        self.messages_in = 0        # MESSAGE frames received (reader thread)
+        self.messages_out = 0       # MESSAGE frames written (writer thread)
+        self.queued_out = 0         # MESSAGE frames put in the outbox (broker threads)
+        self.dropped = 0            # frames that could not be written
+        self.closed = False
+        self.last: RoutedMessage | None = None   # the message last scheduled here
+        self.connected_at = time.time()
+        self.reader = threading.Thread(target=self._read_loop, daemon=True,
+                                       name=f'channels-peer-{number}-reader')
+        self.writer = threading.Thread(target=self._write_loop, daemon=True,
+                                       name=f'channels-peer-{number}-writer')
+
+    def __repr__(self) -> str:
+        return f'<Peer #{self.number} pid={self.pid} topics={len(self.topics)}>'
+
+    @property
+    def pending(self) -> int:
+        """Messages in the outbox, not yet written."""
+        return max(self.queued_out - self.messages_out - self.dropped, 0)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's line of ``channels-broker stats``."""
+        return {'pid': self.pid, 'name': self.name, 'subscriptions': sorted(self.topics),
+                'messages_in': self.messages_in, 'messages_out': self.messages_out,
+                'pending': self.pending, 'dropped': self.dropped,
+                'connected_s': round(time.time() - self.connected_at, 3)}
+
+    def shutdown_reading(self) -> None:
+        """Make the reader see the end of the stream (used when the broker stops)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the connection (after both threads are done with it)."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.connection.close()
+        self.sock.close()
+
+    # the reader thread -----------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        broker = self.broker
+        registered = False
+        try:
+            self._handshake()
+            if self.role == 'stats':
+                self._serve_stats()
+                return
+            registered = True
+            self.writer.start()
+            logger.info('process %d connected (%s)', self.pid, self.name or 'no name')
+            limit = broker.max_frame
+            max_batch = broker.max_batch
+            inbound = broker.inbound
+            while True:
+                batch = self.connection.recv_bytes(max_batch)
+                inbound.put(self._decode(batch, limit))
+        except AuthenticationError as exc:
+            logger.warning('refused a connection: wrong authkey (%s)', exc)
+        except ProtocolError as exc:
+            logger.warning('dropped the connection of process %s: %s', self.pid or '?', exc)
+        except (EOFError, OSError) as exc:
+            if not broker.stopping and not self.role:
+                logger.warning('a connection ended before its handshake: %r', exc)
+        except Exception:
+            logger.exception('reader of process %s failed; its connection is dropped',
+                             self.pid or '?')
+        finally:
+            if registered:
+                if broker.stopping:
+                    pass        # the broker closes everything once it has delivered
+                else:
+                    broker.inbound.put([(_GONE, self, None)])
+            else:
+                broker.forget(self)
+                self.close()
+
+    def _handshake(self) -> None:
+        watchdog = threading.Timer(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+        watchdog.daemon = True
+        watchdog.name = f'channels-peer-{self.number}-handshake'
+        watchdog.start()
+        try:
+            server_handshake(self.connection, self.broker.authkey)
+            batch = self.connection.recv_bytes(64 * 1024)
+        finally:
+            watchdog.cancel()
+            watchdog.join()
+        frames = list(wire.iter_frames(batch, 64 * 1024))
+        if not frames or frames[0][0] != wire.HELLO:
+            raise ProtocolError('the first frame of a connection must be HELLO')
+        kind, start, end = frames[0]
+        hello = wire.decode_json(batch[start + wire.HEADER.size:end])
+        if not isinstance(hello, dict) or not isinstance(hello.get('pid'), int) \
+                or hello.get('role') not in ('app', 'stats'):
+            raise ProtocolError(f'HELLO must carry an int pid and a role, got {hello!r:.200}')
+        self.pid = hello['pid']
+        self.name = str(hello.get('name', ''))[:200]
+        self.role = hello['role']
+        if self.role == 'app':
+            self.broker.admit(self)
+            rest = batch[end:]
+            if rest:
+                self.broker.inbound.put(self._decode(rest, self.broker.max_frame))
+
+    def _handshake_timed_out(self) -> None:
+        logger.warning('a connection did not finish its handshake within %.3gs; dropped',
+                       HANDSHAKE_TIMEOUT)
+        self.shutdown_reading()
+
+    def _decode(self, batch: bytes, limit: int) -> list[Any]:
+        items: list[Any] = []
+        header = wire.HEADER.size
+        decode_message = wire.decode_message
+        for kind, start, end in wire.iter_frames(batch, limit):
+            if kind == wire.MESSAGE:
+                topic, message_id, timestamp, deadline, droppable, _ = \
+                    decode_message(batch, start + header, end)
+                items.append(RoutedMessage(topic, message_id, timestamp, deadline, droppable,
+                                           batch[start:end], self))
+            elif kind == wire.SUB:
+                items.append((_SUB, self, wire.decode_topic(batch[start + header:end])))
+            elif kind == wire.UNSUB:
+                items.append((_UNSUB, self, wire.decode_topic(batch[start + header:end])))
+            elif kind == wire.PING:
+                items.append((_PING, self, wire.decode_ping(batch[start + header:end])))
+            else:
+                raise ProtocolError(f'unexpected {wire.KIND_NAMES[kind]} frame from an app '
+                                    f'process')
+        self.messages_in += sum(1 for item in items if type(item) is RoutedMessage)
+        return items
+
+    def _serve_stats(self) -> None:
+        while True:
+            batch = self.connection.recv_bytes(64 * 1024)
+            for kind, _, _ in wire.iter_frames(batch, 64 * 1024):
+                if kind != wire.STATS:
+                    raise ProtocolError('a stats connection may only send STATS')
+                self.connection.send_bytes(wire.encode_json(wire.STATS, self.broker.stats()))
+
+    # the writer thread -------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        outbox = self.outbox
+        stop = False
+        while not stop:
+            frames = [outbox.get()]
+            while len(frames) < 4096:
+                try:
+                    frames.append(outbox.get_nowait())
+                except Empty:
+                    break
+            if any(frame is STOP for frame in frames):
+                stop = True
+                frames = [frame for frame in frames if frame is not STOP]
+            unwritten = frames
+            if not self.closed:
+                try:
+                    for group in wire.group_frames(frames):
+                        self.connection.send_bytes(group[0] if len(group) == 1
+                                                   else b''.join(group))
+                        self.messages_out += _count_messages(group)
+                        unwritten = unwritten[len(group):]
+                except OSError as exc:
+                    if not self.broker.stopping:
+                        logger.info('writing to process %d failed (%s); it is going away',
+                                    self.pid, exc)
+                    self.closed = True
+            self.dropped += _count_messages(unwritten)
+        if not self.broker.stopping:
+            self.close()      # the process is gone and its reader is done
+
+
+def _count_messages(frames: list[bytes]) -> int:
+    return sum(1 for frame in frames if frame[5] == wire.MESSAGE)
+
+
+class _Inbound:
+    """The one inbound queue: batches of items from every reader, in arrival order.
+
+    ``get()`` hands out the next :class:`RoutedMessage` and applies SUB, UNSUB, PING
+    and disconnects on the way, in order with the messages around them.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.queue: SimpleQueue = SimpleQueue()
+        self.current: deque[Any] = deque()
+        self.sequencer: _Sequencer | None = None
+
+    def put(self, items: list[Any]) -> None:
+        """Queue a reader's decoded batch."""
+        if items:
+            self.queue.put(items)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next message (or the STOP sentinel); ``queue.Empty`` after *timeout*."""
+        current = self.current
+        while True:
+            if not current:
+                items = self.queue.get(timeout=timeout)
+                if items is STOP:
+                    return STOP
+                current.extend(items)
+            item = current.popleft()
+            if type(item) is RoutedMessage:
+                return item
+            if self.sequencer is not None:
+                self.sequencer.wait_all_done()   # control follows every earlier message
+            self.broker.apply(*item)
+
+
+class _BrokerMachinery:
+    """What the broker process's MessageBroker threads work with (see workers.Worker)."""
+
+    def __init__(self, broker: Broker, sequencer: _Sequencer | None) -> None:
+        self.broker = broker
+        self.messages = broker.inbound
+        self.sequencer = sequencer
+        broker.inbound.sequencer = sequencer
+
+    def schedule(self, channel: RemoteChannel, message: RoutedMessage) -> bool:
+        """Put *message* in the outbox of *channel*'s process, once per message."""
+        peer = channel.peer
+        if peer.closed or peer.last is message:
+            return False
+        peer.last = message
+        peer.queued_out += 1
+        peer.outbox.put(message.frame)
+        return True
+
+
+class Broker:
+    """The broker: listens on *address* and routes between the processes that connect.
+
+    ``start()`` binds and starts the threads (raising ``OSError`` if a live broker holds
+    the address); ``stop(timeout)`` delivers what it holds and releases everything. A
+    context manager does both.
+    """
+
+    def __init__(self, address: Address, authkey: bytes | None = None, *,
+                 broker_threads: int = 1, broker_class: type[Worker] = MessageBroker,
+                 max_frame: int = 64 * 1024 * 1024, worker_timeout: float = 0.5) -> None:
+        if isinstance(address, tuple) and authkey is None:
+            raise ChannelsError(
+                f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
+                f'can reach the port could otherwise publish and subscribe. Pass '
+                f'--authkey-file (or set CHANNELS_AUTHKEY), or use a Unix socket path.')
+        if not (isinstance(broker_class, type) and issubclass(broker_class, MessageBroker)):
+            raise ChannelsError(f'broker_class must be a MessageBroker subclass, got '
+                                f'{broker_class!r}')
+        self.address = address
+        self.authkey = authkey
+        self.broker_threads = broker_threads
+        self.broker_class = broker_class
+        self.max_frame = max_frame
+        self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
+        self.worker_timeout = worker_timeout
+        self.index: TopicIndex[RemoteChannel] = TopicIndex()
+        self.index_lock = threading.Lock()
+        self.inbound = _Inbound(self)
+        self.peers: dict[int, Peer] = {}
+        self.stopping = False
+        self.started_at = 0.0
+        self.workers: list[Worker] = []
+        self._connecting: dict[int, Peer] = {}
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._numbers = itertools.count(1)
+        self._peers_lock = threading.Lock()
+        self._state = 'new'
+
+    def __repr__(self) -> str:
+        return (f'<Broker {format_address(self.address)} {self._state} '
+                f'processes={len(self.peers)} topics={len(self.index)}>')
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def address_text(self) -> str:
+        """The address as text."""
+        return format_address(self.address)
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the address and start accepting, reading and routing."""
+        if self._state != 'new':
+            raise RuntimeError(f'{self!r} was started already')
+        self._listener = listen(self.address)
+        if isinstance(self.address, tuple) and self.address[1] == 0:
+            self.address = self._listener.getsockname()[:2]
+        self._state = 'running'
+        self.started_at = time.time()
+        runtime.use_registry(self.index, self.index_lock)
+        sequencer = _Sequencer(STOP) if self.broker_threads > 1 else None
+        machinery = _BrokerMachinery(self, sequencer)
+        self.workers = [self.broker_class(machinery, n, self.worker_timeout)   # type: ignore
+                        for n in range(self.broker_threads)]
+        for worker in self.workers:
+            worker.start()
+        self._acceptor = threading.Thread(target=self._accept_loop, name='channels-accept',
+                                          daemon=True)
+        self._acceptor.start()
+        logger.info('listening on %s', self.address_text)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop accepting, deliver what is held, close; True if it all ended in time."""
+        if self._state != 'running':
+            return True
+        self._state = 'stopping'
+        deadline = time.monotonic() + timeout
+        self.stopping = True
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        if self._acceptor is not None:
+            self._acceptor.join(max(deadline - time.monotonic(), 0.05))
+        with self._peers_lock:
+            peers = list(self.peers.values()) + list(self._connecting.values())
+        for peer in peers:
+            peer.shutdown_reading()
+        for peer in peers:
+            if peer.reader.is_alive():
+                peer.reader.join(max(deadline - time.monotonic(), 0.05))
+        for _ in self.workers:
+            self.inbound.queue.put(STOP)
+        for worker in self.workers:
+            worker.stop()
+        for worker in self.workers:
+            worker.join(max(deadline - time.monotonic(), 0.05))
+        for peer in peers:
+            peer.outbox.put(STOP)
+        for peer in peers:
+            if peer.writer.is_alive():
+                peer.writer.join(max(deadline - time.monotonic(), 0.05))
+            peer.close()
+        if isinstance(self.address, str):
+            try:
+                os.unlink(self.address)
+            except OSError:
+                pass
+        threads = [self._acceptor, *(w.thread for w in self.workers),
+                   *(p.reader for p in peers), *(p.writer for p in peers)]
+        alive = [t.name for t in threads if t is not None and t.is_alive()]
+        self._state = 'stopped'
+        if alive:
+            logger.warning('threads %s did not stop within %.3gs', alive, timeout)
+        logger.info('stopped')
+        return not alive
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self.stopping:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                if self.stopping:
+                    break
+                logger.exception('accept() failed; the broker goes on')
+                time.sleep(0.1)
+                continue
+            if isinstance(self.address, tuple):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = Peer(self, sock, next(self._numbers))
+            with self._peers_lock:
+                self._connecting[peer.number] = peer
+            peer.reader.start()
+
+    # called by readers and by the routing threads ---------------------------------------
+
+    def admit(self, peer: Peer) -> None:
+        """A peer finished its handshake as an app process."""
+        with self._peers_lock:
+            self._connecting.pop(peer.number, None)
+            self.peers[peer.number] = peer
+
+    def forget(self, peer: Peer) -> None:
+        """A connection that never became a registered app process."""
+        with self._peers_lock:
+            self._connecting.pop(peer.number, None)
+
+    def apply(self, kind: str, peer: Peer, value: Any) -> None:
+        """Apply a control item from the inbound queue (in a routing thread)."""
+        if kind == _SUB:
+            if value not in peer.topics and not peer.closed:
+                channel = peer.topics[value] = RemoteChannel(value, peer)
+                with self.index_lock:
+                    self.index.add(value, channel)
+        elif kind == _UNSUB:
+            channel = peer.topics.pop(value, None)
+            if channel is not None:
+                with self.index_lock:
+                    self.index.remove(value, channel)
+        elif kind == _PING:
+            peer.outbox.put(wire.encode_ping(wire.PONG, value))
+        elif kind == _GONE:
+            with self.index_lock:
+                for topic, channel in peer.topics.items():
+                    self.index.remove(topic, channel)
+            peer.topics.clear()
+            peer.closed = True
+            peer.outbox.put(STOP)
+            with self._peers_lock:
+                self.peers.pop(peer.number, None)
+            logger.info('process %d disconnected', peer.pid)
+
+    def stats(self) -> dict[str, Any]:
+        """The live state, as ``channels-broker stats --json`` prints it."""
+        with self._peers_lock:
+            peers = sorted(self.peers.values(), key=lambda p: p.number)
+        processes = [peer.stats() for peer in peers]
+        return {
+            'address': self.address_text,
+            'pid': os.getpid(),
+            'uptime_s': round(time.time() - self.started_at, 3),
+            'processes': processes,
+            'topics': len(self.index),
+            'totals': {key: sum(p[key] for p in processes)
+                       for key in ('messages_in', 'messages_out', 'dropped', 'pending')},
+            'errors': sum(worker.errors for worker in self.workers),
+        }

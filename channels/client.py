@@ -1,0 +1,367 @@
+"""An app process's side of the broker: one connection, a sender and a reader thread.
+
+::
+
+    Channel.send() -> encode MESSAGE frame -> outbox (SimpleQueue)
+        sender thread: connects lazily, (re)registers subscriptions, drains the outbox
+        and writes it in batches -> broker
+    broker -> reader thread: decodes MESSAGE frames, finds this process's matching
+        channels and schedules one task per channel (the task workers run them)
+
+The link starts with the machinery, so the first use connects. While the broker is
+unreachable, frames wait in the outbox (at most ``MAX_BUFFER_BYTES`` of messages, past
+which ``send()`` raises :class:`~channels.errors.BufferFullError`), and the sender
+retries with backoff, logging a warning. Every (re)connection first sends HELLO and
+one SUB per topic this process subscribes to; the broker keeps subscriptions as a set,
+so a SUB or UNSUB still in the outbox afterwards leaves it right.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING, Any
+
+from . import wire
+from .connection import Address, connect, format_address
+from .errors import BufferFullError, ChannelsError, MessageTooLargeError, ProtocolError
+from .message import Message
+
+if TYPE_CHECKING:
+    from .runtime import Machinery
+
+__all__ = ['BrokerLink']
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+_WAKE = object()      # the reader lost the connection: reconnect even with nothing to send
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
+
+
+def _shutdown_socket(connection: Connection) -> None:
+    """Unblock a thread reading *connection* (close() alone does not, on Linux)."""
+    try:
+        sock = socket.socket(fileno=connection.fileno())
+    except (OSError, ValueError):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+class _Reader:
+    """One connection's reader thread; counts the tasks it schedules (for shutdown)."""
+
+    def __init__(self, link: BrokerLink, connection: Connection, number: int) -> None:
+        self.link = link
+        self.connection = connection
+        self.scheduled = 0
+        self.thread = threading.Thread(target=self._loop, name=f'channels-reader-{number}',
+                                       daemon=True)
+
+    def _loop(self) -> None:
+        link = self.link
+        try:
+            while True:
+                self._handle(self.connection.recv_bytes(link.max_batch))
+        except (EOFError, OSError) as exc:
+            if not link.closing:
+                logger.warning('lost the connection to the broker on %s (%s); reconnecting',
+                               link.address_text, exc or type(exc).__name__)
+        except ProtocolError as exc:
+            logger.error('the broker on %s sent an invalid frame (%s); reconnecting',
+                         link.address_text, exc)
+        except Exception:
+            logger.exception('reader of the broker connection failed; reconnecting')
+        finally:
+            link.connection_lost(self.connection)
+
+    def _handle(self, batch: bytes) -> None:
+        link = self.link
+        machinery = link.machinery
+        registry_lock = machinery.runtime.registry_lock
+        registry = machinery.runtime.registry
+        for kind, start, end in wire.iter_frames(batch, link.max_frame):
+            if kind == wire.MESSAGE:
+                topic, message_id, timestamp, deadline, droppable, at = \
+                    wire.decode_message(batch, start + wire.HEADER.size, end)
+                link.received += 1
+                if not link.accepting:
+                    link.ignored += 1
+                    continue
+                message = Message.received(topic, message_id, timestamp, deadline, droppable,
+                                           batch[at:end])
+                if deadline is not None and message.is_expired():
+                    message.drop()
+                    continue
+                with registry_lock:
+                    channels = registry.match(topic)
+                for channel in channels:
+                    if machinery.schedule(channel, message):
+                        self.scheduled += 1
+            elif kind == wire.PONG:
+                link.pong(wire.decode_ping(batch[start + wire.HEADER.size:end]))
+            elif kind == wire.NOTICE:
+                notice = wire.decode_json(batch[start + wire.HEADER.size:end])
+                logger.warning('the broker says: %s', notice)
+            else:
+                raise ProtocolError(f'unexpected {wire.KIND_NAMES[kind]} frame from the broker')
+
+
+class BrokerLink:
+    """The connection of this process's machinery to the broker, and its two threads."""
+
+    def __init__(self, machinery: Machinery, address: Address, authkey: bytes | None, *,
+                 max_buffer: int, max_frame: int) -> None:
+        self.machinery = machinery
+        self.address = address
+        self.address_text = format_address(address)
+        self.authkey = authkey
+        self.max_buffer = max_buffer
+        self.max_frame = max_frame
+        self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
+        self.outbox: SimpleQueue = SimpleQueue()
+        self.queued_bytes = 0          # message bytes put in the outbox (under send_lock)
+        self.written_bytes = 0         # message bytes written (sender thread only)
+        self.received = 0              # MESSAGE frames from the broker (current reader)
+        self.ignored = 0               # ... that arrived after shutdown stopped taking them
+        self.accepting = True
+        self.closing = False
+        self.connected = threading.Event()
+        self.readers: list[_Reader] = []
+        self._connection: Connection | None = None
+        self._lost: Connection | None = None
+        self._stop = threading.Event()
+        self._pongs: dict[int, threading.Event] = {}
+        self._tokens = itertools.count(1)
+        self._sender: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        state = 'connected' if self.connected.is_set() else 'disconnected'
+        return f'<BrokerLink {self.address_text} {state} buffered={self.buffered_bytes}>'
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Message bytes sent but not yet written to the broker."""
+        return self.queued_bytes - self.written_bytes
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The sender thread and the reader threads, started or not."""
+        threads = [reader.thread for reader in self.readers]
+        return threads if self._sender is None else [self._sender, *threads]
+
+    # called by the machinery --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sender thread, which connects."""
+        self._sender = threading.Thread(target=self._send_loop, name='channels-sender',
+                                        daemon=True)
+        self._sender.start()
+
+    def put_message(self, message: Message) -> None:
+        """Queue *message* for the broker. The caller holds the machinery's send_lock."""
+        frame = self.encode(message)
+        if self.queued_bytes + len(frame) - self.written_bytes > self.max_buffer:
+            raise BufferFullError(
+                f'cannot send {message!r}: {self.buffered_bytes} bytes already wait for the '
+                f'broker on {self.address_text}, and MAX_BUFFER_BYTES is {self.max_buffer}. '
+                f'Is the broker running? (channels-broker --address {self.address_text})')
+        self.queued_bytes += len(frame)
+        self.outbox.put(frame)
+
+    def encode(self, message: Message) -> bytes:
+        """The MESSAGE frame of *message*; :class:`MessageTooLargeError` past the limit."""
+        frame = wire.encode_message(message.topic, message.id, message.timestamp,
+                                    message.deadline, message.droppable, message.payload)
+        if len(frame) - wire.HEADER.size > self.max_frame:
+            raise MessageTooLargeError(
+                f'message to {message.topic!r} is {len(frame)} bytes on the wire, over '
+                f'MAX_FRAME_BYTES={self.max_frame}; send less data, or raise the setting '
+                f'(for the broker too)')
+        return frame
+
+    def subscribe(self, topic: str) -> None:
+        """Tell the broker this process wants *topic* (its first channel on it)."""
+        self.outbox.put(wire.encode(wire.SUB, topic.encode()))
+
+    def unsubscribe(self, topic: str) -> None:
+        """Tell the broker this process no longer wants *topic*."""
+        self.outbox.put(wire.encode(wire.UNSUB, topic.encode()))
+
+    def flush(self, deadline: float) -> bool:
+        """Wait until everything sent so far was routed by the broker and this process's
+        share of it was scheduled here; False if *deadline* passed first."""
+        token = next(self._tokens)
+        event = self._pongs[token] = threading.Event()
+        self.outbox.put(wire.encode_ping(wire.PING, token))
+        try:
+            return event.wait(max(deadline - time.monotonic(), 0))
+        finally:
+            self._pongs.pop(token, None)
+
+    def pong(self, token: int) -> None:
+        """The broker answered the PING with *token*."""
+        event = self._pongs.get(token)
+        if event is not None:
+            event.set()
+
+    def stop_accepting(self) -> None:
+        """From now on, messages from the broker are ignored (shutdown has flushed)."""
+        self.accepting = False
+
+    def close(self, deadline: float) -> bool:
+        """Stop both threads and close the connection; True if they ended in time."""
+        self.closing = True
+        self._stop.set()
+        self.outbox.put(_STOP)
+        sender = self._sender
+        if sender is not None:
+            sender.join(max(deadline - time.monotonic(), 0.05))
+        connection = self._connection
+        if connection is not None:
+            _shutdown_socket(connection)
+        for reader in self.readers:
+            reader.thread.join(max(deadline - time.monotonic(), 0.05))
+        if connection is not None:
+            connection.close()
+        return not any(thread.is_alive() for thread in self.threads)
+
+    def abandon(self) -> None:
+        """In a forked child: close the inherited descriptor without touching the
+        parent's connection (no shutdown, nothing sent)."""
+        for connection in (self._connection, self._lost):
+            if connection is not None:
+                try:
+                    connection.close()
+                except OSError:
+                    pass
+        self._connection = self._lost = None
+
+    def connection_lost(self, connection: Connection) -> None:
+        """Called by a reader whose connection ended: wake the sender to reconnect."""
+        if connection is self._connection:
+            self.connected.clear()
+            self._lost = connection
+            self.outbox.put(_WAKE)
+
+    # the sender thread ----------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            try:
+                self._send()
+                return
+            except Exception:      # a bug must not silently end delivery
+                logger.exception('the sender thread of the broker connection failed; '
+                                 'restarting it')
+                if self._stop.wait(_BACKOFF_MAX):
+                    return
+
+    def _send(self) -> None:
+        pending: list[Any] = []
+        backoff = _BACKOFF_FIRST
+        failures = 0
+        while not self._stop.is_set():
+            if self._lost is not None and self._lost is self._connection:
+                self._drop_connection()
+            if self._connection is None:
+                try:
+                    self._connect()
+                except ChannelsError as exc:
+                    failures += 1
+                    if failures == 1:
+                        logger.warning('%s; buffering up to %d bytes of messages and retrying',
+                                       exc, self.max_buffer)
+                    if self._stop.wait(backoff):
+                        break
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                    continue
+                if failures:
+                    logger.warning('connected to the broker on %s after %d failed attempts',
+                                   self.address_text, failures)
+                failures, backoff = 0, _BACKOFF_FIRST
+            if not pending:
+                pending.append(self.outbox.get())
+            while len(pending) < 4096:
+                try:
+                    pending.append(self.outbox.get_nowait())
+                except Empty:
+                    break
+            if any(item is _STOP for item in pending):
+                pending = [item for item in pending if item is not _STOP and item is not _WAKE]
+                pending = self._write(pending)      # what was sent before close()
+                break
+            pending = [item for item in pending if item is not _WAKE]
+            pending = self._write(pending)
+        lost = sum(1 for frame in pending if frame[5] == wire.MESSAGE)
+        if lost:
+            logger.warning('%d messages could not be written to the broker on %s before '
+                           'the connection closed; they are lost', lost, self.address_text)
+        self._drop_connection()
+
+    def _write(self, frames: list[bytes]) -> list[bytes]:
+        """Write *frames*; return those not written (the connection failed)."""
+        connection = self._connection
+        if connection is None or not frames:
+            return frames
+        written = 0
+        try:
+            for group in wire.group_frames(frames):
+                connection.send_bytes(group[0] if len(group) == 1 else b''.join(group))
+                written += len(group)
+                self.written_bytes += sum(len(f) for f in group if f[5] == wire.MESSAGE)
+        except OSError as exc:
+            if not self.closing:
+                logger.warning('writing to the broker on %s failed (%s); reconnecting',
+                               self.address_text, exc)
+            self._lost = connection
+        return frames[written:]
+
+    def _connect(self) -> None:
+        connection = connect(self.address, self.authkey)
+        runtime = self.machinery.runtime
+        try:
+            with runtime.registry_lock:
+                topics = list(runtime.registry.topics())
+            hello = wire.encode_json(wire.HELLO, {'pid': os.getpid(), 'role': 'app',
+                                                  'name': _process_name()})
+            frames = [hello] + [wire.encode(wire.SUB, topic.encode()) for topic in topics]
+            for group in wire.group_frames(frames):
+                connection.send_bytes(b''.join(group))
+        except OSError as exc:
+            connection.close()
+            raise ChannelsError(f'the broker on {self.address_text} closed the connection '
+                                f'during the handshake: {exc}') from exc
+        self._connection = connection
+        self._lost = None
+        reader = _Reader(self, connection, len(self.readers))
+        self.readers.append(reader)
+        self.machinery.schedulers.append(reader)
+        reader.thread.start()
+        self.connected.set()
+        logger.debug('connected to the broker on %s with %d subscriptions',
+                     self.address_text, len(topics))
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        self.connected.clear()
+        if connection is not None:
+            _shutdown_socket(connection)
+            connection.close()
+
+
+def _process_name() -> str:
+    return ' '.join(sys.argv)[:200]

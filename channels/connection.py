@@ -1,0 +1,165 @@
+"""Addresses, listening, connecting and authenticating: what client and broker share.
+
+An address is a filesystem path (a Unix socket) or ``host:port`` (TCP). Connections
+are :class:`multiprocessing.connection.Connection` objects over those sockets: their
+length-prefixed messages carry the batches of :mod:`channels.wire`, and their HMAC
+challenge authenticates both ends when an authkey is set. A TCP address requires an
+authkey; a Unix socket lives in a private directory (0700) and is itself 0600.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import socket
+import stat
+import tempfile
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+
+from . import settings
+from .errors import BrokerUnavailableError, ConfigurationError
+
+__all__ = ['Address', 'parse_address', 'format_address', 'default_address', 'load_authkey',
+           'connect', 'listen', 'server_handshake', 'AuthenticationError']
+
+logger = logging.getLogger(__name__)
+
+Address = str | tuple[str, int]
+
+_TCP = re.compile(r'^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$')
+
+
+def parse_address(text: str) -> Address:
+    """``'host:port'`` -> ``(host, port)``; anything else is a Unix socket path."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigurationError(f'broker address must be a socket path or host:port, '
+                                 f'got {text!r}')
+    text = text.strip()
+    found = _TCP.match(text)
+    if found and '/' not in text:
+        port = int(found['port'])
+        if not 0 < port < 65536:
+            raise ConfigurationError(f'port must be 1..65535 in broker address {text!r}')
+        return found['host'].strip('[]'), port
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def format_address(address: Address) -> str:
+    """The text form of *address*, as ``parse_address`` reads it."""
+    if isinstance(address, tuple):
+        host, port = address
+        return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+    return address
+
+
+def default_address() -> str:
+    """A socket in a per-user private directory (created 0700 if missing)."""
+    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
+    directory = os.path.join(base, f'mpchannels-{os.getuid()}')
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.stat(directory)
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigurationError(f'{directory} must be owned by you and private (0700) to '
+                                 f'hold the broker socket; fix it or pass --address')
+    return os.path.join(directory, 'broker.sock')
+
+
+def load_authkey() -> bytes | None:
+    """The authkey from ``AUTHKEY`` or ``AUTHKEY_FILE`` (a file's bytes, trailing newline cut)."""
+    key = settings.get('AUTHKEY')
+    path = settings.get('AUTHKEY_FILE')
+    if key is not None and path is not None:
+        raise ConfigurationError('set AUTHKEY or AUTHKEY_FILE, not both')
+    if path is not None:
+        try:
+            with open(path, 'rb') as file:
+                key = file.read().rstrip(b'\r\n')
+        except OSError as exc:
+            raise ConfigurationError(f'cannot read the authkey file {path!r}: {exc}') from exc
+        if not key:
+            raise ConfigurationError(f'the authkey file {path!r} is empty')
+    if isinstance(key, str):
+        key = key.encode()
+    return key
+
+
+def _socket_for(address: Address) -> socket.socket:
+    family = socket.AF_INET6 if isinstance(address, tuple) and ':' in address[0] else \
+        socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX
+    return socket.socket(family, socket.SOCK_STREAM)
+
+
+def connect(address: Address, authkey: bytes | None, timeout: float = 5.0) -> Connection:
+    """Connect and authenticate; raises :class:`BrokerUnavailableError` if nobody listens."""
+    sock = _socket_for(address)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+        if isinstance(address, tuple):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        sock.close()
+        text = format_address(address)
+        raise BrokerUnavailableError(
+            f"no broker is listening on {text} ({exc.strerror or exc}); start one with "
+            f"'channels-broker --address {text}'") from exc
+    connection = Connection(sock.detach())
+    if authkey is not None:
+        try:
+            answer_challenge(connection, authkey)
+            deliver_challenge(connection, authkey)
+        except (AuthenticationError, OSError, EOFError) as exc:
+            connection.close()
+            raise BrokerUnavailableError(
+                f'the broker on {format_address(address)} refused this process: {exc!r}; '
+                f'is the authkey (CHANNELS_AUTHKEY / CHANNELS_AUTHKEY_FILE) the broker\'s?'
+            ) from exc
+    return connection
+
+
+def listen(address: Address, backlog: int = 128) -> socket.socket:
+    """A listening socket on *address*; a stale Unix socket file is replaced.
+
+    Raises :class:`OSError` with ``EADDRINUSE`` if a live broker listens there already.
+    """
+    if isinstance(address, str):
+        if os.path.exists(address):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(address)
+            except ConnectionRefusedError:
+                os.unlink(address)              # stale: its broker is gone
+            except OSError as exc:
+                raise OSError(exc.errno, f'{address} exists and is not a broker socket: '
+                              f'{exc.strerror}') from exc
+            else:
+                raise OSError(errno.EADDRINUSE, f'a broker is already listening on {address}')
+            finally:
+                probe.close()
+    sock = _socket_for(address)
+    try:
+        if isinstance(address, tuple):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        else:
+            old_umask = os.umask(0o177)          # the socket is created 0600
+            try:
+                sock.bind(address)
+            finally:
+                os.umask(old_umask)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def server_handshake(connection: Connection, authkey: bytes | None) -> None:
+    """The broker's side of authentication (raises ``AuthenticationError`` if it fails)."""
+    if authkey is not None:
+        deliver_challenge(connection, authkey)
+        answer_challenge(connection, authkey)
