@@ -56,9 +56,7 @@ class Channel:
         """The subscribed channels of this process whose topic matches *topic*."""
         if type(topic) is not str or not topic:
             topic = validate_topic(topic)
-        runtime = _runtime.runtime
-        with runtime.registry_lock:
-            return runtime.registry.match(topic)
+        return _runtime.runtime.registry.match(topic)     # lookups take no lock
 
     def subscribe(self, handler: Handler) -> None:
         """Call *handler* with every matching message from now on, in order, one at a time.

@@ -90,7 +90,6 @@ class _Reader:
     def _handle(self, batch: bytes) -> None:
         link = self.link
         machinery = link.machinery
-        registry_lock = machinery.runtime.registry_lock
         registry = machinery.runtime.registry
         for kind, start, end in wire.iter_frames(batch, link.max_frame):
             if kind == wire.MESSAGE:
@@ -105,8 +104,7 @@ class _Reader:
                 if deadline is not None and message.is_expired():
                     message.drop()
                     continue
-                with registry_lock:
-                    channels = registry.match(topic)
+                channels = registry.match(topic)       # lookups take no lock
                 for channel in channels:
                     if machinery.schedule(channel, message):
                         self.scheduled += 1

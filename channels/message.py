@@ -132,6 +132,22 @@ class Message:
         return message
 
     @classmethod
+    def event(cls, topic: str, data: dict) -> Message:
+        """A ``local`` internal event (``lona.channels.subscribe`` and the like)."""
+        message = _new(cls)
+        message.topic = topic
+        message._data = data
+        message._payload = None
+        message.expiry = message.deadline = None
+        message.local = True
+        message.droppable = False
+        message._id = (_identity.prefix, next(_identity.sequence))
+        message.timestamp = _time()
+        message._origin = message
+        message._dropped = False
+        return message
+
+    @classmethod
     def received(cls, topic: str, message_id: str, timestamp: float, deadline: float | None,
                  droppable: bool, payload: bytes) -> Message:
         """A message that arrived from the broker (its data is unpickled on first access)."""

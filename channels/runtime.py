@@ -383,14 +383,13 @@ class Runtime:
 
     def get_channels(self, topic: str) -> list[Channel]:
         """The subscribed channels of this process whose topic matches *topic*."""
-        with self.registry_lock:
-            return self.registry.match(topic)
+        return self.registry.match(topic)      # lookups take no lock (see TopicIndex)
 
     def _send_event(self, machinery: Machinery, event_topic: str, topic: str) -> None:
         if machinery.state is not RUNNING:
             return   # no internal events while draining: nothing may start new work
         try:
-            machinery.submit(Message(event_topic, {'topic': topic}, local=True))
+            machinery.submit(Message.event(event_topic, {'topic': topic}))
         except ShutdownError:
             logger.debug('%s for %r not sent: shutting down', event_topic, topic)
 

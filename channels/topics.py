@@ -79,7 +79,9 @@ def _compile(pattern: str) -> Callable[[str], object]:
 class TopicIndex(Generic[Item]):
     """Subscriptions (topic -> items) with lookups that do not test every subscription.
 
-    Not thread safe: the owner serializes calls. Items are any hashable objects
+    Writers (``add``, ``remove``) must be serialized by the owner; lookups need no lock
+    and may run while a writer changes the index (under the GIL each lookup reads
+    snapshots taken by single C-level operations). Items are any hashable objects
     (channels in an app process, connections in the broker); an item is stored once per
     topic, in the order added.
     """
@@ -107,10 +109,9 @@ class TopicIndex(Generic[Item]):
         return (f'<TopicIndex plain={len(self._plain)} patterns={len(self._patterns)} '
                 f'prefix_lengths={len(self._prefix_lengths)}>')
 
-    def topics(self) -> Iterator[str]:
-        """Every subscribed topic."""
-        yield from self._plain
-        yield from self._patterns
+    def topics(self) -> list[str]:
+        """Every subscribed topic (a snapshot)."""
+        return list(self._plain) + list(self._patterns)
 
     def items(self, topic: str) -> list[Item]:
         """The items subscribed to exactly *topic*."""
@@ -119,7 +120,7 @@ class TopicIndex(Generic[Item]):
 
     def add(self, topic: str, item: Item) -> bool:
         """Subscribe *item* to *topic*; True if *topic* had no item before."""
-        table = self._patterns if is_pattern(topic) else self._plain
+        table = self._patterns if _has_magic(topic) else self._plain
         entry = table.get(topic)
         if entry is not None:
             entry[item] = None
@@ -183,26 +184,29 @@ class TopicIndex(Generic[Item]):
         entry = self._plain.get(topic)
         if entry is not None:
             yield topic, entry
-        if self._prefix_lengths:
+        lengths = self._prefix_lengths
+        if lengths:
             by_prefix, patterns = self._by_prefix, self._patterns
             size = len(topic)
-            for length in self._prefix_lengths:
+            for length in lengths:
                 if length > size:
                     break
                 bucket = by_prefix.get(topic[:length])
                 if bucket:
-                    for pattern, match in bucket.items():
+                    for pattern, match in tuple(bucket.items()):
                         if pattern == topic or match(topic):
-                            yield pattern, patterns[pattern]
+                            entry = patterns.get(pattern)
+                            if entry is not None:
+                                yield pattern, entry
         if _has_magic(topic):
             yield from self._matching_sent_pattern(topic)
 
     def _matching_sent_pattern(self, topic: str) -> Iterator[tuple[str, dict[Item, None]]]:
         # Topics that the sender's pattern matches and that the lookups above missed:
         # they start with its literal prefix, so scan that range of the sorted topics.
-        if self._sorted_topics is None:
-            self._sorted_topics = sorted(self.topics())
         ordered = self._sorted_topics
+        if ordered is None:
+            ordered = self._sorted_topics = sorted(list(self._plain) + list(self._patterns))
         prefix = literal_prefix(topic)
         match = _compile(topic)
         for i in range(bisect.bisect_left(ordered, prefix), len(ordered)):
@@ -211,10 +215,12 @@ class TopicIndex(Generic[Item]):
                 break
             if candidate == topic or not match(candidate):
                 continue
-            if candidate in self._patterns:
+            entry = self._patterns.get(candidate)
+            if entry is not None:
                 # a pattern that matches the sent topic as a string was yielded already
-                if fnmatchcase(topic, candidate):
-                    continue
-                yield candidate, self._patterns[candidate]
+                if not fnmatchcase(topic, candidate):
+                    yield candidate, entry
             else:
-                yield candidate, self._plain[candidate]
+                entry = self._plain.get(candidate)
+                if entry is not None:
+                    yield candidate, entry
