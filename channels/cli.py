@@ -27,7 +27,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ['main']
+__all__ = ['main', 'fetch_stats']
 
 logger = logging.getLogger('channels.cli')
 
@@ -158,27 +158,14 @@ def _launch(command: list[str], broker: Any, args: argparse.Namespace,
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from . import wire
-    from .connection import connect
+    from .connection import format_address
     from .errors import ChannelsError
     try:
         address, authkey = _resolve(args)
-        connection = connect(address, authkey)
+        stats = fetch_stats(format_address(address), authkey)
     except ChannelsError as exc:
         print(f'channels-broker stats: {exc}', file=sys.stderr)
         return 1
-    try:
-        connection.send_bytes(wire.encode_json(wire.HELLO, {'pid': os.getpid(),
-                                                           'role': 'stats'}))
-        connection.send_bytes(wire.encode(wire.STATS))
-        reply = connection.recv_bytes(16 * 1024 * 1024)
-    except (OSError, EOFError) as exc:
-        print(f'channels-broker stats: the broker closed the connection: {exc}',
-              file=sys.stderr)
-        return 1
-    finally:
-        connection.close()
-    stats = wire.decode_json(reply[wire.HEADER.size:])
     if args.json:
         print(json.dumps(stats))
         return 0
@@ -194,3 +181,26 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"{'total':>8} {t['messages_in']:>10} {t['messages_out']:>10} {t['pending']:>8} "
           f"{t['dropped']:>8}")
     return 0
+
+
+def fetch_stats(address: str, authkey: bytes | None = None, timeout: float = 5.0
+                ) -> dict[str, Any]:
+    """The live state of the broker on *address* (what ``stats --json`` prints)."""
+    from . import wire
+    from .connection import connect, parse_address
+    from .errors import BrokerUnavailableError
+    connection = connect(parse_address(address), authkey, timeout)
+    try:
+        connection.send_bytes(wire.encode_json(wire.HELLO, {'pid': os.getpid(),
+                                                           'role': 'stats'}))
+        connection.send_bytes(wire.encode(wire.STATS))
+        if not connection.poll(timeout):
+            raise BrokerUnavailableError(f'the broker on {address} did not answer within '
+                                         f'{timeout}s')
+        reply = connection.recv_bytes(64 * 1024 * 1024)
+    except (OSError, EOFError) as exc:
+        raise BrokerUnavailableError(f'the broker on {address} closed the connection: '
+                                     f'{exc}') from exc
+    finally:
+        connection.close()
+    return wire.decode_json(reply[wire.HEADER.size:])

@@ -1,0 +1,102 @@
+"""The program of a test app process: runs commands sent over a pipe (see brokers.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+
+def run_agent(conn: Any, settings: dict[str, Any]) -> None:
+    """Configure channels with *settings*, then answer commands until 'exit'."""
+    import channels
+    from channels import Channel
+
+    channels.shutdown()                 # a forked child may have inherited a stopped run
+    channels.configure(**settings)
+    received: dict[str, list] = {}
+    subscribed: dict[str, Channel] = {}
+    lock = threading.Lock()
+
+    def recorder(topic: str, delay: float):
+        def handler(message):
+            if delay:
+                time.sleep(delay)
+            with lock:
+                received[topic].append((message.topic, message.data))
+        return handler
+
+    def pid() -> int:
+        return os.getpid()
+
+    def subscribe(topic: str, delay: float = 0.0) -> None:
+        received.setdefault(topic, [])
+        subscribed[topic] = Channel(topic, recorder(topic, delay))
+
+    def unsubscribe(topic: str) -> None:
+        subscribed.pop(topic).unsubscribe()
+
+    def get_received(topic: str) -> list:
+        with lock:
+            return list(received.get(topic, []))
+
+    def send(topic: str, data: dict, kwargs: dict) -> str:
+        return Channel(topic).send(data, **kwargs).id
+
+    def send_many(topic: str, count: int, start: int, kwargs: dict) -> None:
+        channel = Channel(topic)
+        me = os.getpid()
+        for n in range(start, start + count):
+            channel.send({'n': n, 'pid': me}, **kwargs)
+
+    def connected() -> bool:
+        machinery = channels.runtime.runtime.machinery
+        return machinery is not None and machinery.link is not None \
+            and machinery.link.connected.is_set()
+
+    def running() -> bool:
+        return channels.is_running()
+
+    def shutdown(timeout: float = 10.0) -> bool:
+        return channels.shutdown(timeout)
+
+    def fork_recorder(topic: str, path: str, count: int, timeout: float) -> int:
+        """os.fork(); the child keeps the inherited channels, waits until the one on
+        *topic* received *count* messages, writes them to *path* as JSON and exits."""
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                import json
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and len(get_received(topic)) < count:
+                    time.sleep(0.01)
+                with open(path, 'w') as file:
+                    json.dump({'pid': os.getpid(), 'received': get_received(topic)}, file)
+                channels.shutdown(5)
+                status = 0
+            finally:
+                os._exit(status)
+        return child
+
+    def wait_child(pid: int) -> int:
+        return os.waitpid(pid, 0)[1]
+
+    commands = {'fork_recorder': fork_recorder, 'wait_child': wait_child,'pid': pid, 'subscribe': subscribe, 'unsubscribe': unsubscribe,
+                'received': get_received, 'send': send, 'send_many': send_many,
+                'connected': connected, 'running': running, 'shutdown': shutdown}
+    while True:
+        try:
+            command, args = conn.recv()
+        except EOFError:
+            break
+        if command == 'exit':
+            ok = channels.shutdown(10)
+            conn.send(('ok', ok))
+            break
+        try:
+            conn.send(('ok', commands[command](*args)))
+        except Exception:
+            conn.send(('error', traceback.format_exc()))

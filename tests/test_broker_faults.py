@@ -1,0 +1,115 @@
+"""Connecting lazily, buffering, reconnecting, forking: app processes and the broker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import pytest
+from brokers import BrokerProcess, app_processes
+from support import Recorder, wait_until
+
+import channels
+from channels import Channel
+from channels.runtime import Runtime
+
+
+def test_a_process_started_before_the_broker_delivers_what_it_sent_once_it_is_up(
+        broker_address):
+    broker = BrokerProcess(broker_address)
+    with app_processes(broker_address, 1) as (app,):
+        app.subscribe('chat')
+        app.send_many('chat', 20)
+        assert app.received('chat') == []
+        try:
+            broker.start()
+            received = app.wait_received('chat', 20)
+            assert [data['n'] for _, data in received] == list(range(20))
+        finally:
+            broker.stop()
+
+
+def test_after_a_broker_restart_processes_reconnect_and_carry_on(broker_address, caplog):
+    broker = BrokerProcess(broker_address).start()
+    try:
+        channels.configure(BROKER_ADDRESS=broker_address)
+        received = Recorder()
+        Channel('chat', received)
+        broker.wait_subscribed(__import__('os').getpid(), ['chat'])
+        with caplog.at_level(logging.WARNING, logger='channels'):
+            broker.kill()
+            wait_until(lambda: 'lost the connection to the broker' in caplog.text,
+                       what='a warning about the lost connection')
+            broker = BrokerProcess(broker_address).start()
+            broker.wait_subscribed(__import__('os').getpid(), ['chat'])
+        Channel('chat').send({'n': 1})
+        received.wait_for(1)
+        assert received.data == [{'n': 1}]
+    finally:
+        broker.stop()
+
+
+def test_a_forked_child_gets_its_own_connection_and_keeps_its_subscriptions(broker, tmp_path):
+    with app_processes(broker.address, 2) as (parent, sender):
+        parent.subscribe('chat')
+        broker.wait_subscribed(parent.pid, ['chat'])
+        out = tmp_path / 'child.json'
+        child = parent.call('fork_recorder', 'chat', str(out), 10, 20.0)
+        try:
+            broker.wait_subscribed(child, ['chat'])
+            sender.send_many('chat', 10)
+            assert len(parent.wait_received('chat', 10)) == 10
+            assert parent.call('wait_child', child) == 0
+        finally:
+            try:
+                __import__('os').kill(child, 9)
+            except ProcessLookupError:
+                pass
+        result = json.loads(out.read_text())
+        assert result['pid'] == child
+        assert [data['n'] for _, data in result['received']] == list(range(10))
+        wait_until(lambda: broker.process_stats(child) is None,
+                   what='the broker to forget the child')
+        assert broker.process_stats(parent.pid) is not None    # the parent is untouched
+
+
+def test_an_embedded_process_says_once_that_no_broker_is_configured(caplog, monkeypatch):
+    monkeypatch.setattr(Runtime, 'told_embedded', False)
+    with caplog.at_level(logging.INFO, logger='channels'):
+        Channel('chat', Recorder())
+        channels.shutdown()
+        Channel('chat').send()
+    lines = [r for r in caplog.records if 'no broker is configured' in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert 'channels-broker --' in lines[0].getMessage()
+
+
+def test_sends_while_the_broker_is_unreachable_are_buffered_up_to_the_bound(broker_address):
+    channels.configure(BROKER_ADDRESS=broker_address, MAX_BUFFER_BYTES=20_000)
+    sent = 0
+    with pytest.raises(channels.BufferFullError, match='MAX_BUFFER_BYTES is 20000'):
+        for sent in range(10_000):
+            Channel('chat').send({'text': 'x' * 100})
+    assert 50 < sent < 500
+    channels.shutdown(timeout=0.5)
+
+
+def test_shutdown_waits_for_the_broker_to_route_what_this_process_sent(broker):
+    channels.configure(BROKER_ADDRESS=broker.address)
+    received = Recorder()
+    Channel('chat', received)
+    broker.wait_subscribed(__import__('os').getpid(), ['chat'])
+    for n in range(300):
+        Channel('chat').send({'n': n})
+    assert channels.shutdown(timeout=20) is True
+    assert [d['n'] for d in received.data] == list(range(300))
+
+
+def test_shutdown_leaves_no_thread_in_broker_mode(broker):
+    channels.configure(BROKER_ADDRESS=broker.address)
+    Channel('chat', Recorder())
+    wait_until(lambda: channels.runtime.runtime.machinery.link.connected.is_set(),
+               what='the connection')
+    channels.shutdown()
+    assert [t.name for t in threading.enumerate() if t.name.startswith('channels-')] == []
