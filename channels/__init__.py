@@ -15,7 +15,8 @@ from __future__ import annotations
 from . import settings
 from .channel import Channel
 from .errors import (BrokerUnavailableError, BufferFullError, ChannelsError,
-                     ConfigurationError, ProtocolError, SerializationError, ShutdownError)
+                     ConfigurationError, MessageTooLargeError, ProtocolError,
+                     SerializationError, ShutdownError)
 from .message import Message
 from .runtime import SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
 from .settings import configure
@@ -26,7 +27,7 @@ __all__ = [
     'configure', 'settings', 'shutdown', 'is_running',
     'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC',
     'ChannelsError', 'ConfigurationError', 'SerializationError', 'ShutdownError',
-    'BufferFullError', 'ProtocolError', 'BrokerUnavailableError',
+    'BufferFullError', 'ProtocolError', 'BrokerUnavailableError', 'MessageTooLargeError',
 ]
 
 __version__ = '0.1.0'

@@ -96,15 +96,17 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                                '%(message)s')
     from .broker import Broker
     from .errors import ChannelsError
-    from .settings import _import_string
+    from .settings import _worker_class
     if args.broker_threads < 1:
         print('channels-broker: --broker-threads must be >= 1', file=sys.stderr)
         return 2
     try:
         address, authkey = _resolve(args)
-        broker_class = _import_string('--broker-class', args.broker_class) \
+        broker_class = _worker_class('MessageBroker')('--broker-class', args.broker_class) \
             if args.broker_class else None
+        from . import settings
         broker = Broker(address, authkey, broker_threads=args.broker_threads,
+                        max_frame=settings.get('MAX_FRAME_BYTES'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

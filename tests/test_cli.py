@@ -1,0 +1,208 @@
+"""channels-broker: the three ways to run it, readiness, signals, the launcher, stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+from brokers import BROKER_SCRIPT, BrokerProcess, _read_line, stop_process
+from support import wait_until
+
+from channels.cli import fetch_stats
+
+CONSOLE_SCRIPT = Path(sysconfig.get_path('scripts')) / 'channels-broker'
+
+
+@pytest.mark.parametrize('command', [
+    [str(CONSOLE_SCRIPT)],
+    [sys.executable, str(BROKER_SCRIPT)],
+    [sys.executable, '-m', 'channels'],
+], ids=['console-script', 'scripts/channels-broker', 'python -m channels'])
+def test_every_form_of_the_command_serves_and_stops_on_sigterm(broker_address, command):
+    process = subprocess.Popen([*command, '--address', broker_address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _read_line(process, 15) == f'channels-broker: listening on {broker_address}\n'
+        assert fetch_stats(broker_address)['processes'] == []
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert not os.path.exists(broker_address)
+    finally:
+        stop_process(process)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_sigint_stops_it_gracefully_too(broker_address):
+    broker = BrokerProcess(broker_address).start()
+    broker.process.send_signal(signal.SIGINT)
+    assert broker.process.wait(10) == 0
+    broker.stop()
+
+
+def test_the_readiness_line_is_printed_once_signals_are_handled(broker_address):
+    for _ in range(5):          # SIGTERM the moment the line is read: always a clean exit
+        broker = BrokerProcess(broker_address).start()
+        broker.process.send_signal(signal.SIGTERM)
+        assert broker.process.wait(10) == 0
+        broker.stop()
+
+
+def test_a_stale_socket_file_is_replaced(broker_address):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(broker_address)
+    stale.close()                      # the file stays, nobody listens: a dead broker's
+    broker = BrokerProcess(broker_address).start()
+    try:
+        assert fetch_stats(broker_address)['processes'] == []
+    finally:
+        broker.stop()
+
+
+def test_a_live_broker_on_the_same_address_is_an_error(broker):
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker.address],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert 'already listening' in result.stderr
+    assert fetch_stats(broker.address)['processes'] == []     # the first one is unharmed
+
+
+def test_the_default_address_is_a_private_socket(tmp_path):
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
+    env.pop('CHANNELS_BROKER_ADDRESS', None)
+    process = subprocess.Popen([sys.executable, str(BROKER_SCRIPT)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, env=env)
+    try:
+        line = _read_line(process, 15)
+        address = line.split('listening on ', 1)[1].strip()
+        assert address == str(tmp_path / f'mpchannels-{os.getuid()}' / 'broker.sock')
+        assert os.stat(os.path.dirname(address)).st_mode & 0o777 == 0o700
+        assert os.stat(address).st_mode & 0o777 == 0o600
+    finally:
+        stop_process(process)
+        process.stdout.close()
+
+
+def test_stats_prints_the_documented_json(broker):
+    from brokers import app_processes
+    with app_processes(broker.address, 1) as (app,):
+        app.subscribe('chat.*')
+        broker.wait_subscribed(app.pid, ['chat.*'])
+        app.send_many('chat.x', 3)
+        app.wait_received('chat.*', 3)
+        result = subprocess.run([sys.executable, str(BROKER_SCRIPT), 'stats', '--address',
+                                 broker.address, '--json'], capture_output=True, text=True,
+                                timeout=30)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert isinstance(stats['uptime_s'], float)
+    (process,) = stats['processes']
+    assert process['pid'] == app.pid and process['subscriptions'] == ['chat.*']
+    assert process['messages_in'] == 3 and process['messages_out'] == 3
+    assert process['pending'] == 0 and process['dropped'] == 0
+    assert stats['totals'] == {'messages_in': 3, 'messages_out': 3, 'dropped': 0,
+                               'pending': 0}
+
+
+def test_stats_without_a_broker_says_how_to_start_one(broker_address):
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), 'stats', '--address',
+                             broker_address], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"start one with 'channels-broker --address {broker_address}'" in result.stderr
+
+
+def test_the_launcher_runs_the_command_with_the_address_and_exits_with_its_status(
+        broker_address):
+    script = 'import os, sys; print(os.environ["CHANNELS_BROKER_ADDRESS"]); sys.exit(3)'
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker_address,
+                             '--', sys.executable, '-c', script],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3
+    assert result.stdout.splitlines() == [f'channels-broker: listening on {broker_address}',
+                                          broker_address]
+    assert not os.path.exists(broker_address)
+
+
+def test_the_launcher_forwards_sigterm_to_the_command(broker_address, tmp_path):
+    marker = tmp_path / 'got-sigterm'
+    script = textwrap.dedent(f'''
+        import signal, sys, time
+        def on_term(signum, frame):
+            open({str(marker)!r}, 'w').close()
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, on_term)
+        print('child ready', flush=True)
+        time.sleep(60)
+    ''')
+    process = subprocess.Popen([sys.executable, str(BROKER_SCRIPT), '--address',
+                                broker_address, '--', sys.executable, '-c', script],
+                               stdout=subprocess.PIPE)
+    try:
+        assert _read_line(process, 15).startswith('channels-broker: listening on')
+        assert _read_line(process, 15) == 'child ready\n'
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert marker.exists()
+    finally:
+        stop_process(process)
+        process.stdout.close()
+
+
+def test_the_launcher_reports_a_command_that_cannot_run(broker_address):
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker_address,
+                             '--', '/no/such/command'], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 127
+    assert "cannot run '/no/such/command'" in result.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--broker-threads', '0'], '--broker-threads must be >= 1'),
+    (['--broker-class', 'channels.TaskWorker'], 'subclass of channels.MessageBroker'),
+    (['--broker-class', 'nowhere.Broker'], 'cannot import module'),
+    (['--', ], "'--' must be followed by the command"),
+])
+def test_bad_options_are_refused_with_a_clear_message(broker_address, args, message):
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker_address,
+                             *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_custom_broker_class_routes_in_the_broker_process(broker_address, tmp_path):
+    (tmp_path / 'mybroker.py').write_text(textwrap.dedent('''
+        from channels import Channel, MessageBroker
+
+        class UpperOnly(MessageBroker):
+            """Routes only topics that are upper case."""
+            def run(self):
+                message = self.get_message()
+                if message.topic.isupper():
+                    for channel in Channel.get_channels(topic=message.topic):
+                        self.schedule_task(channel=channel, message=message)
+    '''))
+    env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{os.environ.get("PYTHONPATH", "")}')
+    broker = BrokerProcess(broker_address, '--broker-class', 'mybroker.UpperOnly', env=env)
+    broker.start()
+    try:
+        from brokers import app_processes
+        with app_processes(broker_address, 1) as (app,):
+            app.subscribe('*')
+            broker.wait_subscribed(app.pid, ['*'])
+            app.call('send', 'quiet', {'n': 0}, {})
+            app.call('send', 'LOUD', {'n': 1}, {})
+            received = app.wait_received('*', 2)
+            wait_until(lambda: any(t == 'LOUD' for t, _ in app.received('*')),
+                       what='the LOUD message')
+            topics = [t for t, _ in app.received('*') if not t.startswith('lona.')]
+            assert topics == ['LOUD']
+    finally:
+        broker.stop()
