@@ -47,7 +47,7 @@ from .runtime import _Sequencer, runtime
 from .topics import TopicIndex
 from .workers import STOP, MessageBroker, Worker
 
-__all__ = ['Broker', 'RemoteChannel', 'RoutedMessage', 'Peer']
+__all__ = ['Broker', 'BatchRouter', 'RemoteChannel', 'RoutedMessage', 'Peer']
 
 logger = logging.getLogger(__name__)
 
@@ -261,24 +261,25 @@ class Peer:
 
     def _decode(self, batch: bytes, limit: int) -> list[Any]:
         items: list[Any] = []
+        append = items.append
         header = wire.HEADER.size
-        decode_message = wire.decode_message
-        for kind, start, end in wire.iter_frames(batch, limit):
+        messages = 0
+        for frame in wire.decode_batch(batch, limit):
+            kind, start, end = frame[0], frame[1], frame[2]
             if kind == wire.MESSAGE:
-                topic, message_id, timestamp, deadline, droppable, _ = \
-                    decode_message(batch, start + header, end)
-                items.append(RoutedMessage(topic, message_id, timestamp, deadline, droppable,
-                                           batch[start:end], self))
+                append(RoutedMessage(frame[3], frame[4], frame[5], frame[6], frame[7],
+                                     batch[start:end], self))
+                messages += 1
             elif kind == wire.SUB:
-                items.append((_SUB, self, wire.decode_topic(batch[start + header:end])))
+                append((_SUB, self, wire.decode_topic(batch[start + header:end])))
             elif kind == wire.UNSUB:
-                items.append((_UNSUB, self, wire.decode_topic(batch[start + header:end])))
+                append((_UNSUB, self, wire.decode_topic(batch[start + header:end])))
             elif kind == wire.PING:
-                items.append((_PING, self, wire.decode_ping(batch[start + header:end])))
+                append((_PING, self, wire.decode_ping(batch[start + header:end])))
             else:
                 raise ProtocolError(f'unexpected {wire.KIND_NAMES[kind]} frame from an app '
                                     f'process')
-        self.messages_in += sum(1 for item in items if type(item) is RoutedMessage)
+        self.messages_in += messages
         return items
 
     def _serve_stats(self) -> None:
@@ -292,38 +293,51 @@ class Peer:
     # the writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        # outbox items: (bytes, number of messages in them), or STOP
         outbox = self.outbox
         stop = False
         while not stop:
-            frames = [outbox.get()]
-            while len(frames) < 4096:
+            items = [outbox.get()]
+            while len(items) < 1024:
                 try:
-                    frames.append(outbox.get_nowait())
+                    items.append(outbox.get_nowait())
                 except Empty:
                     break
-            if any(frame is STOP for frame in frames):
+            if any(item is STOP for item in items):
                 stop = True
-                frames = [frame for frame in frames if frame is not STOP]
-            unwritten = frames
+                items = [item for item in items if item is not STOP]
+            unwritten = items
             if not self.closed:
                 try:
-                    for group in wire.group_frames(frames):
-                        self.connection.send_bytes(group[0] if len(group) == 1
-                                                   else b''.join(group))
-                        self.messages_out += _count_messages(group)
+                    for group in _group(items):
+                        self.connection.send_bytes(group[0][0] if len(group) == 1 else
+                                                   b''.join([data for data, _ in group]))
+                        self.messages_out += sum([count for _, count in group])
                         unwritten = unwritten[len(group):]
                 except OSError as exc:
                     if not self.broker.stopping:
                         logger.info('writing to process %d failed (%s); it is going away',
                                     self.pid, exc)
                     self.closed = True
-            self.dropped += _count_messages(unwritten)
+            self.dropped += sum([count for _, count in unwritten])
         if not self.broker.stopping:
             self.close()      # the process is gone and its reader is done
 
 
-def _count_messages(frames: list[bytes]) -> int:
-    return sum(1 for frame in frames if frame[5] == wire.MESSAGE)
+def _group(items: list[tuple[bytes, int]]) -> list[list[tuple[bytes, int]]]:
+    """Group outbox items into writes of about ``wire.BATCH_BYTES``."""
+    groups: list[list[tuple[bytes, int]]] = []
+    group: list[tuple[bytes, int]] = []
+    size = 0
+    for item in items:
+        if size and size + len(item[0]) > wire.BATCH_BYTES:
+            groups.append(group)
+            group, size = [], 0
+        group.append(item)
+        size += len(item[0])
+    if group:
+        groups.append(group)
+    return groups
 
 
 class _Inbound:
@@ -377,8 +391,71 @@ class _BrokerMachinery:
             return False
         peer.last = message
         peer.queued_out += 1
-        peer.outbox.put(message.frame)
+        peer.outbox.put((message.frame, 1))
         return True
+
+
+class BatchRouter(MessageBroker):
+    """The broker process's default routing: :class:`MessageBroker`'s, a batch at a time.
+
+    Each ``run()`` takes one reader's batch, routes every message in it exactly as
+    ``MessageBroker.run()`` would (the channels matching its topic, once per process),
+    and hands each target process its share as one chunk, so a writer makes one write
+    where it would make hundreds. Used when the broker class is the default and there is
+    one routing thread; a user's subclass runs as written, a message at a time.
+    """
+
+    def run(self) -> None:
+        """Route one inbound batch."""
+        machinery = self.machinery
+        items = machinery.messages.queue.get(timeout=self.timeout)
+        if items is STOP:
+            self._stopping = True
+            raise Empty
+        broker = machinery.broker
+        match = broker.index.match
+        shares: dict[Peer, list[bytes]] = {}
+        routed = 0
+        for item in items:
+            if type(item) is not RoutedMessage:
+                _hand_out(shares)          # what came before a control item goes first
+                shares = {}
+                broker.apply(*item)
+                continue
+            routed += 1
+            if (item.deadline is not None and item.is_expired()) \
+                    or (item.droppable and not self.running):
+                item.drop()
+                continue
+            targets = match(item.topic)
+            if len(targets) == 1:
+                peer = targets[0].peer
+                if not peer.closed:
+                    share = shares.get(peer)
+                    if share is None:
+                        shares[peer] = [item.frame]
+                    else:
+                        share.append(item.frame)
+            elif targets:
+                seen = set()
+                for channel in targets:
+                    peer = channel.peer
+                    if peer in seen or peer.closed:
+                        continue
+                    seen.add(peer)
+                    share = shares.get(peer)
+                    if share is None:
+                        shares[peer] = [item.frame]
+                    else:
+                        share.append(item.frame)
+        _hand_out(shares)
+        self.routed += routed
+
+
+def _hand_out(shares: dict[Peer, list[bytes]]) -> None:
+    for peer, frames in shares.items():
+        peer.queued_out += len(frames)
+        peer.outbox.put((frames[0] if len(frames) == 1 else b''.join(frames), len(frames)))
 
 
 class Broker:
@@ -451,7 +528,10 @@ class Broker:
         runtime.use_registry(self.index, self.index_lock)
         sequencer = _Sequencer(STOP) if self.broker_threads > 1 else None
         machinery = _BrokerMachinery(self, sequencer)
-        self.workers = [self.broker_class(machinery, n, self.worker_timeout)   # type: ignore
+        broker_class = self.broker_class
+        if broker_class is MessageBroker and self.broker_threads == 1:
+            broker_class = BatchRouter
+        self.workers = [broker_class(machinery, n, self.worker_timeout)   # type: ignore
                         for n in range(self.broker_threads)]
         for worker in self.workers:
             worker.start()
@@ -554,7 +634,7 @@ class Broker:
                 with self.index_lock:
                     self.index.remove(value, channel)
         elif kind == _PING:
-            peer.outbox.put(wire.encode_ping(wire.PONG, value))
+            peer.outbox.put((wire.encode_ping(wire.PONG, value), 0))
         elif kind == _GONE:
             with self.index_lock:
                 for topic, channel in peer.topics.items():

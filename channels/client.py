@@ -90,31 +90,40 @@ class _Reader:
     def _handle(self, batch: bytes) -> None:
         link = self.link
         machinery = link.machinery
-        registry = machinery.runtime.registry
-        for kind, start, end in wire.iter_frames(batch, link.max_frame):
+        match = machinery.runtime.registry.match       # lookups take no lock
+        schedule = machinery.schedule
+        received = Message.received
+        header = wire.HEADER.size
+        scheduled = 0
+        for frame in wire.decode_batch(batch, link.max_frame):
+            kind = frame[0]
             if kind == wire.MESSAGE:
-                topic, message_id, timestamp, deadline, droppable, at = \
-                    wire.decode_message(batch, start + wire.HEADER.size, end)
                 link.received += 1
                 if not link.accepting:
                     link.ignored += 1
                     continue
-                message = Message.received(topic, message_id, timestamp, deadline, droppable,
-                                           batch[at:end])
+                _, start, end, topic, message_id, timestamp, deadline, droppable, at = frame
+                message = received(topic, message_id, timestamp, deadline, droppable,
+                                   batch[at:end])
                 if deadline is not None and message.is_expired():
                     message.drop()
                     continue
-                channels = registry.match(topic)       # lookups take no lock
-                for channel in channels:
-                    if machinery.schedule(channel, message):
-                        self.scheduled += 1
+                channels = match(topic)
+                if channels:
+                    # the first channel may have the message itself: nobody else holds it
+                    scheduled += schedule(channels[0], message, False)
+                    for channel in channels[1:]:
+                        scheduled += schedule(channel, message)
             elif kind == wire.PONG:
-                link.pong(wire.decode_ping(batch[start + wire.HEADER.size:end]))
+                self.scheduled += scheduled       # settle the count before the barrier
+                scheduled = 0
+                link.pong(wire.decode_ping(batch[frame[1] + header:frame[2]]))
             elif kind == wire.NOTICE:
-                notice = wire.decode_json(batch[start + wire.HEADER.size:end])
-                logger.warning('the broker says: %s', notice)
+                logger.warning('the broker says: %s',
+                               wire.decode_json(batch[frame[1] + header:frame[2]]))
             else:
                 raise ProtocolError(f'unexpected {wire.KIND_NAMES[kind]} frame from the broker')
+        self.scheduled += scheduled
 
 
 class BrokerLink:
@@ -130,8 +139,8 @@ class BrokerLink:
         self.max_frame = max_frame
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
         self.outbox: SimpleQueue = SimpleQueue()
-        self.queued_bytes = 0          # message bytes put in the outbox (under send_lock)
-        self.written_bytes = 0         # message bytes written (sender thread only)
+        self.queued_bytes = 0          # bytes put in the outbox (under send_lock)
+        self.written_bytes = 0         # bytes written (sender thread only)
         self.received = 0              # MESSAGE frames from the broker (current reader)
         self.ignored = 0               # ... that arrived after shutdown stopped taking them
         self.accepting = True
@@ -152,7 +161,7 @@ class BrokerLink:
 
     @property
     def buffered_bytes(self) -> int:
-        """Message bytes sent but not yet written to the broker."""
+        """Bytes sent but not yet written to the broker."""
         return self.queued_bytes - self.written_bytes
 
     @property
@@ -182,8 +191,8 @@ class BrokerLink:
 
     def encode(self, message: Message) -> bytes:
         """The MESSAGE frame of *message*; :class:`MessageTooLargeError` past the limit."""
-        frame = wire.encode_message(message.topic, message.id, message.timestamp,
-                                    message.deadline, message.droppable, message.payload)
+        frame = wire.encode_message(message.topic, message.id_bytes(), message.timestamp,
+                                    message.deadline, message.droppable, message._payload)
         if len(frame) - wire.HEADER.size > self.max_frame:
             raise MessageTooLargeError(
                 f'message to {message.topic!r} is {len(frame)} bytes on the wire, over '
@@ -193,11 +202,16 @@ class BrokerLink:
 
     def subscribe(self, topic: str) -> None:
         """Tell the broker this process wants *topic* (its first channel on it)."""
-        self.outbox.put(wire.encode(wire.SUB, topic.encode()))
+        self._put_control(wire.encode(wire.SUB, topic.encode()))
 
     def unsubscribe(self, topic: str) -> None:
         """Tell the broker this process no longer wants *topic*."""
-        self.outbox.put(wire.encode(wire.UNSUB, topic.encode()))
+        self._put_control(wire.encode(wire.UNSUB, topic.encode()))
+
+    def _put_control(self, frame: bytes) -> None:
+        with self.machinery.send_lock:      # every byte in the outbox is counted
+            self.queued_bytes += len(frame)
+            self.outbox.put(frame)
 
     def flush(self, deadline: float) -> bool:
         """Wait until everything sent so far was routed by the broker and this process's
@@ -210,7 +224,7 @@ class BrokerLink:
             return True
         token = next(self._tokens)
         event = self._pongs[token] = threading.Event()
-        self.outbox.put(wire.encode_ping(wire.PING, token))
+        self._put_control(wire.encode_ping(wire.PING, token))
         try:
             return event.wait(max(deadline - time.monotonic(), 0))
         finally:
@@ -304,11 +318,12 @@ class BrokerLink:
                     pending.append(self.outbox.get_nowait())
                 except Empty:
                     break
-            if any(item is _STOP for item in pending):
+            if _STOP in pending:
                 pending = [item for item in pending if item is not _STOP and item is not _WAKE]
                 pending = self._write(pending)      # what was sent before close()
                 break
-            pending = [item for item in pending if item is not _WAKE]
+            if _WAKE in pending:
+                pending = [item for item in pending if item is not _WAKE]
             pending = self._write(pending)
         lost = sum(1 for frame in pending if frame[5] == wire.MESSAGE)
         if lost:
@@ -326,7 +341,7 @@ class BrokerLink:
             for group in wire.group_frames(frames):
                 connection.send_bytes(group[0] if len(group) == 1 else b''.join(group))
                 written += len(group)
-                self.written_bytes += sum(len(f) for f in group if f[5] == wire.MESSAGE)
+                self.written_bytes += sum(map(len, group))
         except OSError as exc:
             if not self.closing:
                 logger.warning('writing to the broker on %s failed (%s); reconnecting',

@@ -165,6 +165,13 @@ class Message:
         message._dropped = False
         return message
 
+    def id_bytes(self) -> bytes:
+        """The id, UTF-8 encoded (cheaper than ``id.encode()`` before it was built)."""
+        id = self._id
+        if type(id) is tuple:
+            return b'%s%d' % (id[0].encode(), id[1])
+        return id.encode()
+
     @property
     def id(self) -> str:
         """Unique across processes: the sender's pid and nonce and a sequence number."""

@@ -176,14 +176,16 @@ class Machinery:
             else:
                 self.link.put_message(message)
 
-    def schedule(self, channel: Channel, message: Message) -> bool:
-        """Queue a task of *channel* with a copy of *message*; False if it is not subscribed."""
+    def schedule(self, channel: Channel, message: Message, copy: bool = True) -> bool:
+        """Queue a task of *channel* with a copy of *message* (or *message* itself, if
+        nobody else holds it); False if the channel is not subscribed."""
         if channel._handler is None:
             return False
         box = channel._mailbox
         if box is None or box.machinery is not self:
             box = self._mailbox_of(channel)
-        box.tasks.append(self._task_class(channel, message.copy(), channel._generation))
+        box.tasks.append(self._task_class(channel, message.copy() if copy else message,
+                                          channel._generation))
         if box.claim.acquire(False):
             self.ready.put(box)
         return True

@@ -87,28 +87,28 @@ def encode_ping(kind: int, token: int) -> bytes:
     return encode(kind, _TOKEN.pack(token))
 
 
-_pack_header = HEADER.pack
-_pack_message = MESSAGE_HEADER.pack
+_MESSAGE_FRAME = struct.Struct('!IBBBddHH')      # HEADER and MESSAGE_HEADER in one
+_pack_message_frame = _MESSAGE_FRAME.pack
 _MESSAGE_FIXED = MESSAGE_HEADER.size
 
 
-def encode_message(topic: str, message_id: str, timestamp: float, deadline: float | None,
-                   droppable: bool, payload: bytes) -> bytes:
-    """A MESSAGE frame."""
-    topic_bytes = topic.encode()
-    id_bytes = message_id.encode()
-    if len(topic_bytes) > _MAX_TOPIC:
-        raise ValueError(f'topic is {len(topic_bytes)} bytes long in UTF-8; the limit is '
-                         f'{_MAX_TOPIC}')
-    flags = _FLAG_DROPPABLE if droppable else 0
-    if deadline is not None:
-        flags |= _FLAG_DEADLINE
+def encode_message(topic: str | bytes, message_id: str | bytes, timestamp: float,
+                   deadline: float | None, droppable: bool, payload: bytes) -> bytes:
+    """A MESSAGE frame (topic and id as ``str``, or already UTF-8 encoded)."""
+    topic_bytes = topic.encode() if type(topic) is str else topic
+    id_bytes = message_id.encode() if type(message_id) is str else message_id
+    topic_length = len(topic_bytes)
+    if topic_length > _MAX_TOPIC or len(id_bytes) > _MAX_ID:
+        raise ValueError(f'topic ({topic_length} bytes) and id ({len(id_bytes)} bytes) must '
+                         f'each be at most {_MAX_TOPIC} bytes in UTF-8')
+    if deadline is None:
+        flags, deadline = (_FLAG_DROPPABLE if droppable else 0), 0.0
     else:
-        deadline = 0.0
-    size = _MESSAGE_FIXED + len(topic_bytes) + len(id_bytes) + len(payload)
-    return b''.join((_pack_header(size, VERSION, MESSAGE),
-                     _pack_message(flags, deadline, timestamp, len(topic_bytes), len(id_bytes)),
-                     topic_bytes, id_bytes, payload))
+        flags = (_FLAG_DROPPABLE | _FLAG_DEADLINE) if droppable else _FLAG_DEADLINE
+    return _pack_message_frame(
+        _MESSAGE_FIXED + topic_length + len(id_bytes) + len(payload), VERSION, MESSAGE,
+        flags, deadline, timestamp, topic_length, len(id_bytes)) \
+        + topic_bytes + id_bytes + payload
 
 
 def decode_message(frame: bytes, body_start: int = HEADER.size, end: int | None = None
@@ -195,6 +195,55 @@ def iter_frames(batch: bytes, limit: int) -> Iterator[tuple[int, int, int]]:
                                 f'{size - offset - header} present')
         yield kind, offset, end
         offset = end
+
+
+def decode_batch(batch: bytes, limit: int) -> list[tuple]:
+    """Split and decode a batch in one pass (the hot path of both readers).
+
+    Returns one tuple per frame: for MESSAGE ``(MESSAGE, start, end, topic, message_id,
+    timestamp, deadline, droppable, payload_at)``; for the other kinds ``(kind, start,
+    end)`` with the body at ``start + HEADER.size``. Raises :class:`ProtocolError` as
+    :func:`iter_frames` and :func:`decode_message` do.
+    """
+    frames: list[tuple] = []
+    append = frames.append
+    offset, size = 0, len(batch)
+    unpack = HEADER.unpack_from
+    unpack_message = MESSAGE_HEADER.unpack_from
+    header = HEADER.size
+    fixed = _MESSAGE_FIXED
+    known = _FLAG_DROPPABLE | _FLAG_DEADLINE
+    while offset < size:
+        if size - offset < header:
+            raise ProtocolError(f'truncated frame header: {size - offset} bytes left')
+        length, version, kind = unpack(batch, offset)
+        end = offset + header + length
+        if version != VERSION or kind not in KINDS or length > limit or end > size:
+            list(iter_frames(batch[offset:], limit))    # raises the precise error
+            raise ProtocolError('invalid frame')        # pragma: no cover
+        if kind == MESSAGE:
+            start = offset + header + fixed
+            if length < fixed:
+                raise ProtocolError(f'MESSAGE frame of {length} bytes is shorter than its '
+                                    f'{fixed}-byte header')
+            flags, deadline, timestamp, topic_length, id_length = \
+                unpack_message(batch, offset + header)
+            payload_at = start + topic_length + id_length
+            if payload_at > end or not topic_length or flags & ~known \
+                    or deadline != deadline or timestamp != timestamp:
+                decode_message(batch, offset + header, end)   # raises the precise error
+            try:
+                topic = batch[start:start + topic_length].decode()
+                message_id = batch[start + topic_length:payload_at].decode()
+            except UnicodeDecodeError as exc:
+                raise ProtocolError(f'MESSAGE frame has a topic or id that is not UTF-8: '
+                                    f'{exc}') from exc
+            append((MESSAGE, offset, end, topic, message_id, timestamp,
+                    deadline if flags & _FLAG_DEADLINE else None, bool(flags & 1), payload_at))
+        else:
+            append((kind, offset, end))
+        offset = end
+    return frames
 
 
 def group_frames(frames: list[bytes]) -> Iterator[list[bytes]]:
