@@ -41,6 +41,7 @@ __all__ = ['BrokerLink']
 
 logger = logging.getLogger(__name__)
 
+_encode_message = wire.encode_message
 _STOP = object()
 _WAKE = object()      # the reader lost the connection: reconnect even with nothing to send
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
@@ -137,6 +138,7 @@ class BrokerLink:
         self.authkey = authkey
         self.max_buffer = max_buffer
         self.max_frame = max_frame
+        self.max_frame_size = max_frame + wire.HEADER.size
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
         self.outbox: SimpleQueue = SimpleQueue()
         self.queued_bytes = 0          # bytes put in the outbox (under send_lock)
@@ -180,25 +182,21 @@ class BrokerLink:
 
     def put_message(self, message: Message) -> None:
         """Queue *message* for the broker. The caller holds the machinery's send_lock."""
-        frame = self.encode(message)
-        if self.queued_bytes + len(frame) - self.written_bytes > self.max_buffer:
+        frame = _encode_message(message.topic, message.id_bytes(), message.timestamp,
+                                message.deadline, message.droppable, message._payload)
+        size = len(frame)
+        if size > self.max_frame_size:
+            raise MessageTooLargeError(
+                f'message to {message.topic!r} is {size} bytes on the wire, over '
+                f'MAX_FRAME_BYTES={self.max_frame}; send less data, or raise the setting '
+                f'(for the broker too)')
+        if self.queued_bytes + size - self.written_bytes > self.max_buffer:
             raise BufferFullError(
                 f'cannot send {message!r}: {self.buffered_bytes} bytes already wait for the '
                 f'broker on {self.address_text}, and MAX_BUFFER_BYTES is {self.max_buffer}. '
                 f'Is the broker running? (channels-broker --address {self.address_text})')
-        self.queued_bytes += len(frame)
+        self.queued_bytes += size
         self.outbox.put(frame)
-
-    def encode(self, message: Message) -> bytes:
-        """The MESSAGE frame of *message*; :class:`MessageTooLargeError` past the limit."""
-        frame = wire.encode_message(message.topic, message.id_bytes(), message.timestamp,
-                                    message.deadline, message.droppable, message._payload)
-        if len(frame) - wire.HEADER.size > self.max_frame:
-            raise MessageTooLargeError(
-                f'message to {message.topic!r} is {len(frame)} bytes on the wire, over '
-                f'MAX_FRAME_BYTES={self.max_frame}; send less data, or raise the setting '
-                f'(for the broker too)')
-        return frame
 
     def subscribe(self, topic: str) -> None:
         """Tell the broker this process wants *topic* (its first channel on it)."""

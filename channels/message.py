@@ -169,7 +169,7 @@ class Message:
         """The id, UTF-8 encoded (cheaper than ``id.encode()`` before it was built)."""
         id = self._id
         if type(id) is tuple:
-            return b'%s%d' % (id[0].encode(), id[1])
+            return b'%b%d' % (id[0].encode(), id[1])
         return id.encode()
 
     @property

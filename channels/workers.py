@@ -46,7 +46,8 @@ STOP = object()
 """The sentinel that stops one worker thread when it comes out of its queue."""
 
 _STREAK = 16
-"""Tasks of one channel a task worker runs in a row before it lets other channels go first."""
+"""Tasks of one channel a task worker runs in a row before it lets other waiting channels
+go first (with none waiting it keeps the channel: handing it on would only wake a thread)."""
 
 
 class Task:
@@ -233,9 +234,10 @@ class Worker:
         self._task = None
         self.settled += 1
         box = self._box
-        if box is not None and self._streak >= _STREAK and box.tasks:
+        if box is not None and self._streak >= _STREAK and box.tasks \
+                and not self.machinery.ready.empty():
             self._box = None
-            self.machinery.ready.put(box)   # to the back of the line, still claimed
+            self.machinery.ready.put(box)   # others wait: to the back of the line, claimed
 
 
 class Mailbox:

@@ -33,11 +33,40 @@ are scaled down (fewer messages, fewer subscriptions) to take seconds, not hours
 table says where. Lona's channels are subscribed before its worker threads start and
 their queued internal events are discarded, so its setup stays fast too.
 
+Across processes (``--cross``), through a real ``channels-broker`` and, in the same run,
+two references on the same machine: a bare ``multiprocessing.Queue`` relay (publisher
+process -> relay process -> one ``Queue`` per subscriber process, one ``put`` per
+message; the publisher puts the pickled dict, the relay passes the bytes on, each
+subscriber unpickles them) and ZeroMQ's C proxy (``zmq.proxy`` between an XSUB and an
+XPUB socket on ``ipc://``; the publisher's PUB sends ``[topic, pickled dict]``, each
+SUB unpickles; high-water marks off, so nothing is dropped):
+
+5. **1 -> 1 and 1 -> 4 processes**: a publisher process sends the messages in a loop;
+   the clock runs from its first send to the time the last subscriber process has
+   handled the last one (ours: in the handler, after reading ``message.data``; the
+   references: after unpickling). Delivered/s is that rate times the subscribers.
+   Every subscriber must get exactly every message, else the run is an error.
+6. **Latency** at a steady 2,000 messages/s, 1 -> 1 (ours and ZeroMQ): the publisher
+   sends to a schedule, the subscriber takes ``time.time()`` minus the send time
+   (ours: ``message.timestamp``; ZeroMQ: a timestamp in the data); p50 and p99.
+7. **Broker cost**: the CPU time of the broker process (and of the relay and the
+   proxy) per routed message over the 1 -> 1 run, and, for ours, the growth of the
+   broker's RSS per subscription when one app process subscribes 100,000 channels on
+   distinct topics. The CPU time per message of the publisher and the subscribers is
+   shown too (``--details``): it tells where the time goes.
+
+Each cross-process run is one fresh subprocess of this script, in its own process
+group, which starts the broker (or relay, or proxy) and forks the publisher and the
+subscribers; it stops all of them in every case, and the parent kills the whole
+group (psutil as a last resort) if the run fails, times out or is interrupted.
+
 Usage::
 
-    PYTHONPATH=. python scripts/bench.py             # full run, a text table
-    PYTHONPATH=. python scripts/bench.py --markdown  # a Markdown table for the README
-    PYTHONPATH=. python scripts/bench.py --quick     # small sizes: a smoke test (< 20 s)
+    PYTHONPATH=. python scripts/bench.py             # full run, both tables (~4 min)
+    PYTHONPATH=. python scripts/bench.py --markdown  # Markdown tables for the README
+    PYTHONPATH=. python scripts/bench.py --quick     # small sizes: a smoke test (< 30 s)
+    PYTHONPATH=. python scripts/bench.py --cross     # only the cross-process cases
+    PYTHONPATH=. python scripts/bench.py --only local  # only the in-process cases
 """
 
 from __future__ import annotations
@@ -46,14 +75,21 @@ import argparse
 import datetime
 import gc
 import json
+import multiprocessing
 import os
+import pickle
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 # knobs ------------------------------------------------------------------------------
 
@@ -71,6 +107,15 @@ FULL = {
     'lona_subscriptions': 1_000,  # case 3, Lona: O(N^2), see the module docstring
     'wildcards': (10, 10_000),    # case 4: wildcard subscriptions, none matching
     'timeout': 60.0,              # seconds one run (one subprocess) may take
+    'cross_runs': 3,              # cross-process: measured runs per case and system
+    'cross_warmup': 2_000,        # cross-process: messages sent and handled before timing
+    'cross_messages': 100_000,    # case 5, 1 -> 1: messages per run
+    'fanout_messages': 40_000,    # case 5, 1 -> 4: messages per run (each subscriber gets all)
+    'fanout': 4,                  # case 5: subscriber processes in the fan-out case
+    'latency_rate': 2_000,        # case 6: messages/s, sent to a schedule
+    'latency_seconds': 5.0,       # case 6: the measured part of a run
+    'latency_warmup': 0.5,        # case 6: seconds of paced sends before it, not counted
+    'cross_subscriptions': 100_000,  # case 7: subscriptions of one app process
 }
 QUICK = {
     'runs': 1,
@@ -83,12 +128,32 @@ QUICK = {
     'lona_subscriptions': 300,
     'wildcards': (10, 10_000),
     'timeout': 15.0,
+    'cross_runs': 1,
+    'cross_warmup': 500,
+    'cross_messages': 10_000,
+    'fanout_messages': 4_000,
+    'fanout': 4,
+    'latency_rate': 2_000,
+    'latency_seconds': 1.0,
+    'latency_warmup': 0.2,
+    'cross_subscriptions': 20_000,
 }
 
 LIBS = ('ours', 'lona')
 CASES = ('single', 'many', 'subscribe', 'subscribe_routed', 'wild_few', 'wild_many')
+CROSS_LIBS = {                    # cross-process cases, and the systems each one measures
+    'cross_1to1': ('ours', 'queue', 'zmq'),
+    'cross_1to4': ('ours', 'queue', 'zmq'),
+    'cross_latency': ('ours', 'zmq'),
+    'cross_memory': ('ours',),
+}
+CROSS_CASES = tuple(CROSS_LIBS)
+GROUPS = ('local', 'cross')       # --only: the in-process cases, the cross-process ones
+SYSTEM_NAMES = {'ours': 'mpchannels', 'queue': 'Queue relay', 'zmq': 'ZeroMQ proxy'}
+CROSS_TOPIC = 'bench'
 LONA_VERSION = '1.16.2'
 ROOT = Path(__file__).resolve().parent.parent
+BROKER_SCRIPT = ROOT / 'scripts' / 'channels-broker'
 SENTINEL_TOPIC = 'bench.sentinel'
 SUBSCRIBE_TOPIC = 'lona.channels.subscribe'
 
@@ -347,49 +412,738 @@ def run_case(lib: str, case: str, sizes: dict) -> dict:
     return result
 
 
+# cross-process cases: what the forked processes run -----------------------------------
+#
+# Every role talks to the runner over a Pipe: it sends ('ready', pid) once set up, then
+# answers commands. A subscriber reports ('mark', n, time.time()) when it has handled its
+# n-th message for each n in *marks*, ('latency', [seconds, ...]) in the latency case,
+# and ('final', count) at the end; any role reports ('error', text) if it fails.
+
+def _child_main(role: Any, conn: Connection, *args: Any) -> None:
+    """The entry point of every forked process: run *role*, report its failure."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)    # the runner's handler is inherited
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the runner decides when we stop
+    try:
+        role(conn, *args)
+    except BaseException as exc:
+        try:
+            conn.send(('error', f'{role.__name__}: {type(exc).__name__}: {exc}'))
+        except (OSError, ValueError):
+            pass
+        raise
+
+
+def _ours_subscriber(conn: Connection, marks: tuple[int, ...], latency: bool) -> None:
+    """A subscriber process of ours: one channel on CROSS_TOPIC, through the broker."""
+    import channels
+    from channels import Channel
+    total = max(marks)
+    times: list[float] = []
+    state = [0]
+    if latency:
+        def handler(message: Any) -> None:
+            now = time.time()
+            message.data                      # noqa: B018 (unpickled, as the others do)
+            times.append(now - message.timestamp)
+            if len(times) == total:
+                conn.send(('latency', times))
+    else:
+        at = frozenset(marks)
+
+        def handler(message: Any) -> None:
+            message.data                      # noqa: B018 (unpickled, as the others do)
+            n = state[0] = state[0] + 1       # a channel's handler never runs concurrently
+            if n in at:
+                conn.send(('mark', n, time.time()))
+    channel = Channel(CROSS_TOPIC, handler)
+    conn.send(('ready', os.getpid()))
+    while True:
+        command = conn.recv()
+        if command[0] == 'finish':        # the publisher has flushed: shut down, count
+            channels.shutdown(10.0)
+            conn.send(('final', len(times) if latency else state[0]))
+        elif command[0] == 'exit':
+            channels.shutdown(5.0)
+            del channel
+            return
+
+
+def _queue_subscriber(conn: Connection, queue: Any, marks: tuple[int, ...],
+                      latency: bool) -> None:
+    """A subscriber process of the Queue relay: ``get()`` and unpickle until None."""
+    at = frozenset(marks)
+    loads = pickle.loads
+    get = queue.get
+    count = 0
+    conn.send(('ready', os.getpid()))
+    while True:
+        item = get()
+        if item is None:
+            conn.send(('final', count))
+            return
+        loads(item)
+        count += 1
+        if count in at:
+            conn.send(('mark', count, time.time()))
+
+
+def _zmq_subscriber(conn: Connection, endpoint: str, marks: tuple[int, ...],
+                    latency: bool) -> None:
+    """A subscriber process of the ZeroMQ proxy: SUB, receive and unpickle until END."""
+    import zmq
+    context = zmq.Context()
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, 0)                   # no limit: nothing is dropped
+    sock.setsockopt(zmq.SUBSCRIBE, CROSS_TOPIC.encode())
+    sock.connect(endpoint)
+    at = frozenset(marks)
+    total = max(marks)
+    loads = pickle.loads
+    recv = sock.recv_multipart
+    times: list[float] = []
+    count = 0
+    joined = False
+    conn.send(('ready', os.getpid()))
+    try:
+        while True:
+            _, body = recv()
+            if len(body) == 1:                       # b'H'ello or b'E'nd, not a message
+                if body == b'E':
+                    conn.send(('final', count))
+                    return
+                if not joined:
+                    joined = True
+                    conn.send(('joined',))
+                continue
+            if latency:
+                now = time.time()
+                data = loads(body)
+                count += 1
+                times.append(now - data['t'])
+                if count == total:
+                    conn.send(('latency', times))
+            else:
+                loads(body)
+                count += 1
+                if count in at:
+                    conn.send(('mark', count, time.time()))
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+
+def _queue_relay(conn: Connection, inbound: Any, outbound: list[Any]) -> None:
+    """The relay process: one ``get()``, then one ``put()`` per subscriber's Queue."""
+    get = inbound.get
+    puts = [queue.put for queue in outbound]
+    conn.send(('ready', os.getpid()))
+    while True:
+        item = get()
+        for put in puts:
+            put(item)
+        if item is None:
+            return                # the Queues' feeder threads flush before the exit
+
+
+def _zmq_proxy(conn: Connection, front: str, back: str) -> None:
+    """The proxy process: ``zmq.proxy(XSUB, XPUB)``, in C, until it is terminated."""
+    import zmq
+    context = zmq.Context()
+    xsub = context.socket(zmq.XSUB)
+    xpub = context.socket(zmq.XPUB)
+    for sock in (xsub, xpub):
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    xsub.bind(front)
+    xpub.bind(back)
+    conn.send(('ready', os.getpid()))
+    zmq.proxy(xsub, xpub)
+
+
+def _publisher(conn: Connection, system: str, target: Any) -> None:
+    """The publisher process of *system*; *target* is the Queue or the ZeroMQ endpoint.
+
+    Commands: ('send', n) sends n messages in a loop and answers ('sent', t0, t1);
+    ('pace', n, rate) sends them to a schedule, each with its send time; ('hello',)
+    (ZeroMQ) sends hellos until the next command arrives; ('end',) ends the stream
+    (ours: ``shutdown()``, which flushes to the broker; Queue: None; ZeroMQ: END)
+    and answers ('ended',); ('exit',) returns.
+    """
+    dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    topic = CROSS_TOPIC.encode()
+    sock = context = None
+    if system == 'ours':
+        import channels
+        from channels import Channel
+        send_ours = Channel(CROSS_TOPIC).send
+    elif system == 'zmq':
+        import zmq
+        context = zmq.Context()
+        sock = context.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(target)
+        send_zmq = sock.send_multipart
+    else:
+        put = target.put
+    conn.send(('ready', os.getpid()))
+    try:
+        while True:
+            command = conn.recv()
+            kind = command[0]
+            if kind == 'send':
+                n = command[1]
+                started = time.time()
+                if system == 'ours':
+                    for _ in range(n):
+                        send_ours(PAYLOAD)
+                elif system == 'zmq':
+                    for _ in range(n):
+                        send_zmq([topic, dumps(PAYLOAD, protocol)])
+                else:
+                    for _ in range(n):
+                        put(dumps(PAYLOAD, protocol))
+                conn.send(('sent', started, time.time()))
+            elif kind == 'pace':
+                n, rate = command[1], command[2]
+                interval = 1.0 / rate
+                text = PAYLOAD['text']
+                started = time.time() + 0.001
+                for i in range(n):
+                    delay = started + i * interval - time.time()
+                    if delay > 0:
+                        time.sleep(delay)
+                    if system == 'ours':
+                        send_ours(PAYLOAD)           # message.timestamp is the send time
+                    elif system == 'zmq':
+                        send_zmq([topic, dumps({'text': text, 't': time.time()}, protocol)])
+                    else:
+                        put(dumps({'text': text, 't': time.time()}, protocol))
+                conn.send(('sent', started, time.time()))
+            elif kind == 'hello':
+                while not conn.poll(0.001):
+                    send_zmq([topic, b'H'])
+            elif kind == 'end':
+                if system == 'ours':
+                    channels.shutdown(10.0)
+                elif system == 'zmq':
+                    send_zmq([topic, b'E'])
+                else:
+                    put(None)
+                conn.send(('ended',))
+            elif kind == 'exit':
+                return
+    finally:
+        if sock is not None:
+            sock.close(linger=2000)
+            context.term()
+
+
+def _ours_many(conn: Connection) -> None:
+    """The app process of the memory case: subscribes many channels on distinct topics.
+
+    A channel on ``bench.echo`` receives what this process sends there: the broker
+    applies a process's subscriptions and routes its messages in the order they were
+    sent, so once the echo is back every earlier subscription is in the broker.
+    """
+    import channels
+    from channels import Channel
+    echoed = threading.Event()
+    echo = Channel('bench.echo', lambda message: echoed.set())
+    kept: list[Any] = [echo]
+
+    def round_trip() -> float:
+        echoed.clear()
+        Channel('bench.echo').send({})
+        if not echoed.wait(60.0):
+            raise TimeoutError('the echo message did not come back within 60 s')
+        return time.time()
+
+    round_trip()
+    conn.send(('ready', os.getpid()))
+    while True:
+        command = conn.recv()
+        if command[0] == 'subscribe':
+            started = time.time()
+            kept.extend(Channel(f'bench.sub.{i}', noop) for i in range(command[1]))
+            returned = time.time()
+            conn.send(('subscribed', started, returned, round_trip()))
+        elif command[0] == 'exit':
+            channels.shutdown(5.0)
+            return
+
+
+# cross-process cases: the runner (the measured subprocess) ----------------------------
+
+class Child:
+    """A forked process of a cross-process run and its end of the Pipe."""
+
+    def __init__(self, name: str, process: Any, conn: Connection) -> None:
+        self.name = name
+        self.process = process
+        self.conn = conn
+        self.pid = process.pid
+
+    def send(self, *command: Any) -> None:
+        """Send a command."""
+        self.conn.send(command)
+
+    def expect(self, kind: str, timeout: float) -> tuple:
+        """The next report, which must be of *kind*; raises if it fails or is late."""
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f'{self.name} (pid {self.pid}) sent no {kind!r} within '
+                               f'{timeout:.3g} s')
+        try:
+            report = self.conn.recv()
+        except EOFError:
+            self.process.join(1.0)
+            raise RuntimeError(f'{self.name} (pid {self.pid}) exited with status '
+                               f'{self.process.exitcode} before sending {kind!r}') from None
+        if report[0] == 'error':
+            raise RuntimeError(f'{self.name} failed: {report[1]}')
+        if report[0] != kind:
+            raise RuntimeError(f'{self.name} sent {report[0]!r}, expected {kind!r}')
+        return report
+
+    def stop(self) -> None:
+        """exit -> join -> terminate -> join -> kill -> join."""
+        process = self.process
+        if process.is_alive():
+            try:
+                self.conn.send(('exit',))
+            except (OSError, ValueError):
+                pass
+            process.join(3.0)
+        if process.is_alive():
+            process.terminate()
+            process.join(3.0)
+        if process.is_alive():
+            process.kill()
+            process.join(5.0)
+        self.conn.close()
+
+
+class Cluster:
+    """The processes of one cross-process run; ``close()`` stops every one of them.
+
+    The broker is started with its script; the other processes are forked from this
+    one (as a pre-forking server does), with ``CHANNELS_BROKER_ADDRESS`` set.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.dir = tempfile.mkdtemp(prefix='mpch-bench-')
+        self.address = os.path.join(self.dir, 'broker.sock')
+        self.context = multiprocessing.get_context('fork')
+        self.children: list[Child] = []
+        self.broker: subprocess.Popen | None = None
+        self.broker_log = os.path.join(self.dir, 'broker.log')
+        self._psutil: dict[int, Any] = {}
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_broker(self) -> int:
+        """Start ``channels-broker`` and wait for its "listening" line; its pid."""
+        with open(self.broker_log, 'ab') as log:
+            self.broker = subprocess.Popen(
+                [sys.executable, str(BROKER_SCRIPT), '--address', self.address,
+                 '--log-level', 'WARNING'], stdout=subprocess.PIPE, stderr=log)
+        assert self.broker.stdout is not None
+        ready = [None]
+        reader = threading.Thread(target=lambda: ready.__setitem__(
+            0, self.broker.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(self.timeout)
+        line = (ready[0] or b'').decode().strip()
+        if line != f'channels-broker: listening on {self.address}':
+            raise RuntimeError(f'the broker did not start: {line!r}; {self.broker_tail()}')
+        os.environ['CHANNELS_BROKER_ADDRESS'] = self.address     # for the forked processes
+        return self.broker.pid
+
+    def broker_tail(self) -> str:
+        """The last line the broker logged, if any."""
+        try:
+            lines = Path(self.broker_log).read_text(errors='replace').strip().splitlines()
+        except OSError:
+            return 'no broker log'
+        return f'broker log: {lines[-1]}' if lines else 'broker log empty'
+
+    def start(self, name: str, role: Any, *args: Any) -> Child:
+        """Fork a process that runs *role*; wait for its ('ready', pid)."""
+        conn, child_conn = self.context.Pipe()
+        process = self.context.Process(target=_child_main, args=(role, child_conn, *args),
+                                       name=name, daemon=True)
+        process.start()
+        child_conn.close()
+        child = Child(name, process, conn)
+        self.children.append(child)
+        child.expect('ready', self.timeout)
+        return child
+
+    def wait_subscribed(self, pids: list[int]) -> None:
+        """Wait until the broker knows that every process in *pids* subscribes."""
+        from channels.cli import fetch_stats
+        deadline = time.monotonic() + self.timeout
+        while True:
+            known = {p['pid'] for p in fetch_stats(self.address)['processes']
+                     if CROSS_TOPIC in p['subscriptions']}
+            if known >= set(pids):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'the broker knows the subscriptions of {sorted(known)}, '
+                                   f'not of all of {sorted(pids)}')
+            time.sleep(0.02)
+
+    def cpu(self, pids: list[int]) -> dict[int, float]:
+        """CPU seconds (user + system) each process in *pids* has used so far."""
+        import psutil
+        seconds = {}
+        for pid in pids:
+            process = self._psutil.get(pid) or self._psutil.setdefault(pid, psutil.Process(pid))
+            times = process.cpu_times()
+            seconds[pid] = times.user + times.system
+        return seconds
+
+    def close(self) -> None:
+        """Stop the forked processes, then the broker; kill whatever is left."""
+        for child in reversed(self.children):
+            try:
+                child.stop()
+            except Exception as exc:      # go on: the others must stop too
+                print(f'bench: stopping {child.name}: {exc!r}', file=sys.stderr)
+        broker = self.broker
+        if broker is not None:
+            if broker.poll() is None:
+                broker.terminate()
+                try:
+                    broker.wait(10.0)
+                except subprocess.TimeoutExpired:
+                    broker.kill()
+                    broker.wait(10.0)
+            if broker.stdout is not None:
+                broker.stdout.close()
+        _kill_descendants()
+        os.environ.pop('CHANNELS_BROKER_ADDRESS', None)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _kill_descendants() -> list[int]:
+    """Kill every process this one started and that still runs (psutil: a last resort)."""
+    import psutil
+    try:
+        left = [p for p in psutil.Process().children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+    for process in left:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5.0)
+    if left:
+        print(f'bench: killed leftover processes {[p.pid for p in left]}', file=sys.stderr)
+    return [p.pid for p in left]
+
+
+def _setup_system(cluster: Cluster, system: str, subscribers: int, marks: tuple[int, ...],
+                  latency: bool) -> tuple[Child, int, list[Child]]:
+    """Start the middle (broker, relay or proxy), the subscribers and the publisher.
+
+    Returns (publisher, middle's pid, subscribers) once every subscriber is known to
+    the middle: ours asks the broker; ZeroMQ sends hellos until every subscriber saw
+    one (its "slow joiner" problem); a Queue has nothing to join.
+    """
+    if system == 'ours':
+        middle = cluster.start_broker()
+        subs = [cluster.start(f'subscriber {i + 1}', _ours_subscriber, marks, latency)
+                for i in range(subscribers)]
+        cluster.wait_subscribed([sub.pid for sub in subs])
+        publisher = cluster.start('publisher', _publisher, 'ours', None)
+    elif system == 'queue':
+        inbound = cluster.context.Queue()
+        outbound = [cluster.context.Queue() for _ in range(subscribers)]
+        middle = cluster.start('relay', _queue_relay, inbound, outbound).pid
+        subs = [cluster.start(f'subscriber {i + 1}', _queue_subscriber, queue, marks, latency)
+                for i, queue in enumerate(outbound)]
+        publisher = cluster.start('publisher', _publisher, 'queue', inbound)
+    elif system == 'zmq':
+        front, back = f'ipc://{cluster.dir}/xsub', f'ipc://{cluster.dir}/xpub'
+        middle = cluster.start('proxy', _zmq_proxy, front, back).pid
+        subs = [cluster.start(f'subscriber {i + 1}', _zmq_subscriber, back, marks, latency)
+                for i in range(subscribers)]
+        publisher = cluster.start('publisher', _publisher, 'zmq', front)
+        publisher.send('hello')
+        for sub in subs:
+            sub.expect('joined', cluster.timeout)
+    else:
+        raise ValueError(f'unknown system {system!r}')
+    return publisher, middle, subs
+
+
+def _finish(cluster: Cluster, system: str, publisher: Child, subs: list[Child],
+            timeout: float) -> list[int]:
+    """End the stream; every subscriber's final count of messages."""
+    publisher.send('end')
+    publisher.expect('ended', timeout)
+    if system == 'ours':
+        for sub in subs:
+            sub.send('finish')
+    return [sub.expect('final', timeout)[1] for sub in subs]
+
+
+def _cpu_us(before: dict[int, float], after: dict[int, float], pids: list[int],
+            messages: int) -> float:
+    """Mean CPU µs per message of the processes *pids* between two snapshots."""
+    return statistics.fmean(after[pid] - before[pid] for pid in pids) / messages * 1e6
+
+
+def cross_throughput(system: str, subscribers: int, sizes: dict) -> dict:
+    """Case 5: one publisher process sends in a loop to *subscribers* processes."""
+    warmup = sizes['cross_warmup']
+    count = sizes['cross_messages'] if subscribers == 1 else sizes['fanout_messages']
+    timeout = sizes['timeout']
+    with Cluster(timeout) as cluster:
+        publisher, middle, subs = _setup_system(cluster, system, subscribers,
+                                                (warmup, warmup + count), False)
+        publisher.send('send', warmup)
+        publisher.expect('sent', timeout)
+        for sub in subs:
+            sub.expect('mark', timeout)
+        sub_pids = [sub.pid for sub in subs]
+        pids = [publisher.pid, middle, *sub_pids]
+        before = cluster.cpu(pids)
+        publisher.send('send', count)
+        _, started, sent = publisher.expect('sent', timeout)
+        try:
+            ends = [sub.expect('mark', timeout)[2] for sub in subs]
+        except TimeoutError as exc:
+            counts = _finish(cluster, system, publisher, subs, 5.0)
+            raise RuntimeError(f'{exc}; the subscribers got {counts} of '
+                               f'{warmup + count} messages') from None
+        after = cluster.cpu(pids)
+        counts = _finish(cluster, system, publisher, subs, timeout)
+    if any(n != warmup + count for n in counts):
+        raise RuntimeError(f'the subscribers got {counts} messages, not {warmup + count} each')
+    elapsed = max(ends) - started
+    rate = count / elapsed
+    return {'count': count, 'subscribers': subscribers, 'elapsed': elapsed,
+            'send_loop': sent - started, 'per_second': rate, 'delivered': rate * subscribers,
+            'value': rate * subscribers, 'counts': counts,
+            'cpu_us': {'publisher': _cpu_us(before, after, [publisher.pid], count),
+                       'middle': _cpu_us(before, after, [middle], count),
+                       'subscriber': _cpu_us(before, after, sub_pids, count)}}
+
+
+def cross_latency(system: str, sizes: dict) -> dict:
+    """Case 6: 1 -> 1 at a steady rate; the latency of every message after the warm-up."""
+    rate, timeout = sizes['latency_rate'], sizes['timeout']
+    warmup = round(rate * sizes['latency_warmup'])
+    count = round(rate * sizes['latency_seconds'])
+    with Cluster(timeout) as cluster:
+        publisher, middle, subs = _setup_system(cluster, system, 1, (warmup + count,), True)
+        pids = [publisher.pid, middle, subs[0].pid]
+        before = cluster.cpu(pids)
+        publisher.send('pace', warmup + count, rate)
+        _, started, sent = publisher.expect('sent', (warmup + count) / rate + timeout)
+        times = subs[0].expect('latency', timeout)[1]
+        after = cluster.cpu(pids)
+        counts = _finish(cluster, system, publisher, subs, timeout)
+    if counts != [warmup + count]:
+        raise RuntimeError(f'the subscriber got {counts[0]} messages, not {warmup + count}')
+    latencies = times[warmup:]
+    cuts = statistics.quantiles(latencies, n=100, method='inclusive')
+    total = warmup + count
+    return {'count': count, 'rate': total / (sent - started),
+            'p50_us': cuts[49] * 1e6, 'p99_us': cuts[98] * 1e6,
+            'max_us': max(latencies) * 1e6, 'mean_us': statistics.fmean(latencies) * 1e6,
+            'value': cuts[49] * 1e6,
+            'cpu_us': {'publisher': _cpu_us(before, after, [pids[0]], total),
+                       'middle': _cpu_us(before, after, [pids[1]], total),
+                       'subscriber': _cpu_us(before, after, [pids[2]], total)}}
+
+
+def cross_memory(sizes: dict) -> dict:
+    """Case 7: the broker's RSS growth while one process subscribes N distinct topics."""
+    import psutil
+    from channels.cli import fetch_stats
+    count, timeout = sizes['cross_subscriptions'], sizes['timeout']
+    with Cluster(timeout) as cluster:
+        broker = psutil.Process(cluster.start_broker())
+        app = cluster.start('app', _ours_many)
+        rss_before = broker.memory_info().rss
+        cpu_before = cluster.cpu([broker.pid])
+        app.send('subscribe', count)
+        _, started, returned, echoed = app.expect('subscribed', timeout)
+        rss_after = broker.memory_info().rss
+        cpu_after = cluster.cpu([broker.pid])
+        topics = fetch_stats(cluster.address, timeout=timeout)['topics']   # once: it is big
+    if topics != count + 1:
+        raise RuntimeError(f'the broker has {topics} topics, not {count} + bench.echo')
+    return {'count': count, 'topics': topics, 'rss_before': rss_before, 'rss_after': rss_after,
+            'value': (rss_after - rss_before) / count,
+            'subscribe_calls': returned - started, 'subscribe_known': echoed - started,
+            'broker_cpu_us': (cpu_after[broker.pid] - cpu_before[broker.pid]) / count * 1e6}
+
+
+def run_cross_case(lib: str, case: str, sizes: dict) -> dict:
+    """Measure one cross-process case once for one system (the processes are ours)."""
+    def on_sigterm(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: let the cleanup run
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    import channels
+    if not Path(channels.__file__).resolve().is_relative_to(ROOT):
+        raise RuntimeError(f'imported {channels.__file__}, not this project\'s channels')
+    if lib == 'zmq':
+        import zmq  # noqa: F401  (fail early and clearly: pip install -e '.[bench]')
+    result: dict = {'lib': lib, 'case': case}
+    try:
+        if case == 'cross_1to1':
+            result.update(cross_throughput(lib, 1, sizes))
+        elif case == 'cross_1to4':
+            result.update(cross_throughput(lib, sizes['fanout'], sizes))
+        elif case == 'cross_latency':
+            result.update(cross_latency(lib, sizes))
+        elif case == 'cross_memory':
+            result.update(cross_memory(sizes))
+        else:
+            raise ValueError(f'unknown case {case!r}')
+    finally:
+        _kill_descendants()
+    return result
+
+
 # the parent: runs the subprocesses and prints the table -----------------------------
 
 def run_child(lib: str, case: str, quick: bool, timeout: float) -> dict:
     """Run ``--one LIB.CASE`` in a fresh subprocess; return its JSON result.
 
-    On a failure or a timeout the result holds ``error``; the child is always killed
-    if it is still running when this returns.
+    On a failure or a timeout the result holds ``error``. The child runs in a process
+    group of its own, with whatever it starts (broker, publisher, subscribers): when
+    this returns, for whatever reason (Ctrl-C too), that whole group is stopped.
     """
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(
         [str(ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    env.pop('CHANNELS_BROKER_ADDRESS', None)
     command = [sys.executable, str(Path(__file__).resolve()), '--one', f'{lib}.{case}']
     if quick:
         command.append('--quick')
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env, cwd=str(ROOT))
+                               text=True, env=env, cwd=str(ROOT), start_new_session=True)
+    result: dict = {}
     try:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {'error': f'timed out after {timeout:.3g} s'}
+            result = {'error': f'timed out after {timeout:.3g} s'}
+            return result
         if process.returncode != 0:
             last = (err.strip().splitlines() or ['?'])[-1]
-            return {'error': f'exit {process.returncode}: {last}'}
-        return json.loads(out.strip().splitlines()[-1])
+            result = {'error': f'exit {process.returncode}: {last}'}
+        else:
+            result = json.loads(out.strip().splitlines()[-1])
+        return result
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        left = stop_group(process)
+        if left and 'error' not in result:
+            result['error'] = f'left {left} process(es) running; killed them'
 
 
-def measure(sizes: dict, quick: bool, progress: bool) -> dict:
-    """Run every case for both libraries ``runs`` times; return ``{(lib, case): [result]}``."""
+def stop_group(process: subprocess.Popen, grace: float = 5.0) -> int:
+    """Stop *process* and every process of its group (it leads one: start_new_session).
+
+    SIGTERM to the group (the child then stops what it started), SIGKILL after *grace*
+    seconds, then psutil kills any descendant that left the group. Returns how many
+    processes were still running once the child itself had ended on its own.
+    """
+    import psutil
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    ended = process.poll() is not None
+    left = 0
+    if not ended:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    elif _signal_group(process.pid, 0):
+        left = sum(1 for p in psutil.process_iter(['pid'])
+                   if _group_of(p.info['pid']) == process.pid)
+    _signal_group(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+    alive = []
+    for member in family:
+        try:
+            if member.is_running() and member.status() != psutil.STATUS_ZOMBIE:
+                member.kill()
+                alive.append(member)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5.0)
+    return left
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send *signum* to process group *pgid*; False if the group is empty."""
+    try:
+        os.killpg(pgid, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _group_of(pid: int) -> int | None:
+    """The process group of *pid*, or None if it is gone."""
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = GROUPS
+            ) -> dict:
+    """Run every case of *groups* ``runs`` times; return ``{(lib, case): [result]}``.
+
+    The cross-process systems take turns within each round of runs, so that a noisy
+    neighbour hits them alike.
+    """
     results: dict = {}
-    for case in CASES:
-        for lib in LIBS:
-            runs = []
-            for n in range(sizes['runs']):
-                if progress:
-                    print(f'  {lib:4} {case:16} run {n + 1}/{sizes["runs"]}',
-                          file=sys.stderr, flush=True)
-                runs.append(run_child(lib, case, quick, sizes['timeout'] + 15))
-            results[lib, case] = runs
+    if 'local' in groups:
+        for case in CASES:
+            for lib in LIBS:
+                runs = []
+                for n in range(sizes['runs']):
+                    if progress:
+                        print(f'  {lib:4} {case:16} run {n + 1}/{sizes["runs"]}',
+                              file=sys.stderr, flush=True)
+                    runs.append(run_child(lib, case, quick, sizes['timeout'] + 15))
+                results[lib, case] = runs
+    if 'cross' in groups:
+        for case in CROSS_CASES:
+            runs = sizes['cross_runs']
+            for n in range(runs):
+                for lib in CROSS_LIBS[case]:
+                    if progress:
+                        print(f'  {lib:5} {case:16} run {n + 1}/{runs}', file=sys.stderr,
+                              flush=True)
+                    limit = sizes['timeout'] + 15
+                    if case == 'cross_latency':
+                        limit += sizes['latency_seconds'] + sizes['latency_warmup']
+                    results.setdefault((lib, case), []).append(
+                        run_child(lib, case, quick, limit))
     return results
 
 
