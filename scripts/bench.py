@@ -53,7 +53,7 @@ SUB unpickles; high-water marks off, so nothing is dropped):
    proxy) per routed message over the 1 -> 1 run, and, for ours, the growth of the
    broker's RSS per subscription when one app process subscribes 100,000 channels on
    distinct topics. The CPU time per message of the publisher and the subscribers is
-   shown too (``--details``): it tells where the time goes.
+   shown too (psutil's ``cpu_times()`` of each process): it tells where the time goes.
 
 Each cross-process run is one fresh subprocess of this script, in its own process
 group, which starts the broker (or relay, or proxy) and forks the publisher and the
@@ -460,8 +460,8 @@ def _ours_subscriber(conn: Connection, marks: tuple[int, ...], latency: bool) ->
     while True:
         command = conn.recv()
         if command[0] == 'finish':        # the publisher has flushed: shut down, count
-            channels.shutdown(10.0)
-            conn.send(('final', len(times) if latency else state[0]))
+            drained = channels.shutdown(10.0)
+            conn.send(('final', len(times) if latency else state[0], drained))
         elif command[0] == 'exit':
             channels.shutdown(5.0)
             del channel
@@ -479,7 +479,7 @@ def _queue_subscriber(conn: Connection, queue: Any, marks: tuple[int, ...],
     while True:
         item = get()
         if item is None:
-            conn.send(('final', count))
+            conn.send(('final', count, True))
             return
         loads(item)
         count += 1
@@ -509,7 +509,7 @@ def _zmq_subscriber(conn: Connection, endpoint: str, marks: tuple[int, ...],
             _, body = recv()
             if len(body) == 1:                       # b'H'ello or b'E'nd, not a message
                 if body == b'E':
-                    conn.send(('final', count))
+                    conn.send(('final', count, True))
                     return
                 if not joined:
                     joined = True
@@ -567,7 +567,7 @@ def _publisher(conn: Connection, system: str, target: Any) -> None:
     ('pace', n, rate) sends them to a schedule, each with its send time; ('hello',)
     (ZeroMQ) sends hellos until the next command arrives; ('end',) ends the stream
     (ours: ``shutdown()``, which flushes to the broker; Queue: None; ZeroMQ: END)
-    and answers ('ended',); ('exit',) returns.
+    and answers ('ended', drained); ('exit',) returns.
     """
     dumps, protocol = pickle.dumps, pickle.HIGHEST_PROTOCOL
     topic = CROSS_TOPIC.encode()
@@ -623,13 +623,14 @@ def _publisher(conn: Connection, system: str, target: Any) -> None:
                 while not conn.poll(0.001):
                     send_zmq([topic, b'H'])
             elif kind == 'end':
+                drained = True
                 if system == 'ours':
-                    channels.shutdown(10.0)
+                    drained = channels.shutdown(10.0)
                 elif system == 'zmq':
                     send_zmq([topic, b'E'])
                 else:
                     put(None)
-                conn.send(('ended',))
+                conn.send(('ended', drained))
             elif kind == 'exit':
                 return
     finally:
@@ -682,6 +683,7 @@ class Child:
         self.process = process
         self.conn = conn
         self.pid = process.pid
+        self.listens = True          # False: it reads no command (zmq.proxy): terminate it
 
     def send(self, *command: Any) -> None:
         """Send a command."""
@@ -707,7 +709,7 @@ class Child:
     def stop(self) -> None:
         """exit -> join -> terminate -> join -> kill -> join."""
         process = self.process
-        if process.is_alive():
+        if process.is_alive() and self.listens:
             try:
                 self.conn.send(('exit',))
             except (OSError, ValueError):
@@ -737,7 +739,9 @@ class Cluster:
         self.children: list[Child] = []
         self.broker: subprocess.Popen | None = None
         self.broker_log = os.path.join(self.dir, 'broker.log')
+        self.warnings: list[str] = []    # anything odd, for the result (see run_cross_case)
         self._psutil: dict[int, Any] = {}
+        _CLUSTERS.append(self)
 
     def __enter__(self) -> Cluster:
         return self
@@ -783,15 +787,19 @@ class Cluster:
         child.expect('ready', self.timeout)
         return child
 
-    def wait_subscribed(self, pids: list[int]) -> None:
-        """Wait until the broker knows that every process in *pids* subscribes."""
+    def wait_subscribed(self, subs: list[Child]) -> None:
+        """Wait until the broker knows that every one of *subs* subscribes."""
         from channels.cli import fetch_stats
         deadline = time.monotonic() + self.timeout
+        pids = [sub.pid for sub in subs]
         while True:
             known = {p['pid'] for p in fetch_stats(self.address)['processes']
                      if CROSS_TOPIC in p['subscriptions']}
             if known >= set(pids):
                 return
+            for sub in subs:
+                if sub.conn.poll():                 # it reports something: an error?
+                    sub.expect('nothing yet', 0)
             if time.monotonic() > deadline:
                 raise TimeoutError(f'the broker knows the subscriptions of {sorted(known)}, '
                                    f'not of all of {sorted(pids)}')
@@ -827,7 +835,16 @@ class Cluster:
                 broker.stdout.close()
         _kill_descendants()
         os.environ.pop('CHANNELS_BROKER_ADDRESS', None)
+        try:
+            logged = Path(self.broker_log).read_text(errors='replace').splitlines()
+        except OSError:
+            logged = []
+        self.warnings.extend(f'broker log: {line}' for line in logged[:5])
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_CLUSTERS: list[Cluster] = []
+"""Every Cluster of this process (one per run): run_cross_case reports their warnings."""
 
 
 def _kill_descendants() -> list[int]:
@@ -861,7 +878,7 @@ def _setup_system(cluster: Cluster, system: str, subscribers: int, marks: tuple[
         middle = cluster.start_broker()
         subs = [cluster.start(f'subscriber {i + 1}', _ours_subscriber, marks, latency)
                 for i in range(subscribers)]
-        cluster.wait_subscribed([sub.pid for sub in subs])
+        cluster.wait_subscribed(subs)
         publisher = cluster.start('publisher', _publisher, 'ours', None)
     elif system == 'queue':
         inbound = cluster.context.Queue()
@@ -872,7 +889,9 @@ def _setup_system(cluster: Cluster, system: str, subscribers: int, marks: tuple[
         publisher = cluster.start('publisher', _publisher, 'queue', inbound)
     elif system == 'zmq':
         front, back = f'ipc://{cluster.dir}/xsub', f'ipc://{cluster.dir}/xpub'
-        middle = cluster.start('proxy', _zmq_proxy, front, back).pid
+        proxy = cluster.start('proxy', _zmq_proxy, front, back)
+        proxy.listens = False
+        middle = proxy.pid
         subs = [cluster.start(f'subscriber {i + 1}', _zmq_subscriber, back, marks, latency)
                 for i in range(subscribers)]
         publisher = cluster.start('publisher', _publisher, 'zmq', front)
@@ -886,13 +905,22 @@ def _setup_system(cluster: Cluster, system: str, subscribers: int, marks: tuple[
 
 def _finish(cluster: Cluster, system: str, publisher: Child, subs: list[Child],
             timeout: float) -> list[int]:
-    """End the stream; every subscriber's final count of messages."""
+    """End the stream; every subscriber's final count of messages.
+
+    A ``channels.shutdown()`` that returns False (it did not drain in time) is noted
+    in ``cluster.warnings``.
+    """
     publisher.send('end')
-    publisher.expect('ended', timeout)
+    if not publisher.expect('ended', timeout)[1]:
+        cluster.warnings.append('channels.shutdown() returned False in the publisher')
     if system == 'ours':
         for sub in subs:
             sub.send('finish')
-    return [sub.expect('final', timeout)[1] for sub in subs]
+    finals = [sub.expect('final', timeout) for sub in subs]
+    for sub, final in zip(subs, finals):
+        if not final[2]:
+            cluster.warnings.append(f'channels.shutdown() returned False in {sub.name}')
+    return [final[1] for final in finals]
 
 
 def _cpu_us(before: dict[int, float], after: dict[int, float], pids: list[int],
@@ -921,9 +949,11 @@ def cross_throughput(system: str, subscribers: int, sizes: dict) -> dict:
         try:
             ends = [sub.expect('mark', timeout)[2] for sub in subs]
         except TimeoutError as exc:
-            counts = _finish(cluster, system, publisher, subs, 5.0)
-            raise RuntimeError(f'{exc}; the subscribers got {counts} of '
-                               f'{warmup + count} messages') from None
+            try:
+                got = f'the subscribers got {_finish(cluster, system, publisher, subs, 5.0)}'
+            except Exception as again:
+                got = f'then ending the stream failed: {again}'
+            raise RuntimeError(f'{exc}; {got} of {warmup + count} messages') from None
         after = cluster.cpu(pids)
         counts = _finish(cluster, system, publisher, subs, timeout)
     if any(n != warmup + count for n in counts):
@@ -1015,6 +1045,9 @@ def run_cross_case(lib: str, case: str, sizes: dict) -> dict:
             raise ValueError(f'unknown case {case!r}')
     finally:
         _kill_descendants()
+    warnings = [w for cluster in _CLUSTERS for w in cluster.warnings]
+    if warnings:
+        result['warnings'] = warnings
     return result
 
 
@@ -1030,7 +1063,8 @@ def run_child(lib: str, case: str, quick: bool, timeout: float) -> dict:
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(
         [str(ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
-    env.pop('CHANNELS_BROKER_ADDRESS', None)
+    for name in [name for name in env if name.startswith('CHANNELS_')]:
+        del env[name]                 # the defaults: no broker, no authkey, ...
     command = [sys.executable, str(Path(__file__).resolve()), '--one', f'{lib}.{case}']
     if quick:
         command.append('--quick')
@@ -1048,6 +1082,9 @@ def run_child(lib: str, case: str, quick: bool, timeout: float) -> dict:
             result = {'error': f'exit {process.returncode}: {last}'}
         else:
             result = json.loads(out.strip().splitlines()[-1])
+            if err.strip():
+                result.setdefault('warnings', []).append(
+                    'stderr: ' + ' | '.join(err.strip().splitlines()[-3:]))
         return result
     finally:
         left = stop_group(process)
@@ -1233,8 +1270,108 @@ def build_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
                      'sizes, so "met" is only indicative.')
     for (lib, case), runs in results.items():
         errors = [run['error'] for run in runs if 'error' in run]
-        if errors:
+        if errors and case in CASES:
             notes.append(f'ERROR {lib} {case}: {errors[0]}')
+    return rows, notes
+
+
+def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
+    """The cross-process table's rows (as strings) and the notes under it."""
+    def value(lib: str, case: str, key: str = 'value') -> float | None:
+        return median(results.get((lib, case), []), key)
+
+    def cpu(lib: str, case: str, role: str) -> float | None:
+        runs = [run for run in results.get((lib, case), []) if 'error' not in run]
+        return statistics.median(run['cpu_us'][role] for run in runs) if runs else None
+
+    def rate(x: float | None) -> str:
+        return '-' if x is None else f'{x:,.0f} msg/s'
+
+    def us(x: float | None) -> str:
+        return '-' if x is None else f'{x:,.0f} µs' if x >= 100 else f'{x:.1f} µs'
+
+    def ratio(x: float | None) -> str:
+        return '-' if x is None else f'{x:.2f}x'
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    def met(ok: bool | None) -> str:
+        return '?' if ok is None else 'yes' if ok else 'NO'
+
+    def split(lib: str, case: str) -> str:
+        parts = [cpu(lib, case, role) for role in ('publisher', 'middle', 'subscriber')]
+        return '-' if None in parts else ' / '.join(f'{x:.1f}' for x in parts) + ' µs'
+
+    fanout, rate_goal = sizes['fanout'], sizes['latency_rate']
+    rows = []
+    one = {lib: value(lib, 'cross_1to1') for lib in CROSS_LIBS['cross_1to1']}
+    vs_queue, vs_zmq = div(one['ours'], one['queue']), div(one['ours'], one['zmq'])
+    rows.append(['1 -> 1 process: throughput', rate(one['ours']), rate(one['queue']),
+                 rate(one['zmq']), ratio(vs_queue), ratio(vs_zmq),
+                 '>= 2.5x Queue, >= 1x ZeroMQ',
+                 met(None if vs_queue is None or vs_zmq is None
+                     else vs_queue >= 2.5 and vs_zmq >= 1)])
+    rows.append(['  CPU/msg: publisher / middle / subscriber',
+                 *(split(lib, 'cross_1to1') for lib in ('ours', 'queue', 'zmq')),
+                 '', '', '', ''])
+    many = {lib: value(lib, 'cross_1to4') for lib in CROSS_LIBS['cross_1to4']}
+    vs_queue, vs_zmq = div(many['ours'], many['queue']), div(many['ours'], many['zmq'])
+    rows.append([f'1 -> {fanout} processes: delivered/s', rate(many['ours']),
+                 rate(many['queue']), rate(many['zmq']), ratio(vs_queue), ratio(vs_zmq),
+                 '>= 1x ZeroMQ', met(None if vs_zmq is None else vs_zmq >= 1)])
+    rows.append(['  CPU/msg: publisher / middle / each subscriber',
+                 *(split(lib, 'cross_1to4') for lib in ('ours', 'queue', 'zmq')),
+                 '', '', '', ''])
+    for key, limit in (('p50_us', 120), ('p99_us', 500)):
+        ours, zmq = value('ours', 'cross_latency', key), value('zmq', 'cross_latency', key)
+        rows.append([f'latency at {rate_goal:,} msg/s, 1 -> 1: {key[:3]}', us(ours), '-',
+                     us(zmq), '', ratio(div(zmq, ours)), f'< {limit} µs',
+                     met(None if ours is None else ours < limit)])
+    broker = {lib: cpu(lib, 'cross_1to1', 'middle') for lib in ('ours', 'queue', 'zmq')}
+    rows.append(['broker CPU per routed message (1 -> 1)', us(broker['ours']),
+                 us(broker['queue']), us(broker['zmq']),
+                 ratio(div(broker['queue'], broker['ours'])),
+                 ratio(div(broker['zmq'], broker['ours'])), 'printed',
+                 '' if broker['ours'] is None else 'yes'])
+    subs = sizes['cross_subscriptions']
+    memory = value('ours', 'cross_memory')
+    rows.append([f'broker memory per subscription ({subs:,} subs)',
+                 '-' if memory is None else f'{memory:,.0f} B', '-', '-', '', '', 'printed',
+                 '' if memory is None else 'yes'])
+
+    notes = [
+        f'Median of {sizes["cross_runs"]} run(s) per system, each a fresh set of processes '
+        f'(the systems take turns); {sizes["cross_messages"]:,} messages per 1 -> 1 run, '
+        f'{sizes["fanout_messages"]:,} per 1 -> {fanout} run, after {sizes["cross_warmup"]:,} '
+        f'warm-up messages; payload {{"text": "x" * {len(PAYLOAD["text"])}}}, pickled by the '
+        f'publisher and unpickled in each subscriber.',
+        'Throughput: from the first send to the last subscriber\'s handling of the last '
+        'message; delivered/s = messages/s x subscribers. Every subscriber got exactly '
+        'every message, or the run is an error.',
+        'Middle: our broker (1 routing thread), the Queue relay process, the ZeroMQ proxy '
+        f'process. CPU/msg: user+system CPU time of each process (psutil, in steps of '
+        f'{1000 / os.sysconf("SC_CLK_TCK"):g} ms) over the timed part, per message sent (each '
+        f'subscriber handles every message); in the latency runs it includes the pacing.',
+        f'Latency: {sizes["latency_seconds"]:g} s at {rate_goal:,} msg/s after '
+        f'{sizes["latency_warmup"]:g} s of warm-up; time.time() in the handler minus the '
+        f'send time (ours: message.timestamp, ZeroMQ: a time in the data).',
+        f'Memory: RSS growth of the broker while one process subscribes {subs:,} channels '
+        f'on distinct topics.',
+        '"ours vs X" is the speed-up (higher is better for ours): our rate / X\'s, or '
+        'X\'s latency or CPU / ours.',
+    ]
+    if sizes is QUICK:
+        notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
+                     'sizes, so "met" is only indicative.')
+    for (lib, case), runs in results.items():
+        errors = [run['error'] for run in runs if 'error' in run]
+        if errors and case in CROSS_CASES:
+            notes.append(f'ERROR {lib} {case}: {errors[0]}')
+        warnings = [w for run in runs for w in run.get('warnings', ())]
+        if warnings and case in CROSS_CASES:
+            notes.append(f'WARNING {lib} {case}: {warnings[0]}'
+                         + (f' (and {len(warnings) - 1} more)' if len(warnings) > 1 else ''))
     return rows, notes
 
 
@@ -1248,10 +1385,29 @@ def details(results: dict) -> list[str]:
                 parts.append('error')
             elif case.startswith('subscribe'):
                 parts.append(f'{run["value"]:.3f} s (calls {run["calls"]:.3f} s)')
+            elif case == 'cross_memory':
+                parts.append(f'{run["value"]:,.0f} B/subscription (RSS {run["rss_before"]:,} '
+                             f'-> {run["rss_after"]:,}; subscribed in '
+                             f'{run["subscribe_calls"]:.2f} s, known to the broker after '
+                             f'{run["subscribe_known"]:.2f} s; broker CPU '
+                             f'{run["broker_cpu_us"]:.1f} µs/subscription)')
+            elif case == 'cross_latency':
+                cpu = run['cpu_us']
+                parts.append(f'p50 {run["p50_us"]:.0f} µs, p99 {run["p99_us"]:.0f} µs, '
+                             f'max {run["max_us"]:,.0f} µs, mean {run["mean_us"]:.0f} µs at '
+                             f'{run["rate"]:,.0f} msg/s (CPU µs/msg: pub '
+                             f'{cpu["publisher"]:.1f}, middle {cpu["middle"]:.1f}, sub '
+                             f'{cpu["subscriber"]:.1f})')
+            elif case in CROSS_CASES:
+                cpu = run['cpu_us']
+                parts.append(f'{run["per_second"]:,.0f} msg/s x {run["subscribers"]} '
+                             f'(send loop {run["send_loop"] / run["count"] * 1e6:.1f} µs/msg; '
+                             f'CPU µs/msg: pub {cpu["publisher"]:.1f}, middle '
+                             f'{cpu["middle"]:.1f}, sub {cpu["subscriber"]:.1f})')
             else:
                 parts.append(f'{run["per_second"]:,.0f} msg/s '
                              f'(send loop {run["send_loop"] / run["count"] * 1e6:.1f} µs/msg)')
-        lines.append(f'{lib:4} {case:16}: ' + '; '.join(parts))
+        lines.append(f'{lib:5} {case:16}: ' + '; '.join(parts))
     return lines
 
 
@@ -1270,7 +1426,7 @@ def format_text(rows: list[list[str]], header: list[str]) -> str:
 def format_markdown(rows: list[list[str]], header: list[str]) -> str:
     """The rows as a Markdown table."""
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(
-        ['---'] + ['---:'] * 3 + ['---', ':---:']) + '|']
+        ['---'] + ['---:'] * (len(header) - 3) + ['---', ':---:']) + '|']
     for row in rows:
         cells = [cell.strip().replace('|', '\\|') for cell in row]
         if row[0].startswith('  '):
@@ -1288,54 +1444,113 @@ def lona_version() -> str:
         return 'not installed'
 
 
+def versions() -> dict[str, str]:
+    """The installed versions of Lona, pyzmq and libzmq (Lona without importing it)."""
+    from importlib import metadata
+    found = {'lona': lona_version()}
+    try:
+        found['pyzmq'] = metadata.version('pyzmq')
+        import zmq
+        found['libzmq'] = zmq.zmq_version()
+    except (metadata.PackageNotFoundError, ImportError):
+        found['pyzmq'] = found['libzmq'] = 'not installed'
+    return found
+
+
+def print_table(title: str, rows: list[list[str]], header: list[str], notes: list[str],
+                markdown: bool) -> None:
+    """One table with its title and notes, as text or as Markdown."""
+    print(title)
+    print()
+    print(format_markdown(rows, header) if markdown else format_text(rows, header))
+    print()
+    for note in notes:
+        print(f'- {note}' if markdown else f'* {note}')
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments; run one case (``--one``) or the whole benchmark."""
     parser = argparse.ArgumentParser(
-        description='Benchmark channels against Lona 1.16.2 and print a table.')
+        description='Benchmark channels against Lona 1.16.2 in one process, and across '
+                    'processes against a multiprocessing.Queue relay and a ZeroMQ proxy; '
+                    'print the tables.')
     parser.add_argument('--quick', action='store_true',
                         help='small sizes and 1 run: a smoke test')
     parser.add_argument('--markdown', action='store_true',
-                        help='print a Markdown table (with date, platform, CPUs, Python)')
+                        help='print Markdown tables (with date, platform, CPUs, Python)')
     parser.add_argument('--details', action='store_true',
-                        help='also print every run\'s figure and the send-loop time')
+                        help='also print every run\'s figures: send-loop time, CPU per '
+                             'message of each process, ...')
+    parser.add_argument('--only', choices=GROUPS, action='append',
+                        help='run only these cases: local (in one process, vs Lona) or '
+                             'cross (across processes, vs Queue and ZeroMQ); repeatable')
+    parser.add_argument('--cross', action='append_const', dest='only', const='cross',
+                        help='the same as --only cross')
     parser.add_argument('--one', metavar='LIB.CASE', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    groups = tuple(group for group in GROUPS if group in (args.only or GROUPS))
 
     if args.one:
         lib, _, case = args.one.partition('.')
+        if case in CROSS_CASES and lib in CROSS_LIBS[case]:
+            sys.path.insert(0, str(ROOT))
+            print(json.dumps(run_cross_case(lib, case, sizes)), flush=True)
+            return 0
         if lib not in LIBS or case not in CASES:
-            parser.error(f'--one takes LIB.CASE with LIB in {LIBS} and CASE in {CASES}')
+            parser.error(f'--one takes LIB.CASE with LIB in {LIBS} and CASE in {CASES}, '
+                         f'or one of {[f"{l}.{c}" for c, ls in CROSS_LIBS.items() for l in ls]}')
         if lib == 'ours':
             sys.path.insert(0, str(ROOT))
         print(json.dumps(run_case(lib, case, sizes)), flush=True)
         return 0
 
-    version = lona_version()
-    if version != LONA_VERSION:
-        print(f'warning: Lona {version} is installed, this benchmark expects {LONA_VERSION}',
-              file=sys.stderr)
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)     # run the finally clauses: they stop the children
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    found = versions()
+    if 'local' in groups and found['lona'] != LONA_VERSION:
+        print(f'warning: Lona {found["lona"]} is installed, this benchmark expects '
+              f'{LONA_VERSION}', file=sys.stderr)
+    if 'cross' in groups and found['pyzmq'] == 'not installed':
+        print("warning: pyzmq is not installed (pip install -e '.[bench]'): the ZeroMQ "
+              "runs will fail", file=sys.stderr)
     started = time.monotonic()
-    results = measure(sizes, args.quick, progress=sys.stderr.isatty())
-    rows, notes = build_rows(results, sizes)
-    header = ['measurement', 'ours', f'Lona {version}', 'ours vs Lona', 'goal', 'met']
+    try:
+        results = measure(sizes, args.quick, progress=sys.stderr.isatty(), groups=groups)
+    except KeyboardInterrupt:
+        print('\ninterrupted; every process the benchmark started is stopped',
+              file=sys.stderr)
+        return 130
     python = f'{platform.python_implementation()} {platform.python_version()}'
+    quick = ' (--quick)' if args.quick else ''
+    machine = f'{platform.platform()}, {os.cpu_count()} CPUs, {python}{quick}'
     if args.markdown:
-        print(f'Benchmark of {datetime.date.today().isoformat()}: {platform.platform()}, '
-              f'{os.cpu_count()} CPUs, {python}' + (' (--quick)' if args.quick else ''))
+        print(f'Benchmark of {datetime.date.today().isoformat()}: {machine}')
         print()
-        print(format_markdown(rows, header))
-        print()
-        for note in notes:
-            print(f'- {note}')
-    else:
-        print(f'channels vs Lona {version}; {platform.platform()}, {os.cpu_count()} CPUs, '
-              f'{python}' + (' (--quick)' if args.quick else ''))
-        print()
-        print(format_text(rows, header))
-        print()
-        for note in notes:
-            print(f'* {note}')
+    tables = []
+    if 'local' in groups:
+        rows, notes = build_rows(results, sizes)
+        header = ['measurement', 'ours', f'Lona {found["lona"]}', 'ours vs Lona', 'goal',
+                  'met']
+        title = 'In one process:' if args.markdown else \
+            f'channels vs Lona {found["lona"]}; {machine}'
+        tables.append((title, rows, header, notes))
+    if 'cross' in groups:
+        rows, notes = build_cross_rows(results, sizes)
+        header = ['measurement', 'ours', 'Queue relay', 'ZeroMQ proxy', 'ours vs Queue',
+                  'ours vs ZeroMQ', 'goal', 'met']
+        zmq = f'ZeroMQ {found["libzmq"]} proxy (pyzmq {found["pyzmq"]})'
+        title = f'Across processes, through channels-broker, vs a multiprocessing.Queue ' \
+            f'relay and a {zmq}:' if args.markdown else \
+            f'channels across processes vs a multiprocessing.Queue relay and a {zmq}; ' \
+            f'{machine}'
+        tables.append((title, rows, header, notes))
+    for n, (title, rows, header, notes) in enumerate(tables):
+        if n:
+            print()
+        print_table(title, rows, header, notes, args.markdown)
     if args.details or args.quick:
         print()
         print('\n'.join(details(results)))
