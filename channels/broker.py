@@ -233,11 +233,11 @@ class Peer:
         watchdog.start()
         try:
             server_handshake(self.connection, self.broker.authkey)
-            batch = self.connection.recv_bytes(64 * 1024)
+            batch = self.connection.recv_bytes(self.broker.max_batch)
         finally:
             watchdog.cancel()
             watchdog.join()
-        frames = list(wire.iter_frames(batch, 64 * 1024))
+        frames = list(wire.iter_frames(batch, self.broker.max_frame))
         if not frames or frames[0][0] != wire.HELLO:
             raise ProtocolError('the first frame of a connection must be HELLO')
         kind, start, end = frames[0]
@@ -475,8 +475,8 @@ class Broker:
                 f'can reach the port could otherwise publish and subscribe. Pass '
                 f'--authkey-file (or set CHANNELS_AUTHKEY), or use a Unix socket path.')
         if not (isinstance(broker_class, type) and issubclass(broker_class, MessageBroker)):
-            raise ChannelsError(f'broker_class must be a MessageBroker subclass, got '
-                                f'{broker_class!r}')
+            raise TypeError(f'broker_class must be a subclass of channels.MessageBroker, got '
+                            f'{broker_class!r}')
         self.address = address
         self.authkey = authkey
         self.broker_threads = broker_threads
@@ -564,11 +564,11 @@ class Broker:
             if peer.reader.is_alive():
                 peer.reader.join(max(deadline - time.monotonic(), 0.05))
         for _ in self.workers:
-            self.inbound.queue.put(STOP)
-        for worker in self.workers:
-            worker.stop()
+            self.inbound.queue.put(STOP)      # behind everything the readers queued
         for worker in self.workers:
             worker.join(max(deadline - time.monotonic(), 0.05))
+        for worker in self.workers:
+            worker.stop()                     # only stragglers are still running
         for peer in peers:
             peer.outbox.put(STOP)
         for peer in peers:
@@ -617,9 +617,10 @@ class Broker:
             self.peers[peer.number] = peer
 
     def forget(self, peer: Peer) -> None:
-        """A connection that never became a registered app process."""
+        """A connection that ended before it became a working app process."""
         with self._peers_lock:
             self._connecting.pop(peer.number, None)
+            self.peers.pop(peer.number, None)
 
     def apply(self, kind: str, peer: Peer, value: Any) -> None:
         """Apply a control item from the inbound queue (in a routing thread)."""

@@ -28,18 +28,19 @@ class Channel:
     ``unsubscribe()``. Thread safe.
     """
 
-    __slots__ = ('_topic', '_handler', '_generation', '_mailbox', '__weakref__')
+    __slots__ = ('_topic', '_subscription', '_mailbox', '__weakref__')
 
     def __init__(self, topic: str, handler: Handler | None = None) -> None:
         self._topic = validate_topic(topic)
-        self._handler: Handler | None = None
-        self._generation = 0      # subscriptions so far; a task remembers its own
+        # (handler,) while subscribed: a new tuple per subscription, replaced in one
+        # step, so a task can tell its own subscription from a later one by identity
+        self._subscription: tuple[Handler] | None = None
         self._mailbox: Any = None  # pending tasks, owned by the runtime
         if handler is not None:
             self.subscribe(handler)
 
     def __repr__(self) -> str:
-        return f'<Channel(topic={self._topic!r}, handler={self._handler!r})>'
+        return f'<Channel(topic={self._topic!r}, handler={self.handler!r})>'
 
     @property
     def topic(self) -> str:
@@ -49,7 +50,8 @@ class Channel:
     @property
     def handler(self) -> Handler | None:
         """The subscribed handler, or None when the channel is not subscribed."""
-        return self._handler
+        subscription = self._subscription
+        return None if subscription is None else subscription[0]
 
     @classmethod
     def get_channels(cls, topic: str) -> list[Channel]:

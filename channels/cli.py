@@ -5,6 +5,7 @@
     channels-broker [--address ADDR] [--authkey-file F] [--broker-threads N]
                     [--broker-class DOTTED] [--log-level L]              # serve
     channels-broker [options] -- COMMAND ARGS...                         # launcher
+        (options also: --stop-timeout S, seconds a graceful stop may take)
     channels-broker stats [--address ADDR] [--authkey-file F] [--json]   # live state
 
 Also ``python -m channels``. The broker prints ``channels-broker: listening on ADDR``
@@ -113,12 +114,14 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
         return 2
 
     stop = threading.Event()
+    stop_signal = [signal.SIGTERM]
     child: list[subprocess.Popen] = []
 
     def on_signal(signum: int, frame: Any) -> None:
         if child:
             child[0].send_signal(signum)     # the command decides; we stop when it exits
         else:
+            stop_signal[0] = signum
             stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -132,8 +135,10 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
     print(f'channels-broker: listening on {broker.address_text}', flush=True)
     status = 0
     try:
-        if command:
-            status = _launch(command, broker, args, child)
+        if command and stop.is_set():
+            status = 128 + stop_signal[0]       # stopped before the command could start
+        elif command:
+            status = _launch(command, broker, args, child, stop, stop_signal)
         else:
             while not stop.wait(3600):
                 pass
@@ -143,7 +148,8 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
 
 
 def _launch(command: list[str], broker: Any, args: argparse.Namespace,
-            child: list[subprocess.Popen]) -> int:
+            child: list[subprocess.Popen], stop: threading.Event, stop_signal: list[int]
+            ) -> int:
     env = dict(os.environ, CHANNELS_BROKER_ADDRESS=broker.address_text)
     if args.authkey_file:
         env['CHANNELS_AUTHKEY_FILE'] = os.path.abspath(args.authkey_file)
@@ -155,6 +161,8 @@ def _launch(command: list[str], broker: Any, args: argparse.Namespace,
               file=sys.stderr)
         return 127
     child.append(process)
+    if stop.is_set():                        # a signal came before the command existed
+        process.send_signal(stop_signal[0])
     status = process.wait()
     return 128 - status if status < 0 else status
 

@@ -86,6 +86,7 @@ class _Reader:
         except Exception:
             logger.exception('reader of the broker connection failed; reconnecting')
         finally:
+            link.retire(self)
             link.connection_lost(self.connection)
 
     def _handle(self, batch: bytes) -> None:
@@ -95,7 +96,6 @@ class _Reader:
         schedule = machinery.schedule
         received = Message.received
         header = wire.HEADER.size
-        scheduled = 0
         for frame in wire.decode_batch(batch, link.max_frame):
             kind = frame[0]
             if kind == wire.MESSAGE:
@@ -111,20 +111,19 @@ class _Reader:
                     continue
                 channels = match(topic)
                 if channels:
-                    # the first channel may have the message itself: nobody else holds it
-                    scheduled += schedule(channels[0], message, False)
+                    # counted before the task exists: shutdown may never see fewer; the
+                    # first channel may have the message itself: nobody else holds it
+                    self.scheduled += len(channels)
+                    self.scheduled -= not schedule(channels[0], message, False)
                     for channel in channels[1:]:
-                        scheduled += schedule(channel, message)
+                        self.scheduled -= not schedule(channel, message)
             elif kind == wire.PONG:
-                self.scheduled += scheduled       # settle the count before the barrier
-                scheduled = 0
                 link.pong(wire.decode_ping(batch[frame[1] + header:frame[2]]))
             elif kind == wire.NOTICE:
                 logger.warning('the broker says: %s',
                                wire.decode_json(batch[frame[1] + header:frame[2]]))
             else:
                 raise ProtocolError(f'unexpected {wire.KIND_NAMES[kind]} frame from the broker')
-        self.scheduled += scheduled
 
 
 class BrokerLink:
@@ -143,12 +142,16 @@ class BrokerLink:
         self.outbox: SimpleQueue = SimpleQueue()
         self.queued_bytes = 0          # bytes put in the outbox (under send_lock)
         self.written_bytes = 0         # bytes written (sender thread only)
+        self.queued_messages = 0       # MESSAGE frames put in the outbox (under send_lock)
+        self.written_messages = 0      # MESSAGE frames written (sender thread only)
         self.received = 0              # MESSAGE frames from the broker (current reader)
         self.ignored = 0               # ... that arrived after shutdown stopped taking them
         self.accepting = True
         self.closing = False
         self.connected = threading.Event()
-        self.readers: list[_Reader] = []
+        self.readers: list[_Reader] = []    # live readers (one, or two while switching)
+        self._retired_scheduled = 0         # tasks scheduled by readers that have ended
+        self._readers_lock = threading.Lock()
         self._connection: Connection | None = None
         self._lost: Connection | None = None
         self._stop = threading.Event()
@@ -156,6 +159,8 @@ class BrokerLink:
         self._tokens = itertools.count(1)
         self._sender: threading.Thread | None = None
         self._pid = os.getpid()
+        self._connections = 0
+        self._connected_at = 0.0
 
     def __repr__(self) -> str:
         state = 'connected' if self.connected.is_set() else 'disconnected'
@@ -165,6 +170,19 @@ class BrokerLink:
     def buffered_bytes(self) -> int:
         """Bytes sent but not yet written to the broker."""
         return self.queued_bytes - self.written_bytes
+
+    @property
+    def scheduled(self) -> int:
+        """Tasks scheduled by this link's readers (shutdown compares it with what ran)."""
+        with self._readers_lock:
+            return self._retired_scheduled + sum(r.scheduled for r in self.readers)
+
+    def retire(self, reader: _Reader) -> None:
+        """A reader ended: keep its count, forget the reader."""
+        with self._readers_lock:
+            if reader in self.readers:
+                self.readers.remove(reader)
+                self._retired_scheduled += reader.scheduled
 
     @property
     def threads(self) -> list[threading.Thread]:
@@ -196,6 +214,7 @@ class BrokerLink:
                 f'broker on {self.address_text}, and MAX_BUFFER_BYTES is {self.max_buffer}. '
                 f'Is the broker running? (channels-broker --address {self.address_text})')
         self.queued_bytes += size
+        self.queued_messages += 1
         self.outbox.put(frame)
 
     def subscribe(self, topic: str) -> None:
@@ -215,10 +234,10 @@ class BrokerLink:
         """Wait until everything sent so far was routed by the broker and this process's
         share of it was scheduled here; False if *deadline* passed first.
 
-        Without a connection and with nothing buffered there is nothing to wait for:
+        Without a connection and with no message buffered there is nothing to wait for:
         what was written went to a broker that is gone.
         """
-        if not self.connected.is_set() and self.buffered_bytes == 0:
+        if not self.connected.is_set() and self.queued_messages == self.written_messages:
             return True
         token = next(self._tokens)
         event = self._pongs[token] = threading.Event()
@@ -294,6 +313,15 @@ class BrokerLink:
             if self._lost is not None and self._lost is self._connection:
                 self._drop_connection()
             if self._connection is None:
+                if self._connected_at:
+                    lived = time.monotonic() - self._connected_at
+                    self._connected_at = 0.0
+                    if lived >= 1.0:
+                        backoff = _BACKOFF_FIRST
+                    else:       # the last connection died young: do not hammer the broker
+                        if self._stop.wait(backoff):
+                            break
+                        backoff = min(backoff * 2, _BACKOFF_MAX)
                 try:
                     self._connect()
                 except ChannelsError as exc:
@@ -308,7 +336,7 @@ class BrokerLink:
                 if failures:
                     logger.warning('connected to the broker on %s after %d failed attempts',
                                    self.address_text, failures)
-                failures, backoff = 0, _BACKOFF_FIRST
+                failures = 0
             if not pending:
                 pending.append(self.outbox.get())
             while len(pending) < 4096:
@@ -340,6 +368,7 @@ class BrokerLink:
                 connection.send_bytes(group[0] if len(group) == 1 else b''.join(group))
                 written += len(group)
                 self.written_bytes += sum(map(len, group))
+                self.written_messages += sum([frame[5] == wire.MESSAGE for frame in group])
         except OSError as exc:
             if not self.closing:
                 logger.warning('writing to the broker on %s failed (%s); reconnecting',
@@ -353,10 +382,10 @@ class BrokerLink:
         try:
             with runtime.registry_lock:
                 topics = list(runtime.registry.topics())
-            hello = wire.encode_json(wire.HELLO, {'pid': os.getpid(), 'role': 'app',
-                                                  'name': _process_name()})
-            frames = [hello] + [wire.encode(wire.SUB, topic.encode()) for topic in topics]
-            for group in wire.group_frames(frames):
+            connection.send_bytes(wire.encode_json(
+                wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name()}))
+            subs = [wire.encode(wire.SUB, topic.encode()) for topic in topics]
+            for group in wire.group_frames(subs):
                 connection.send_bytes(b''.join(group))
         except OSError as exc:
             connection.close()
@@ -364,10 +393,14 @@ class BrokerLink:
                                 f'during the handshake: {exc}') from exc
         self._connection = connection
         self._lost = None
-        reader = _Reader(self, connection, len(self.readers))
-        self.readers.append(reader)
-        self.machinery.schedulers.append(reader)
+        self._connections += 1
+        reader = _Reader(self, connection, self._connections)
+        with self._readers_lock:
+            self.readers.append(reader)
+        if self not in self.machinery.schedulers:
+            self.machinery.schedulers.append(self)
         reader.thread.start()
+        self._connected_at = time.monotonic()
         self.connected.set()
         logger.debug('connected to the broker on %s with %d subscriptions',
                      self.address_text, len(topics))
@@ -376,7 +409,11 @@ class BrokerLink:
         connection, self._connection = self._connection, None
         self.connected.clear()
         if connection is not None:
-            _shutdown_socket(connection)
+            _shutdown_socket(connection)        # the reader sees the end and stops ...
+            with self._readers_lock:
+                readers = [r for r in self.readers if r.connection is connection]
+            for reader in readers:
+                reader.thread.join(2.0)         # ... before its descriptor is closed
             connection.close()
 
 

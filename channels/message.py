@@ -50,8 +50,13 @@ def resolve_expiry(expiry: object) -> tuple[datetime | None, float | None]:
     if expiry is None:
         return None, None
     if isinstance(expiry, timedelta):
-        expiry = datetime.now() + expiry            # naive local time, as in Lona
-    elif not isinstance(expiry, datetime):
+        # the deadline from the clock, not from local wall time, which repeats an hour
+        # when daylight saving time ends; the datetime is for display, as in Lona
+        try:
+            return datetime.now() + expiry, time.time() + expiry.total_seconds()
+        except OverflowError as exc:
+            raise ValueError(f'expiry {expiry!r} is out of range: {exc}') from exc
+    if not isinstance(expiry, datetime):
         raise TypeError(f'expiry must be a datetime, a timedelta or None, got '
                         f'{type(expiry).__name__} {expiry!r}')
     try:

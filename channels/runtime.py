@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 from . import settings
-from .errors import ShutdownError
+from .errors import ConfigurationError, ShutdownError
 from .message import Message
 from .topics import TopicIndex
 
@@ -141,7 +142,12 @@ class Machinery:
         if address is not None:
             from .client import BrokerLink
             from .connection import load_authkey, parse_address
-            self.link = BrokerLink(self, parse_address(address), load_authkey(),
+            parsed, authkey = parse_address(address), load_authkey()
+            if isinstance(parsed, tuple) and authkey is None:
+                raise ConfigurationError(
+                    f'BROKER_ADDRESS {address!r} is TCP, which requires an authkey: set '
+                    f'CHANNELS_AUTHKEY or CHANNELS_AUTHKEY_FILE to the broker\'s')
+            self.link = BrokerLink(self, parsed, authkey,
                                    max_buffer=settings.get('MAX_BUFFER_BYTES'),
                                    max_frame=settings.get('MAX_FRAME_BYTES'))
         elif not Runtime.told_embedded:
@@ -179,13 +185,14 @@ class Machinery:
     def schedule(self, channel: Channel, message: Message, copy: bool = True) -> bool:
         """Queue a task of *channel* with a copy of *message* (or *message* itself, if
         nobody else holds it); False if the channel is not subscribed."""
-        if channel._handler is None:
+        subscription = channel._subscription
+        if subscription is None:
             return False
         box = channel._mailbox
         if box is None or box.machinery is not self:
             box = self._mailbox_of(channel)
         box.tasks.append(self._task_class(channel, message.copy() if copy else message,
-                                          channel._generation))
+                                          subscription))
         if box.claim.acquire(False):
             self.ready.put(box)
         return True
@@ -273,6 +280,7 @@ class Runtime:
         self.state_lock = threading.RLock()
         self.machinery: Machinery | None = None
         self._atexit_registered = False
+        self._finalized_pid = 0
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -297,13 +305,27 @@ class Runtime:
                 if not self._atexit_registered:
                     atexit.register(self._shutdown_at_exit)
                     self._atexit_registered = True
+                self._finalize_in_multiprocessing_child()
             return self.machinery
+
+    def _finalize_in_multiprocessing_child(self) -> None:
+        """A child started by multiprocessing ends with os._exit() after running its
+        finalizers, not atexit: register one there, once per process."""
+        util = sys.modules.get('multiprocessing.util')
+        process = sys.modules.get('multiprocessing.process')
+        if util is None or process is None or self._finalized_pid == os.getpid():
+            return
+        if process.current_process().name == 'MainProcess':
+            return
+        util.Finalize(self, Runtime._shutdown_at_exit, args=(self,), exitpriority=100)
+        self._finalized_pid = os.getpid()
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Drain and stop; True if everything was handled and every thread stopped in time."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-                or not timeout >= 0:
-            raise ValueError(f'timeout must be a number of seconds >= 0, got {timeout!r}')
+                or not 0 <= timeout < float('inf'):
+            raise ValueError(f'timeout must be a finite number of seconds >= 0, got '
+                             f'{timeout!r}')
         with self.state_lock:
             machinery = self.machinery
             if machinery is None:
@@ -318,7 +340,9 @@ class Runtime:
                 self.machinery = None
 
     def _shutdown_at_exit(self) -> None:
-        if self.machinery is not None and os.getpid() == self._pid:
+        # Also in a forked child, for its own machinery. multiprocessing's children end
+        # with os._exit(), which skips atexit: they get a Finalize (see ensure_running).
+        if self.machinery is not None:
             self.shutdown(settings.get('CHANNEL_SHUTDOWN_TIMEOUT'))
 
     def _before_fork(self) -> None:
@@ -347,20 +371,14 @@ class Runtime:
 
     # channels ---------------------------------------------------------------------------
 
-    def send(self, message: Message) -> None:
-        """Deliver *message* to every matching channel (non-blocking)."""
-        machinery = self.machinery or self.ensure_running()
-        machinery.submit(message)
-
     def subscribe(self, channel: Channel, handler: Callable[[Message], Any]) -> None:
         """Register *channel* with *handler*; RuntimeError if it is subscribed already."""
         machinery = self.machinery or self.ensure_running()
         with self.registry_lock:
-            if channel._handler is not None:
+            if channel._subscription is not None:
                 raise RuntimeError(f'{channel!r} is already subscribed; call unsubscribe() '
                                    f'before subscribing it again')
-            channel._handler = handler
-            channel._generation += 1     # tasks of an earlier subscription are dropped
+            channel._subscription = (handler,)   # tasks of an earlier one are dropped
             if self.registry.add(channel.topic, channel) and machinery.link is not None:
                 machinery.link.subscribe(channel.topic)
         self._send_event(machinery, SUBSCRIBE_TOPIC, channel.topic)
@@ -368,9 +386,9 @@ class Runtime:
     def unsubscribe(self, channel: Channel) -> None:
         """Unregister *channel*; its pending tasks are dropped. A no-op if not subscribed."""
         with self.registry_lock:
-            if channel._handler is None:
+            if channel._subscription is None:
                 return
-            channel._handler = None
+            channel._subscription = None
             machinery = self.machinery
             if self.registry.remove(channel.topic, channel) and machinery is not None \
                     and machinery.link is not None:
@@ -382,10 +400,6 @@ class Runtime:
         """Make ``Channel.get_channels()`` search *registry* (the broker process does
         this: its "channels" are the subscriptions of every connected process)."""
         self.registry, self.registry_lock = registry, lock
-
-    def get_channels(self, topic: str) -> list[Channel]:
-        """The subscribed channels of this process whose topic matches *topic*."""
-        return self.registry.match(topic)      # lookups take no lock (see TopicIndex)
 
     def _send_event(self, machinery: Machinery, event_topic: str, topic: str) -> None:
         if machinery.state is not RUNNING:

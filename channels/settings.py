@@ -130,21 +130,28 @@ def _authkey(name: str, value: Any) -> bytes | None:
     return value
 
 
-def _positive_bytes(name: str, value: Any) -> int:
-    return _positive_int(name, value)
+def _broker_address(name: str, value: Any) -> str | None:
+    value = _optional_text(name, value)
+    if value is not None:
+        from .connection import parse_address     # late: connection reads settings
+        try:
+            parse_address(value)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f'{name}: {exc}') from None
+    return value
 
 
 _SETTINGS.update({
     'BROKER_ADDRESS': _Setting(
-        None, _optional_text,
+        None, _broker_address,
         "the broker's socket path or host:port; None runs the embedded default"),
     'AUTHKEY': _Setting(None, _authkey, 'the shared secret of broker and processes'),
     'AUTHKEY_FILE': _Setting(None, _optional_text, 'a file holding the authkey'),
     'MAX_BUFFER_BYTES': _Setting(
-        64 * 1024 * 1024, _positive_bytes,
+        64 * 1024 * 1024, _positive_int,
         'bytes a process buffers for the broker while it is unreachable or slow'),
     'MAX_FRAME_BYTES': _Setting(
-        64 * 1024 * 1024, _positive_bytes,
+        64 * 1024 * 1024, _positive_int,
         'the largest message, in bytes on the wire; larger ones raise at send()'),
 })
 

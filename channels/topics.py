@@ -48,12 +48,18 @@ def validate_topic(topic: object, what: str = 'topic') -> str:
         topic = str(topic)
     if not topic:
         raise ValueError(f"{what} must be a non-empty str, got ''")
+    if not topic.isascii():
+        try:
+            topic.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(f'{what} must be encodable as UTF-8, got {topic!r}: {exc}'
+                             ) from None
     return topic
 
 
 def is_pattern(topic: str) -> bool:
     """True if *topic* contains a wildcard character (``*``, ``?`` or ``[``)."""
-    return _MAGIC.search(topic) is not None
+    return '*' in topic or '?' in topic or '[' in topic
 
 
 def literal_prefix(topic: str) -> str:
@@ -66,10 +72,6 @@ def matches(subscription: str, topic: str) -> bool:
     """The matching rule: does a subscription to *subscription* receive a message to *topic*?"""
     return subscription == topic or fnmatchcase(topic, subscription) \
         or fnmatchcase(subscription, topic)
-
-
-def _has_magic(topic: str) -> bool:
-    return '*' in topic or '?' in topic or '[' in topic
 
 
 def _compile(pattern: str) -> Callable[[str], object]:
@@ -87,7 +89,7 @@ class TopicIndex(Generic[Item]):
     """
 
     __slots__ = ('_plain', '_patterns', '_by_prefix', '_prefix_lengths',
-                 '_length_counts', '_sorted_topics')
+                 '_length_counts', '_sorted', '_version')
 
     def __init__(self) -> None:
         self._plain: dict[str, dict[Item, None]] = {}
@@ -96,7 +98,10 @@ class TopicIndex(Generic[Item]):
         self._by_prefix: dict[str, dict[str, Callable[[str], object]]] = {}
         self._length_counts: dict[int, int] = {}
         self._prefix_lengths: tuple[int, ...] = ()
-        self._sorted_topics: list[str] | None = None
+        # (version, sorted topics): valid only while _version is unchanged; a lookup may
+        # store it while a writer changes the index, so it carries the version it saw
+        self._sorted: tuple[int, list[str]] = (-1, [])
+        self._version = 0
 
     def __len__(self) -> int:
         """The number of distinct topics subscribed."""
@@ -120,13 +125,13 @@ class TopicIndex(Generic[Item]):
 
     def add(self, topic: str, item: Item) -> bool:
         """Subscribe *item* to *topic*; True if *topic* had no item before."""
-        table = self._patterns if _has_magic(topic) else self._plain
+        table = self._patterns if is_pattern(topic) else self._plain
         entry = table.get(topic)
         if entry is not None:
             entry[item] = None
             return False
         table[topic] = {item: None}
-        self._sorted_topics = None
+        self._version += 1
         if table is self._patterns:
             prefix = literal_prefix(topic)
             self._by_prefix.setdefault(prefix, {})[topic] = _compile(topic)
@@ -147,7 +152,7 @@ class TopicIndex(Generic[Item]):
         if entry:
             return False
         del table[topic]
-        self._sorted_topics = None
+        self._version += 1
         if pattern:
             prefix = literal_prefix(topic)
             bucket = self._by_prefix[prefix]
@@ -169,10 +174,6 @@ class TopicIndex(Generic[Item]):
             entry = self._plain.get(topic)   # the common case: one dict lookup
             return list(entry) if entry else []
         return list(self._match_entries(topic))
-
-    def match_topics(self, topic: str) -> list[str]:
-        """Every subscribed topic that matches *topic*."""
-        return [t for t, _ in self._matching(topic)]
 
     def _match_entries(self, topic: str) -> dict[Item, None]:
         found: dict[Item, None] = {}
@@ -198,15 +199,17 @@ class TopicIndex(Generic[Item]):
                             entry = patterns.get(pattern)
                             if entry is not None:
                                 yield pattern, entry
-        if _has_magic(topic):
+        if is_pattern(topic):
             yield from self._matching_sent_pattern(topic)
 
     def _matching_sent_pattern(self, topic: str) -> Iterator[tuple[str, dict[Item, None]]]:
         # Topics that the sender's pattern matches and that the lookups above missed:
         # they start with its literal prefix, so scan that range of the sorted topics.
-        ordered = self._sorted_topics
-        if ordered is None:
-            ordered = self._sorted_topics = sorted(list(self._plain) + list(self._patterns))
+        version, ordered = self._sorted
+        if version != self._version:
+            version = self._version
+            ordered = sorted(list(self._plain) + list(self._patterns))
+            self._sorted = (version, ordered)
         prefix = literal_prefix(topic)
         match = _compile(topic)
         for i in range(bisect.bisect_left(ordered, prefix), len(ordered)):

@@ -46,7 +46,7 @@ from .errors import ProtocolError
 __all__ = ['VERSION', 'HELLO', 'SUB', 'UNSUB', 'MESSAGE', 'PING', 'PONG', 'STATS', 'NOTICE',
            'HEADER', 'MESSAGE_HEADER', 'BATCH_BYTES', 'encode', 'encode_json',
            'encode_message', 'decode_message', 'decode_json', 'decode_ping', 'iter_frames',
-           'frame_overhead', 'group_frames', 'encode_ping', 'decode_topic']
+           'group_frames', 'encode_ping', 'decode_topic']
 
 VERSION = 1
 HELLO, SUB, UNSUB, MESSAGE, PING, PONG, STATS, NOTICE = range(1, 9)
@@ -65,11 +65,6 @@ BATCH_BYTES = 256 * 1024
 
 _MAX_TOPIC = 0xFFFF
 _MAX_ID = 0xFFFF
-
-
-def frame_overhead(topic: str, message_id: str) -> int:
-    """Bytes a MESSAGE frame adds to its payload (for the size check at ``send()``)."""
-    return HEADER.size + MESSAGE_HEADER.size + len(topic.encode()) + len(message_id.encode())
 
 
 def encode(kind: int, body: bytes = b'') -> bytes:

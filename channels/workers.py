@@ -30,7 +30,7 @@ import logging
 import threading
 from collections import deque
 from queue import Empty
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .channel import Channel
 from .message import Message
@@ -51,14 +51,26 @@ go first (with none waiting it keeps the channel: handing it on would only wake 
 
 
 class Task:
-    """One handler call to make: ``task.channel.handler(task.message)``."""
+    """One handler call to make: ``task.handler(task.message)``.
 
-    __slots__ = ('channel', 'message', 'generation')
+    ``handler`` is the handler of the subscription the task was scheduled for, which
+    ``task.channel.handler`` no longer is if the channel unsubscribed (None) or
+    subscribed again meanwhile.
+    """
 
-    def __init__(self, channel: Channel, message: Message, generation: int = 0) -> None:
+    __slots__ = ('channel', 'message', 'subscription')
+
+    def __init__(self, channel: Channel, message: Message,
+                 subscription: tuple[Any] | None = None) -> None:
         self.channel = channel
         self.message = message
-        self.generation = generation   # the channel's subscription it was scheduled for
+        self.subscription = subscription if subscription is not None \
+            else channel._subscription
+
+    @property
+    def handler(self) -> Any:
+        """The handler of the subscription this task belongs to."""
+        return None if self.subscription is None else self.subscription[0]
 
     def __repr__(self) -> str:
         return f'<Task {self.channel!r} {self.message!r}>'
@@ -129,23 +141,25 @@ class Worker:
         return self._thread
 
     def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                self.run()
-            except (Empty, TimeoutError):
-                pass
-            except Exception:
-                self.errors += 1
-                logger.exception('%s.run() raised in %s; the worker goes on',
-                                 type(self).__name__, self.name)
-            finally:
-                if self._message is not None:
-                    self._finish_message()
-                if self._task is not None:
-                    self._finish_task()
-        if self._box is not None:     # hand a held channel on; nothing is dropped here
-            self.machinery.ready.put(self._box)
-            self._box = None
+        try:
+            while not self._stopping:
+                try:
+                    self.run()
+                except (Empty, TimeoutError):
+                    pass
+                except BaseException:     # SystemExit from a handler must not end us either
+                    self.errors += 1
+                    logger.exception('%s.run() raised in %s; the worker goes on',
+                                     type(self).__name__, self.name)
+                finally:
+                    if self._message is not None:
+                        self._finish_message()
+                    if self._task is not None:
+                        self._finish_task()
+        finally:
+            if self._box is not None:     # hand a held channel on; nothing is dropped here
+                self.machinery.ready.put(self._box)
+                self._box = None
 
     # the spec's API -------------------------------------------------------------------
 
@@ -182,8 +196,9 @@ class Worker:
         """Queue a call of *channel*'s handler with its own copy of *message*."""
         if self._ticket is not None:
             self.machinery.sequencer.wait_turn(self._ticket)
-        if self.machinery.schedule(channel, message):
-            self.scheduled += 1
+        self.scheduled += 1      # before the task exists: shutdown may never see fewer
+        if not self.machinery.schedule(channel, message):
+            self.scheduled -= 1
 
     def get_task(self) -> Task:
         """The next handler call to make; ``queue.Empty`` after ``timeout``.
@@ -211,11 +226,11 @@ class Worker:
         self._streak += 1
         message = task.message
         channel = task.channel
-        if task.generation != channel._generation or channel._handler is None \
+        if task.subscription is not channel._subscription \
                 or message._origin._dropped \
                 or (message.deadline is not None and message.is_expired()) \
                 or (message.droppable and not self.running):
-            if channel._handler is not None:
+            if task.subscription is channel._subscription:     # not merely unsubscribed
                 message.drop()
                 logger.debug('%s dropped %r before its handler', self.name, message)
             raise Empty
@@ -285,14 +300,11 @@ class TaskWorker(Worker):
     kind = 'task'
 
     def run(self) -> None:
-        """Take a task and call its channel's handler with its message."""
+        """Take a task and call its subscription's handler with its message."""
         task = self.get_task()
-        handler = task.channel.handler
-        if handler is None:
-            logger.debug('channel unsubscribed before its handler ran')
-            return
+        handler = task.handler
         try:
             handler(task.message)
-        except Exception:
+        except BaseException:
             logger.exception('exception was raised while running %r for %r on %s',
                              handler, task.message, self.name)

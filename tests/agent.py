@@ -100,3 +100,15 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
             conn.send(('ok', commands[command](*args)))
         except Exception:
             conn.send(('error', traceback.format_exc()))
+
+
+def send_and_return(settings: dict[str, Any], topic: str, count: int) -> None:
+    """A multiprocessing target that sends *count* messages and returns without calling
+    shutdown(): whatever it sent must still reach the broker."""
+    import channels
+    from channels import Channel
+    channels.shutdown()
+    channels.configure(**settings)
+    channel = Channel(topic)
+    for n in range(count):
+        channel.send({'n': n})

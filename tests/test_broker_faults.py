@@ -113,3 +113,56 @@ def test_shutdown_leaves_no_thread_in_broker_mode(broker):
                what='the connection')
     channels.shutdown()
     assert [t.name for t in threading.enumerate() if t.name.startswith('channels-')] == []
+
+
+@pytest.mark.parametrize('start_method', ['fork', 'forkserver', 'spawn'])
+def test_a_multiprocessing_child_that_returns_delivers_everything_it_sent(broker,
+                                                                        start_method):
+    import multiprocessing
+    from agent import send_and_return
+    channels.configure(BROKER_ADDRESS=broker.address)
+    received = Recorder()
+    Channel('chat', received)
+    broker.wait_subscribed(__import__('os').getpid(), ['chat'])
+    context = multiprocessing.get_context(start_method)
+    child = context.Process(target=send_and_return,
+                            args=({'BROKER_ADDRESS': broker.address}, 'chat', 5000))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    received.wait_for(5000)
+    assert [d['n'] for d in received.data] == list(range(5000))
+
+
+def test_thousands_of_subscriptions_are_registered_again_after_a_broker_restart(
+        broker_address):
+    broker = BrokerProcess(broker_address).start()
+    try:
+        channels.configure(BROKER_ADDRESS=broker_address)
+        received = Recorder()
+        topics = [f'chat.rooms.room-with-a-long-name-{n:05d}' for n in range(3000)]
+        for topic in topics:
+            Channel(topic, received)
+        wait_until(lambda: broker.stats()['topics'] == 3000, what='3000 topics')
+        broker.kill()
+        broker = BrokerProcess(broker_address).start()
+        wait_until(lambda: broker.stats()['topics'] == 3000, timeout=20,
+                   what='3000 topics registered again')
+        Channel(topics[-1]).send({'n': 1})
+        received.wait_for(1)
+        link = channels.runtime.runtime.machinery.link
+        assert len(link.readers) == 1
+    finally:
+        broker.stop()
+
+
+def test_a_tcp_broker_address_without_an_authkey_is_refused_at_first_use(monkeypatch):
+    monkeypatch.delenv('CHANNELS_AUTHKEY', raising=False)
+    channels.configure(BROKER_ADDRESS='127.0.0.1:9')
+    with pytest.raises(channels.ConfigurationError, match='requires an authkey'):
+        Channel('chat', Recorder())
+
+
+def test_a_bad_broker_address_is_refused_by_configure():
+    with pytest.raises(channels.ConfigurationError, match='BROKER_ADDRESS.*port must be'):
+        channels.configure(BROKER_ADDRESS='localhost:99999')

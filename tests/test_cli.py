@@ -206,3 +206,48 @@ def test_a_custom_broker_class_routes_in_the_broker_process(broker_address, tmp_
             assert topics == ['LOUD']
     finally:
         broker.stop()
+
+
+def test_sigterm_before_the_command_started_stops_the_launcher_at_once(broker_address):
+    process = subprocess.Popen([sys.executable, str(BROKER_SCRIPT), '--address',
+                                broker_address, '--', sys.executable, '-c',
+                                'import time; time.sleep(30)'], stdout=subprocess.PIPE)
+    try:
+        assert _read_line(process, 15).startswith('channels-broker: listening on')
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 128 + signal.SIGTERM
+    finally:
+        stop_process(process)
+        process.stdout.close()
+
+
+def test_a_graceful_stop_delivers_everything_the_broker_had_read(broker_address, tmp_path):
+    (tmp_path / 'slowbroker.py').write_text(textwrap.dedent('''
+        import time
+        from channels import Channel, MessageBroker
+
+        class Slow(MessageBroker):
+            """Routes like the default, a millisecond per message: a backlog builds."""
+            def run(self):
+                message = self.get_message()
+                time.sleep(0.001)
+                for channel in Channel.get_channels(topic=message.topic):
+                    self.schedule_task(channel=channel, message=message)
+    '''))
+    env = dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{os.environ.get("PYTHONPATH", "")}')
+    broker = BrokerProcess(broker_address, '--broker-class', 'slowbroker.Slow', env=env)
+    broker.start()
+    try:
+        from brokers import app_processes
+        with app_processes(broker_address, 2) as (sender, receiver):
+            receiver.subscribe('chat')
+            broker.wait_subscribed(receiver.pid, ['chat'])
+            sender.send_many('chat', 1000)
+            wait_until(lambda: (broker.process_stats(sender.pid) or {}).get('messages_in') == 1000,
+                       what='the broker to read all 1000 messages')
+            broker.process.send_signal(signal.SIGTERM)
+            assert broker.process.wait(20) == 0
+            assert [d['n'] for _, d in receiver.wait_received('chat', 1000)] == \
+                list(range(1000))
+    finally:
+        broker.stop()

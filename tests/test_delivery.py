@@ -273,3 +273,31 @@ def test_several_broker_threads_keep_per_channel_order():
         Channel(f'chat.{n % 3}').send({'n': n})
     received.wait_for(2000)
     assert [d['n'] for d in received.data] == list(range(2000))
+
+
+def test_a_handler_that_raises_system_exit_is_logged_and_the_channel_goes_on(caplog):
+    received = Recorder()
+
+    def handler(message):
+        if message.data['n'] == 0:
+            raise SystemExit('handler called sys.exit()')
+        received(message)
+
+    Channel('chat', handler)
+    with caplog.at_level(logging.ERROR, logger='channels'):
+        for n in range(3):
+            Channel('chat').send({'n': n})
+        received.wait_for(2)
+    assert received.data == [{'n': 1}, {'n': 2}]
+    assert 'handler called sys.exit()' in caplog.text
+    assert channels.shutdown(timeout=5) is True
+
+
+def test_a_task_keeps_the_handler_of_the_subscription_it_was_scheduled_for():
+    first, second = Recorder(), Recorder()
+    channel = Channel('chat', first)
+    task = channels.Task(channel, channels.Message('chat'))
+    channel.unsubscribe()
+    channel.subscribe(second)
+    assert task.handler is first           # never the later subscription's handler
+    assert task.subscription is not channel._subscription

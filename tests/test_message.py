@@ -164,3 +164,18 @@ def test_message_that_expires_while_queued_is_dropped_before_its_handler():
 
 def test_message_constructed_directly_has_empty_data():
     assert Message('chat').data == {}
+
+
+def test_timedelta_expiry_follows_the_clock_not_local_wall_time(monkeypatch):
+    from channels import message as message_module
+
+    class RepeatedHour(datetime):
+        """Local wall time an hour behind the clock, as when DST ends."""
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) - timedelta(hours=1)
+
+    monkeypatch.setattr(message_module, 'datetime', RepeatedHour)
+    message = Channel('chat').send(expiry=timedelta(seconds=30))
+    assert 25 < message.deadline - time.time() <= 30
+    assert not message.is_expired()

@@ -111,3 +111,14 @@ def test_a_frame_over_the_brokers_limit_drops_that_connection(broker_address):
         raw.close()
     finally:
         broker.stop()
+
+
+def test_a_connection_that_fails_right_after_hello_leaves_no_process_behind(broker):
+    from channels import wire
+    raw = connect(parse_address(broker.address), None)
+    raw.send_bytes(wire.encode_json(wire.HELLO, {'pid': 4242, 'role': 'app'})
+                   + wire.encode(wire.SUB, b'\xff\xfe'))      # a topic that is not UTF-8
+    wait_until(lambda: 'dropped the connection of process 4242' in broker.log,
+               what='the bad connection to be dropped')
+    raw.close()
+    wait_until(lambda: broker.process_stats(4242) is None, what='no ghost process')

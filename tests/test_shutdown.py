@@ -114,9 +114,9 @@ def test_shutdown_when_not_running_returns_true():
     assert channels.shutdown() is True
 
 
-@pytest.mark.parametrize('timeout', [-1, 'soon', None])
+@pytest.mark.parametrize('timeout', [-1, 'soon', None, float('inf'), float('nan')])
 def test_shutdown_rejects_a_bad_timeout(timeout):
-    with pytest.raises(ValueError, match='timeout must be a number of seconds >= 0'):
+    with pytest.raises(ValueError, match='timeout must be a finite number of seconds >= 0'):
         channels.shutdown(timeout)
 
 

@@ -122,3 +122,24 @@ def test_index_agrees_with_the_rule_on_random_topics(subscriptions, topics, remo
         got = index.match(topic)
         assert len(got) == len(set(got)), 'an item came back twice'
         assert sorted(got) == expected, (topic, live)
+
+
+def test_a_lookup_racing_a_subscription_does_not_keep_a_stale_view(monkeypatch):
+    from channels import topics
+    index = TopicIndex()
+    index.add('room.a', 'a')
+
+    def sorted_while_a_writer_adds(iterable):
+        snapshot = sorted(iterable)
+        index.add('room.b', 'b')           # a writer runs between snapshot and store
+        return snapshot
+
+    monkeypatch.setattr(topics, 'sorted', sorted_while_a_writer_adds, raising=False)
+    index.match('room.*')
+    monkeypatch.undo()
+    assert sorted(index.match('room.*')) == ['a', 'b']
+
+
+def test_a_topic_that_is_not_valid_utf8_text_is_refused():
+    with pytest.raises(ValueError, match='encodable as UTF-8'):
+        validate_topic('room-\udcff')
