@@ -145,8 +145,19 @@ class Peer:
         self.outbox: SimpleQueue = SimpleQueue()
         self.messages_in = 0        # MESSAGE frames received (reader thread)
         self.messages_out = 0       # MESSAGE frames written (writer thread)
-        self.queued_out = 0         # MESSAGE frames put in the outbox (broker threads)
-        self.dropped = 0            # frames that could not be written
+        self.queued_out = 0         # MESSAGE frames put in the outbox (routing)
+        self.direct_out = 0         # MESSAGE frames written at once by routing
+        self.dropped = 0            # frames that could not be written (writer thread)
+        # Routing writes to an idle connection itself, without waking the writer thread,
+        # only while nothing of this process is queued or being written: items_put
+        # (routing) equals items_written (writer), and write_claim is free.
+        self.write_claim = threading.Lock()
+        self.items_put = 0
+        self.items_written = 0
+        # Likewise the reader routes its own batch when none of its earlier batches
+        # waits for a router: batches_put (reader) equals batches_routed (router).
+        self.batches_put = 0
+        self.batches_routed = 0
         self.closed = False
         self.last: RoutedMessage | None = None   # the message last scheduled here
         self.connected_at = time.time()
@@ -166,9 +177,36 @@ class Peer:
     def stats(self) -> dict[str, Any]:
         """This process's line of ``channels-broker stats``."""
         return {'pid': self.pid, 'name': self.name, 'subscriptions': sorted(self.topics),
-                'messages_in': self.messages_in, 'messages_out': self.messages_out,
+                'messages_in': self.messages_in,
+                'messages_out': self.messages_out + self.direct_out,
                 'pending': self.pending, 'dropped': self.dropped,
                 'connected_s': round(time.time() - self.connected_at, 3)}
+
+    def deliver(self, data: bytes, count: int) -> None:
+        """Send *data* (whole frames, *count* of them messages) to this process: at once
+        if its connection is idle and can take it without blocking, else through its
+        outbox and writer thread. Called by routing only (one thread at a time)."""
+        if self.closed:
+            return
+        framed = wire.connection_bytes(data)
+        if self.items_put == self.items_written and self.write_claim.acquire(False):
+            try:
+                try:
+                    sent = self.sock.send(framed, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self.closed = True       # its reader will notice, and say goodbye
+                    return
+                if sent == len(framed):
+                    self.direct_out += count
+                    return
+                framed = framed[sent:]       # the rest goes first, through the writer
+            finally:
+                self.write_claim.release()
+        self.items_put += 1
+        self.queued_out += count
+        self.outbox.put((framed, count))
 
     def shutdown_reading(self) -> None:
         """Make the reader see the end of the stream (used when the broker stops)."""
@@ -202,10 +240,17 @@ class Peer:
             logger.info('process %d connected (%s)', self.pid, self.name or 'no name')
             limit = broker.max_frame
             max_batch = broker.max_batch
-            inbound = broker.inbound
+            route_lock = broker.route_lock
             while True:
-                batch = self.connection.recv_bytes(max_batch)
-                inbound.put(self._decode(batch, limit))
+                items = self._decode(self.connection.recv_bytes(max_batch), limit)
+                if broker.fast_routing and self.batches_put == self.batches_routed \
+                        and route_lock.acquire(False):
+                    try:        # nothing of ours waits and nobody routes: save a hand-off
+                        broker.route(items, True)
+                    finally:
+                        route_lock.release()
+                else:
+                    self.queue(items)
         except AuthenticationError as exc:
             logger.warning('refused a connection: wrong authkey (%s)', exc)
         except ProtocolError as exc:
@@ -218,10 +263,8 @@ class Peer:
                              self.pid or '?')
         finally:
             if registered:
-                if broker.stopping:
-                    pass        # the broker closes everything once it has delivered
-                else:
-                    broker.inbound.put([(_GONE, self, None)])
+                if not broker.stopping:     # else the broker closes all once delivered
+                    self.queue([(_GONE, self, None)])
             else:
                 broker.forget(self)
                 self.close()
@@ -252,12 +295,18 @@ class Peer:
             self.broker.admit(self)
             rest = batch[end:]
             if rest:
-                self.broker.inbound.put(self._decode(rest, self.broker.max_frame))
+                self.queue(self._decode(rest, self.broker.max_frame))
 
     def _handshake_timed_out(self) -> None:
         logger.warning('a connection did not finish its handshake within %.3gs; dropped',
                        HANDSHAKE_TIMEOUT)
         self.shutdown_reading()
+
+    def queue(self, items: list[Any]) -> None:
+        """Put decoded *items* on the inbound queue, for the routing threads."""
+        if items:
+            self.batches_put += 1
+            self.broker.inbound.queue.put((self, items))
 
     def _decode(self, batch: bytes, limit: int) -> list[Any]:
         items: list[Any] = []
@@ -293,7 +342,7 @@ class Peer:
     # the writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        # outbox items: (bytes, number of messages in them), or STOP
+        # outbox items: (bytes as Connection.send_bytes writes them, messages in them)
         outbox = self.outbox
         stop = False
         while not stop:
@@ -307,19 +356,21 @@ class Peer:
                 stop = True
                 items = [item for item in items if item is not STOP]
             unwritten = items
-            if not self.closed:
-                try:
-                    for group in _group(items):
-                        self.connection.send_bytes(group[0][0] if len(group) == 1 else
-                                                   b''.join([data for data, _ in group]))
-                        self.messages_out += sum([count for _, count in group])
-                        unwritten = unwritten[len(group):]
-                except OSError as exc:
-                    if not self.broker.stopping:
-                        logger.info('writing to process %d failed (%s); it is going away',
-                                    self.pid, exc)
-                    self.closed = True
-            self.dropped += sum([count for _, count in unwritten])
+            with self.write_claim:
+                if not self.closed:
+                    try:
+                        for group in _group(items):
+                            self.sock.sendall(group[0][0] if len(group) == 1 else
+                                              b''.join([data for data, _ in group]))
+                            self.messages_out += sum([count for _, count in group])
+                            unwritten = unwritten[len(group):]
+                    except OSError as exc:
+                        if not self.broker.stopping:
+                            logger.info('writing to process %d failed (%s); it is going '
+                                        'away', self.pid, exc)
+                        self.closed = True
+                self.dropped += sum([count for _, count in unwritten])
+                self.items_written += len(items)
         if not self.broker.stopping:
             self.close()      # the process is gone and its reader is done
 
@@ -353,20 +404,15 @@ class _Inbound:
         self.current: deque[Any] = deque()
         self.sequencer: _Sequencer | None = None
 
-    def put(self, items: list[Any]) -> None:
-        """Queue a reader's decoded batch."""
-        if items:
-            self.queue.put(items)
-
     def get(self, timeout: float | None = None) -> Any:
         """The next message (or the STOP sentinel); ``queue.Empty`` after *timeout*."""
         current = self.current
         while True:
             if not current:
-                items = self.queue.get(timeout=timeout)
-                if items is STOP:
+                batch = self.queue.get(timeout=timeout)
+                if batch is STOP:
                     return STOP
-                current.extend(items)
+                current.extend(batch[1])
             item = current.popleft()
             if type(item) is RoutedMessage:
                 return item
@@ -390,8 +436,7 @@ class _BrokerMachinery:
         if peer.closed or peer.last is message:
             return False
         peer.last = message
-        peer.queued_out += 1
-        peer.outbox.put((message.frame, 1))
+        peer.deliver(message.frame, 1)
         return True
 
 
@@ -408,54 +453,20 @@ class BatchRouter(MessageBroker):
     def run(self) -> None:
         """Route one inbound batch."""
         machinery = self.machinery
-        items = machinery.messages.queue.get(timeout=self.timeout)
-        if items is STOP:
+        batch = machinery.messages.queue.get(timeout=self.timeout)
+        if batch is STOP:
             self._stopping = True
             raise Empty
+        peer, items = batch
         broker = machinery.broker
-        match = broker.index.match
-        shares: dict[Peer, list[bytes]] = {}
-        routed = 0
-        for item in items:
-            if type(item) is not RoutedMessage:
-                _hand_out(shares)          # what came before a control item goes first
-                shares = {}
-                broker.apply(*item)
-                continue
-            routed += 1
-            if (item.deadline is not None and item.is_expired()) \
-                    or (item.droppable and not self.running):
-                item.drop()
-                continue
-            targets = match(item.topic)
-            if len(targets) == 1:
-                peer = targets[0].peer
-                if not peer.closed:
-                    share = shares.get(peer)
-                    if share is None:
-                        shares[peer] = [item.frame]
-                    else:
-                        share.append(item.frame)
-            elif targets:
-                seen = set()
-                for channel in targets:
-                    peer = channel.peer
-                    if peer in seen or peer.closed:
-                        continue
-                    seen.add(peer)
-                    share = shares.get(peer)
-                    if share is None:
-                        shares[peer] = [item.frame]
-                    else:
-                        share.append(item.frame)
-        _hand_out(shares)
-        self.routed += routed
+        with broker.route_lock:
+            self.routed += broker.route(items, self.running)
+            peer.batches_routed += 1
 
 
 def _hand_out(shares: dict[Peer, list[bytes]]) -> None:
     for peer, frames in shares.items():
-        peer.queued_out += len(frames)
-        peer.outbox.put((frames[0] if len(frames) == 1 else b''.join(frames), len(frames)))
+        peer.deliver(frames[0] if len(frames) == 1 else b''.join(frames), len(frames))
 
 
 class Broker:
@@ -490,6 +501,9 @@ class Broker:
         self.peers: dict[int, Peer] = {}
         self.stopping = False
         self.started_at = 0.0
+        self.expired = 0                # messages dropped (expired, or droppable at stop)
+        self.route_lock = threading.Lock()
+        self.fast_routing = broker_class is MessageBroker and broker_threads == 1
         self.workers: list[Worker] = []
         self._connecting: dict[int, Peer] = {}
         self._listener: socket.socket | None = None
@@ -635,7 +649,7 @@ class Broker:
                 with self.index_lock:
                     self.index.remove(value, channel)
         elif kind == _PING:
-            peer.outbox.put((wire.encode_ping(wire.PONG, value), 0))
+            peer.deliver(wire.encode_ping(wire.PONG, value), 0)
         elif kind == _GONE:
             with self.index_lock:
                 for topic, channel in peer.topics.items():
@@ -646,6 +660,50 @@ class Broker:
             with self._peers_lock:
                 self.peers.pop(peer.number, None)
             logger.info('process %d disconnected', peer.pid)
+
+    def route(self, items: list[Any], running: bool) -> int:
+        """Route a reader's batch as ``MessageBroker.run()`` routes a message: each
+        message to the processes with a channel on a matching topic, once per process,
+        each process's share in one piece. The caller holds ``route_lock``. Returns
+        the number of messages (routed or dropped)."""
+        match = self.index.match
+        shares: dict[Peer, list[bytes]] = {}
+        routed = 0
+        for item in items:
+            if type(item) is not RoutedMessage:
+                _hand_out(shares)          # what came before a control item goes first
+                shares = {}
+                self.apply(*item)
+                continue
+            routed += 1
+            if (item.deadline is not None and item.is_expired()) \
+                    or (item.droppable and not running):
+                item.drop()
+                self.expired += 1
+                continue
+            targets = match(item.topic)
+            if len(targets) == 1:
+                peer = targets[0].peer
+                if not peer.closed:
+                    share = shares.get(peer)
+                    if share is None:
+                        shares[peer] = [item.frame]
+                    else:
+                        share.append(item.frame)
+            elif targets:
+                seen = set()
+                for channel in targets:
+                    peer = channel.peer
+                    if peer in seen or peer.closed:
+                        continue
+                    seen.add(peer)
+                    share = shares.get(peer)
+                    if share is None:
+                        shares[peer] = [item.frame]
+                    else:
+                        share.append(item.frame)
+        _hand_out(shares)
+        return routed
 
     def stats(self) -> dict[str, Any]:
         """The live state, as ``channels-broker stats --json`` prints it."""
@@ -661,4 +719,5 @@ class Broker:
             'totals': {key: sum(p[key] for p in processes)
                        for key in ('messages_in', 'messages_out', 'dropped', 'pending')},
             'errors': sum(worker.errors for worker in self.workers),
+            'expired': self.expired,
         }

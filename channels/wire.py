@@ -6,7 +6,8 @@
                       -> frames (this module) -> messages and control (client, broker)
 
 A batch is one ``Connection.send_bytes()``: either up to ``BATCH_BYTES`` of whole
-frames, or a single larger frame. Every frame is::
+frames, or a single larger frame. A writer that bypasses ``send_bytes()`` (to write
+without blocking) sends the same bytes: :func:`connection_bytes`. Every frame is::
 
     !IBB   body length (u32, not counting these 6 bytes), version (u8), kind (u8)
     body   kind-specific, below
@@ -46,7 +47,7 @@ from .errors import ProtocolError
 __all__ = ['VERSION', 'HELLO', 'SUB', 'UNSUB', 'MESSAGE', 'PING', 'PONG', 'STATS', 'NOTICE',
            'HEADER', 'MESSAGE_HEADER', 'BATCH_BYTES', 'encode', 'encode_json',
            'encode_message', 'decode_message', 'decode_json', 'decode_ping', 'iter_frames',
-           'group_frames', 'encode_ping', 'decode_topic']
+           'group_frames', 'connection_bytes', 'encode_ping', 'decode_topic']
 
 VERSION = 1
 HELLO, SUB, UNSUB, MESSAGE, PING, PONG, STATS, NOTICE = range(1, 9)
@@ -239,6 +240,15 @@ def decode_batch(batch: bytes, limit: int) -> list[tuple]:
             append((kind, offset, end))
         offset = end
     return frames
+
+
+_CONNECTION_LENGTH = struct.Struct('!i')
+
+
+def connection_bytes(batch: bytes) -> bytes:
+    """*batch* as ``multiprocessing.connection.Connection.send_bytes()`` puts it on the
+    wire (a signed 32-bit length, then the bytes), for writing to the socket directly."""
+    return _CONNECTION_LENGTH.pack(len(batch)) + batch
 
 
 def group_frames(frames: list[bytes]) -> Iterator[list[bytes]]:
