@@ -2,18 +2,18 @@
 
 ::
 
-    Channel.send() -> encode MESSAGE frame -> outbox (SimpleQueue)
-        sender thread: connects lazily, (re)registers subscriptions, drains the outbox
-        and writes it in batches -> broker
+    Channel.send() -> encode MESSAGE frame -> the frames list (or straight to an idle
+        socket) -> sender thread: connects lazily, (re)registers subscriptions, takes
+        the list and writes it in batches -> broker
     broker -> reader thread: decodes MESSAGE frames, finds this process's matching
         channels and schedules one task per channel (the task workers run them)
 
 The link starts with the machinery, so the first use connects. While the broker is
-unreachable, frames wait in the outbox (at most ``MAX_BUFFER_BYTES`` of messages, past
+unreachable, frames wait in the list (at most ``MAX_BUFFER_BYTES`` of messages, past
 which ``send()`` raises :class:`~channels.errors.BufferFullError`), and the sender
 retries with backoff, logging a warning. Every (re)connection first sends HELLO and
 one SUB per topic this process subscribes to; the broker keeps subscriptions as a set,
-so a SUB or UNSUB still in the outbox afterwards leaves it right.
+so a SUB or UNSUB still queued afterwards leaves it right.
 """
 
 from __future__ import annotations
@@ -168,10 +168,15 @@ class BrokerLink:
         self.max_frame = max_frame
         self.max_frame_size = max_frame + wire.HEADER.size
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
-        self.outbox: SimpleQueue = SimpleQueue()
-        self.queued_bytes = 0          # bytes put in the outbox (under send_lock)
+        # Frames to write, appended under the machinery's send_lock; the sender thread
+        # takes the whole list at once (under the same lock) when the doorbell rings,
+        # which a sender does when it makes the list non-empty. Cheaper per frame than a
+        # queue. The doorbell also carries _WAKE (reconnect) and _STOP.
+        self._frames: list[Any] = []
+        self.doorbell: SimpleQueue = SimpleQueue()
+        self.queued_bytes = 0          # bytes queued for the sender (under send_lock)
         self.written_bytes = 0         # bytes written (sender thread only)
-        self.queued_messages = 0       # MESSAGE frames put in the outbox (under send_lock)
+        self.queued_messages = 0       # MESSAGE frames queued (under send_lock)
         self.written_messages = 0      # MESSAGE frames written (sender thread only)
         # A sender of a message writes it itself when nothing is queued or being written
         # (items_put, under send_lock, equals items_done, sender thread) and it can take
@@ -267,7 +272,10 @@ class BrokerLink:
         self.queued_bytes += size
         self.queued_messages += 1
         self.items_put += 1
-        self.outbox.put(frame)
+        frames = self._frames
+        frames.append(frame)
+        if len(frames) == 1:
+            self.doorbell.put(None)
 
     def _write_now(self, frame: bytes) -> _Raw | None:
         """Write *frame* without blocking; None if all went, else what is left (as raw
@@ -290,10 +298,13 @@ class BrokerLink:
         self._put_control(wire.encode(wire.UNSUB, topic.encode()))
 
     def _put_control(self, frame: bytes) -> None:
-        with self.machinery.send_lock:      # every byte in the outbox is counted
+        with self.machinery.send_lock:      # every byte queued is counted
             self.queued_bytes += len(frame)
             self.items_put += 1
-            self.outbox.put(frame)
+            frames = self._frames
+            frames.append(frame)
+            if len(frames) == 1:
+                self.doorbell.put(None)
 
     def flush(self, deadline: float) -> bool:
         """Wait until everything sent so far was routed by the broker and this process's
@@ -326,7 +337,7 @@ class BrokerLink:
         """Stop both threads and close the connection; True if they ended in time."""
         self.closing = True
         self._stop.set()
-        self.outbox.put(_STOP)
+        self.doorbell.put(_STOP)
         sender = self._sender
         if sender is not None:
             sender.join(max(deadline - time.monotonic(), 0.05))
@@ -355,7 +366,7 @@ class BrokerLink:
         if connection is self._connection:
             self.connected.clear()
             self._lost = connection
-            self.outbox.put(_WAKE)
+            self.doorbell.put(_WAKE)
 
     # the sender thread ----------------------------------------------------------------------
 
@@ -402,20 +413,18 @@ class BrokerLink:
                     logger.warning('connected to the broker on %s after %d failed attempts',
                                    self.address_text, failures)
                 failures = 0
-            if not pending:
-                pending.append(self.outbox.get())
-            while len(pending) < 4096:
+            signals = [] if pending else [self.doorbell.get()]
+            while True:
                 try:
-                    pending.append(self.outbox.get_nowait())
+                    signals.append(self.doorbell.get_nowait())
                 except Empty:
                     break
-            if _STOP in pending:
-                pending = [item for item in pending if item is not _STOP and item is not _WAKE]
-                pending = self._write(pending)      # what was sent before close()
-                break
-            if _WAKE in pending:
-                pending = [item for item in pending if item is not _WAKE]
+            with self.machinery.send_lock:
+                taken, self._frames = self._frames, []
+            pending.extend(taken)
             pending = self._write(pending)
+            if _STOP in signals:
+                break
         lost = sum(1 for frame in pending if frame[5] == wire.MESSAGE)
         if lost:
             logger.warning('%d messages could not be written to the broker on %s before '

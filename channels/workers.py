@@ -308,3 +308,58 @@ class TaskWorker(Worker):
         except BaseException:
             logger.exception('exception was raised while running %r for %r on %s',
                              handler, task.message, self.name)
+
+    def _loop(self) -> None:
+        if type(self).run is not TaskWorker.run:
+            return super()._loop()        # a subclass's run() runs as written
+        try:
+            self._run_tasks()
+        finally:
+            if self._box is not None:     # hand a held channel on; nothing is dropped here
+                self.machinery.ready.put(self._box)
+                self._box = None
+
+    def _run_tasks(self) -> None:
+        # What run() does, with get_task() and the settling inlined: the per-task cost
+        # of this loop is most of a subscriber's CPU. Same checks, same order.
+        ready = self.machinery.ready
+        timeout = self.timeout
+        while not self._stopping:
+            try:
+                box = ready.get(timeout=timeout)
+            except Empty:
+                continue
+            if box is STOP:
+                return
+            self._box = box
+            tasks = box.tasks
+            streak = 0
+            while True:
+                try:
+                    task = tasks.popleft()
+                except IndexError:
+                    if box.release():
+                        continue
+                    self._box = None
+                    break
+                message = task.message
+                subscription = task.subscription
+                if subscription is not task.channel._subscription \
+                        or message._origin._dropped \
+                        or (message.deadline is not None and message.is_expired()) \
+                        or (message.droppable and not self.running):
+                    if subscription is task.channel._subscription:
+                        message.drop()
+                else:
+                    try:
+                        subscription[0](message)
+                    except BaseException:
+                        self.errors += 1
+                        logger.exception('exception was raised while running %r for %r '
+                                         'on %s', subscription[0], message, self.name)
+                self.settled += 1
+                streak += 1
+                if streak >= _STREAK and tasks and not ready.empty():
+                    self._box = None
+                    ready.put(box)   # others wait: to the back of the line, still claimed
+                    break

@@ -144,3 +144,17 @@ def test_children_of_every_start_method_take_part(broker, start_method):
         for app in (a, b):
             received = app.wait_received('chat', 20)
             assert sorted(data['n'] for _, data in received) == list(range(20))
+
+
+def test_a_message_larger_than_the_socket_buffer_arrives_whole_and_in_order(broker):
+    big = 'x' * 3_000_000           # far over a socket buffer: a direct write is partial
+    with app_processes(broker.address, 2) as (sender, receiver):
+        receiver.subscribe('chat')
+        broker.wait_subscribed(receiver.pid, ['chat'])
+        for n in range(3):
+            sender.call('send', 'chat', {'n': n, 'blob': big}, {})
+            sender.send_many('chat', 5, start=10 * (n + 1))
+        received = receiver.wait_received('chat', 18)
+        assert [data['n'] for _, data in received] == [
+            0, 10, 11, 12, 13, 14, 1, 20, 21, 22, 23, 24, 2, 30, 31, 32, 33, 34]
+        assert all(data['blob'] == big for _, data in received if 'blob' in data)
