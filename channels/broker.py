@@ -57,6 +57,10 @@ HANDSHAKE_TIMEOUT = 5.0
 _SUB, _UNSUB, _PING, _GONE = 'sub', 'unsub', 'ping', 'gone'
 
 
+class _Refused(Exception):
+    """A connection the broker has no room for (told, logged, closed)."""
+
+
 class RoutedMessage:
     """A message as the broker sees it: its header, and its frame as opaque bytes.
 
@@ -251,6 +255,8 @@ class Peer:
                         route_lock.release()
                 else:
                     self.queue(items)
+        except _Refused:
+            pass
         except AuthenticationError as exc:
             logger.warning('refused a connection: wrong authkey (%s)', exc)
         except ProtocolError as exc:
@@ -292,7 +298,15 @@ class Peer:
         self.name = str(hello.get('name', ''))[:200]
         self.role = hello['role']
         if self.role == 'app':
-            self.broker.admit(self)
+            if not self.broker.admit(self):
+                limit = self.broker.max_connections
+                logger.warning('refused process %d: %d processes are connected, and '
+                               'MAX_CONNECTIONS is %d', self.pid, limit, limit)
+                self.connection.send_bytes(wire.encode_json(wire.NOTICE, {
+                    'error': f'the broker refused this process: it serves {limit} '
+                             f'processes, its MAX_CONNECTIONS; raise it (channels-broker '
+                             f'--max-connections N) or connect fewer processes'}))
+                raise _Refused()
             rest = batch[end:]
             if rest:
                 self.queue(self._decode(rest, self.broker.max_frame))
@@ -479,7 +493,8 @@ class Broker:
 
     def __init__(self, address: Address, authkey: bytes | None = None, *,
                  broker_threads: int = 1, broker_class: type[Worker] = MessageBroker,
-                 max_frame: int = 64 * 1024 * 1024, worker_timeout: float = 0.5) -> None:
+                 max_frame: int = 64 * 1024 * 1024, max_connections: int = 1024,
+                 worker_timeout: float = 0.5) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -493,6 +508,7 @@ class Broker:
         self.broker_threads = broker_threads
         self.broker_class = broker_class
         self.max_frame = max_frame
+        self.max_connections = max_connections
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
         self.worker_timeout = worker_timeout
         self.index: TopicIndex[RemoteChannel] = TopicIndex()
@@ -624,11 +640,14 @@ class Broker:
 
     # called by readers and by the routing threads ---------------------------------------
 
-    def admit(self, peer: Peer) -> None:
-        """A peer finished its handshake as an app process."""
+    def admit(self, peer: Peer) -> bool:
+        """A peer finished its handshake as an app process: False if there is no room."""
         with self._peers_lock:
             self._connecting.pop(peer.number, None)
+            if len(self.peers) >= self.max_connections:
+                return False
             self.peers[peer.number] = peer
+            return True
 
     def forget(self, peer: Peer) -> None:
         """A connection that ended before it became a working app process."""

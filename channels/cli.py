@@ -3,9 +3,9 @@
 ::
 
     channels-broker [--address ADDR] [--authkey-file F] [--broker-threads N]
-                    [--broker-class DOTTED] [--log-level L]              # serve
+                    [--broker-class DOTTED] [--max-connections N]
+                    [--log-level L] [--stop-timeout S]                   # serve
     channels-broker [options] -- COMMAND ARGS...                         # launcher
-        (options also: --stop-timeout S, seconds a graceful stop may take)
     channels-broker stats [--address ADDR] [--authkey-file F] [--json]   # live state
 
 Also ``python -m channels``. The broker prints ``channels-broker: listening on ADDR``
@@ -53,6 +53,9 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help='routing threads (default 1: one global order)')
     parser.add_argument('--broker-class', metavar='DOTTED',
                         help='a channels.MessageBroker subclass, package.module.Class')
+    parser.add_argument('--max-connections', type=int, metavar='N',
+                        help='app processes served at once; more are refused with a '
+                             'notice (default: $CHANNELS_MAX_CONNECTIONS or 1024)')
     parser.add_argument('--log-level', default='INFO',
                         choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
     parser.add_argument('--stop-timeout', type=float, default=10.0, metavar='S',
@@ -106,8 +109,11 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
         broker_class = _worker_class('MessageBroker')('--broker-class', args.broker_class) \
             if args.broker_class else None
         from . import settings
+        if args.max_connections is not None:
+            settings.configure(MAX_CONNECTIONS=args.max_connections)
         broker = Broker(address, authkey, broker_threads=args.broker_threads,
                         max_frame=settings.get('MAX_FRAME_BYTES'),
+                        max_connections=settings.get('MAX_CONNECTIONS'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

@@ -150,6 +150,9 @@ _SETTINGS.update({
     'MAX_BUFFER_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         'bytes a process buffers for the broker while it is unreachable or slow'),
+    'MAX_CONNECTIONS': _Setting(
+        1024, _positive_int,
+        'app processes the broker serves at once; more are refused with a notice'),
     'MAX_FRAME_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         'the largest message, in bytes on the wire; larger ones raise at send()'),

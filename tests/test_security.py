@@ -122,3 +122,60 @@ def test_a_connection_that_fails_right_after_hello_leaves_no_process_behind(brok
                what='the bad connection to be dropped')
     raw.close()
     wait_until(lambda: broker.process_stats(4242) is None, what='no ghost process')
+
+
+def test_the_broker_survives_garbage_a_silent_client_and_a_wrong_key_while_others_talk(
+        tcp_broker):
+    import threading
+    from channels import wire
+    address = parse_address(tcp_broker.address)
+    rng = random.Random(7)
+    stop = threading.Event()
+    attacks = {'frames': 0, 'connections': 0}
+
+    def garbage() -> None:
+        while not stop.is_set() and attacks['frames'] < 10_000:
+            connection = connect(address, b'sesame')
+            attacks['connections'] += 1
+            try:
+                connection.send_bytes(wire.encode_json(wire.HELLO, {'pid': 99, 'role': 'app'}))
+                frames = []
+                for _ in range(50):
+                    frame = wire.encode_message('chat', 'x', 0.0, None, False,
+                                                rng.randbytes(rng.randrange(40)))
+                    if rng.random() < 0.5:
+                        frame = frame[:rng.randrange(len(frame))]          # truncated
+                    else:
+                        frame = rng.randbytes(rng.randrange(1, 60))        # random
+                    frames.append(frame)
+                attacks['frames'] += len(frames)
+                connection.send_bytes(b''.join(frames))
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+    silent = socket.create_connection(address)          # never finishes a handshake
+    with pytest.raises(BrokerUnavailableError):
+        connect(address, b'wrong key').close()
+    attacker = threading.Thread(target=garbage, name='garbage-client')
+    settings = {'AUTHKEY_FILE': str(tcp_broker.key_file)}
+    try:
+        with app_processes(tcp_broker.address, 2, **settings) as (sender, receiver):
+            receiver.subscribe('honest')
+            wait_until(lambda: any(p['pid'] == receiver.pid for p in fetch_stats(
+                tcp_broker.address, authkey=b'sesame')['processes']), what='the receiver')
+            attacker.start()
+            sender.send_many('honest', 2000)
+            received = receiver.wait_received('honest', 2000, timeout=30)
+            assert [data['n'] for _, data in received] == list(range(2000))
+            attacker.join(60)
+    finally:
+        stop.set()
+        if attacker.is_alive():
+            attacker.join(10)
+        silent.close()
+    assert attacks['frames'] >= 10_000
+    assert tcp_broker.process.poll() is None
+    assert fetch_stats(tcp_broker.address, authkey=b'sesame')['processes'] == []
+    assert 'wrong authkey' in tcp_broker.log

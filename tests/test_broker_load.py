@@ -1,0 +1,59 @@
+"""Many processes at once, and the limit on connections."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from brokers import BrokerProcess, app_processes
+from support import wait_until
+
+
+@pytest.mark.timeout(180)
+def test_64_app_processes_connected_at_once_all_receive_every_message(broker):
+    with app_processes(broker.address, 64, start_method='fork') as apps:
+        for app in apps:
+            app.subscribe('chat.*')
+        wait_until(lambda: len(broker.stats()['processes']) == 64, timeout=60,
+                   what='64 connected processes')
+        for app in apps:
+            broker.wait_subscribed(app.pid, ['chat.*'])
+        apps[0].send_many('chat.all', 50)
+        apps[1].send_many('chat.all', 50, start=50)
+        for app in apps:
+            received = app.wait_received('chat.*', 100, timeout=60)
+            by_sender = {}
+            for _, data in received:
+                by_sender.setdefault(data['pid'], []).append(data['n'])
+            assert by_sender == {apps[0].pid: list(range(50)),
+                                 apps[1].pid: list(range(50, 100))}
+
+
+def test_processes_past_the_connection_limit_are_refused_with_a_clear_error(broker_address):
+    broker = BrokerProcess(broker_address, '--max-connections', '2').start()
+    try:
+        with app_processes(broker_address, 3) as apps:
+            for app in apps[:2]:
+                app.subscribe('chat')
+                broker.wait_subscribed(app.pid, ['chat'])
+            apps[2].subscribe('chat')
+            wait_until(lambda: 'MAX_CONNECTIONS is 2' in broker.log,
+                       what='the refusal in the broker log')
+            time.sleep(0.2)
+            assert sorted(p['pid'] for p in broker.stats()['processes']) == \
+                sorted(app.pid for app in apps[:2])
+            apps[0].send_many('chat', 5)
+            assert len(apps[1].wait_received('chat', 5)) == 5
+    finally:
+        broker.stop()
+
+
+def test_a_bad_connection_limit_is_refused(broker_address):
+    import subprocess
+    import sys
+    from brokers import BROKER_SCRIPT
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker_address,
+                             '--max-connections', '0'], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2
+    assert 'MAX_CONNECTIONS must be an int >= 1' in result.stderr
