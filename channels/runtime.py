@@ -133,7 +133,6 @@ class Machinery:
         if brokers > 1:
             self.sequencer = _Sequencer(workers.STOP)
         self._stop_token = workers.STOP
-        self._task_class = workers.Task
         self._mailbox_class = workers.Mailbox
         self.brokers = [broker_class(self, n, timeout) for n in range(brokers)]
         self.task_workers = [task_class(self, n, timeout) for n in range(tasks)]
@@ -191,8 +190,7 @@ class Machinery:
         box = channel._mailbox
         if box is None or box.machinery is not self:
             box = self._mailbox_of(channel)
-        box.tasks.append(self._task_class(channel, message.copy() if copy else message,
-                                          subscription))
+        box.tasks.append((message.copy() if copy else message, subscription))
         if box.claim.acquire(False):
             self.ready.put(box)
         return True

@@ -169,10 +169,12 @@ class TopicIndex(Generic[Item]):
 
     def match(self, topic: str) -> list[Item]:
         """Every item subscribed to a topic that matches *topic*, each once."""
-        if not self._prefix_lengths and '*' not in topic and '?' not in topic \
-                and '[' not in topic:
+        if not self._prefix_lengths:
             entry = self._plain.get(topic)   # the common case: one dict lookup
-            return list(entry) if entry else []
+            if entry is not None:            # (equal to a plain topic: not a pattern)
+                return list(entry)
+            if '*' not in topic and '?' not in topic and '[' not in topic:
+                return []
         return list(self._match_entries(topic))
 
     def _match_entries(self, topic: str) -> dict[Item, None]:

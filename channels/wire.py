@@ -206,13 +206,19 @@ def decode_batch(batch: bytes, limit: int) -> list[tuple]:
     offset, size = 0, len(batch)
     unpack = HEADER.unpack_from
     unpack_message = MESSAGE_HEADER.unpack_from
+    unpack_whole = _MESSAGE_FRAME.unpack_from
+    whole = _MESSAGE_FRAME.size
     header = HEADER.size
     fixed = _MESSAGE_FIXED
     known = _FLAG_DROPPABLE | _FLAG_DEADLINE
     while offset < size:
         if size - offset < header:
             raise ProtocolError(f'truncated frame header: {size - offset} bytes left')
-        length, version, kind = unpack(batch, offset)
+        if size - offset >= whole:      # most frames are messages: one unpack for both
+            length, version, kind, flags, deadline, timestamp, topic_length, id_length = \
+                unpack_whole(batch, offset)
+        else:
+            length, version, kind = unpack(batch, offset)
         end = offset + header + length
         if version != VERSION or kind not in KINDS or length > limit or end > size:
             list(iter_frames(batch[offset:], limit))    # raises the precise error
@@ -222,8 +228,9 @@ def decode_batch(batch: bytes, limit: int) -> list[tuple]:
             if length < fixed:
                 raise ProtocolError(f'MESSAGE frame of {length} bytes is shorter than its '
                                     f'{fixed}-byte header')
-            flags, deadline, timestamp, topic_length, id_length = \
-                unpack_message(batch, offset + header)
+            if size - offset < whole:   # pragma: no cover (length >= fixed implies it)
+                flags, deadline, timestamp, topic_length, id_length = \
+                    unpack_message(batch, offset + header)
             payload_at = start + topic_length + id_length
             if payload_at > end or not topic_length or flags & ~known \
                     or deadline != deadline or timestamp != timestamp:

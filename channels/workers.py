@@ -217,12 +217,12 @@ class Worker:
                 self._box = box
                 self._streak = 0
             try:
-                task = box.tasks.popleft()
+                message, subscription = box.tasks.popleft()
                 break
             except IndexError:
                 if not box.release():
                     self._box = box = None
-        self._task = task
+        self._task = task = Task(box.channel, message, subscription)
         self._streak += 1
         message = task.message
         channel = task.channel
@@ -269,7 +269,7 @@ class Mailbox:
     def __init__(self, machinery: Machinery, channel: Channel) -> None:
         self.machinery = machinery
         self.channel = channel
-        self.tasks: deque[Task] = deque()
+        self.tasks: deque[tuple[Message, tuple]] = deque()   # (message, subscription)
         self.claim = threading.Lock()
 
     def __repr__(self) -> str:
@@ -334,21 +334,20 @@ class TaskWorker(Worker):
             self._box = box
             tasks = box.tasks
             streak = 0
+            channel = box.channel
             while True:
                 try:
-                    task = tasks.popleft()
+                    message, subscription = tasks.popleft()
                 except IndexError:
                     if box.release():
                         continue
                     self._box = None
                     break
-                message = task.message
-                subscription = task.subscription
-                if subscription is not task.channel._subscription \
+                if subscription is not channel._subscription \
                         or message._origin._dropped \
                         or (message.deadline is not None and message.is_expired()) \
                         or (message.droppable and not self.running):
-                    if subscription is task.channel._subscription:
+                    if subscription is channel._subscription:
                         message.drop()
                 else:
                     try:
