@@ -57,3 +57,51 @@ def test_a_bad_connection_limit_is_refused(broker_address):
                             timeout=30)
     assert result.returncode == 2
     assert 'MAX_CONNECTIONS must be an int >= 1' in result.stderr
+
+
+def _rss(pid: int) -> int:
+    import psutil
+    return psutil.Process(pid).memory_info().rss
+
+
+@pytest.mark.timeout(120)
+def test_a_process_killed_mid_stream_is_freed_and_the_others_go_on(broker):
+    with app_processes(broker.address, 3) as (sender, survivor, doomed):
+        for app in (survivor, doomed):
+            app.subscribe('chat')
+            broker.wait_subscribed(app.pid, ['chat'])
+        sender.send_many('chat', 2000)              # warm up the broker's allocations
+        survivor.wait_received('chat', 2000)
+        doomed.wait_received('chat', 2000)
+        before = _rss(broker.process.pid)
+        doomed.call('subscribe', 'slow', 0.05)      # a backlog builds up for it
+        broker.wait_subscribed(doomed.pid, ['slow'])
+        sender.call('send_many', 'slow', 20_000, 0, {}, timeout=60)
+        sender.send_many('chat', 2000, start=2000)
+        doomed.kill()
+        wait_until(lambda: broker.process_stats(doomed.pid) is None, timeout=5,
+                   what='the broker to forget the killed process')
+        received = survivor.wait_received('chat', 4000)
+        assert [data['n'] for _, data in received] == list(range(4000))
+        wait_until(lambda: _rss(broker.process.pid) < before * 1.1, timeout=10,
+                   what=f'the broker RSS back within 10% of {before}')
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_messages_flow_stops_the_broker_cleanly_and_in_time(broker):
+    import signal
+    with app_processes(broker.address, 2) as (sender, receiver):
+        receiver.subscribe('chat')
+        broker.wait_subscribed(receiver.pid, ['chat'])
+        sender.conn.send(('send_many', ('chat', 100_000, 0, {})))   # runs on, unanswered
+        wait_until(lambda: (broker.process_stats(sender.pid) or {}).get('messages_in', 0)
+                   > 1000, what='messages flowing')
+        started = time.monotonic()
+        broker.process.send_signal(signal.SIGTERM)
+        assert broker.process.wait(15) == 0
+        assert time.monotonic() - started < 11            # within its --stop-timeout (10 s)
+        assert sender.conn.poll(60)                       # the sender's loop ended normally
+        assert sender.conn.recv()[0] == 'ok'
+        received = receiver.received('chat')
+        assert [data['n'] for _, data in received] == list(range(len(received)))
+        sender.kill()          # it holds what it sent since: no broker to drain it into
