@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 import os
 import socket
 import sys
@@ -124,6 +125,7 @@ class _Reader:
         match = machinery.runtime.registry.match       # lookups take no lock
         schedule = machinery.schedule
         received = Message.received
+        seen = link.seen
         header = wire.HEADER.size
         for frame in wire.decode_batch(batch, link.max_frame):
             kind = frame[0]
@@ -133,6 +135,12 @@ class _Reader:
                     link.ignored += 1
                     continue
                 _, start, end, topic, message_id, timestamp, deadline, droppable, at = frame
+                sender, _, sequence = message_id.rpartition('-')
+                sequence = int(sequence)
+                if sequence <= seen.get(sender, 0):
+                    link.duplicates += 1           # sent again after a broker restart
+                    continue
+                seen[sender] = sequence
                 message = received(topic, message_id, timestamp, deadline, droppable,
                                    batch[at:end])
                 if deadline is not None and message.is_expired():
@@ -174,10 +182,19 @@ class BrokerLink:
         # queue. The doorbell also carries _WAKE (reconnect) and _STOP.
         self._frames: list[Any] = []
         self.doorbell: SimpleQueue = SimpleQueue()
-        self.queued_bytes = 0          # bytes queued for the sender (under send_lock)
-        self.written_bytes = 0         # bytes written (sender thread only)
-        self.queued_messages = 0       # MESSAGE frames queued (under send_lock)
-        self.written_messages = 0      # MESSAGE frames written (sender thread only)
+        # Every MESSAGE frame is retained until the broker confirms (PONG to a PING sent
+        # after it) that it wrote it to every process it was for; after a reconnect the
+        # retained frames are sent again and receivers drop what they saw (by sender and
+        # sequence). Appends happen under send_lock, confirmations in the reader.
+        self._retained: deque[bytes] = deque()
+        self._retained_in = 0              # frames retained so far (send_lock)
+        self._retained_out = 0             # frames confirmed so far (reader)
+        self._retained_bytes_in = 0
+        self._retained_bytes_out = 0
+        self._marks: dict[int, int] = {}   # PING token -> _retained_in when it was sent
+        self._confirming = False           # a confirming PING is on its way
+        self.seen: dict[str, int] = {}     # sender -> last sequence handled (reader)
+        self.duplicates = 0                # messages dropped as seen before (reader)
         # A sender of a message writes it itself when nothing is queued or being written
         # (items_put, under send_lock, equals items_done, sender thread) and it can take
         # write_claim, which the sender thread holds while it writes.
@@ -210,8 +227,13 @@ class BrokerLink:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes sent but not yet written to the broker."""
-        return self.queued_bytes - self.written_bytes
+        """Bytes of messages sent but not yet confirmed by the broker."""
+        return self._retained_bytes_in - self._retained_bytes_out
+
+    @property
+    def unconfirmed(self) -> int:
+        """Messages sent but not yet confirmed by the broker."""
+        return self._retained_in - self._retained_out
 
     @property
     def scheduled(self) -> int:
@@ -242,6 +264,7 @@ class BrokerLink:
 
     def put_message(self, message: Message) -> None:
         """Queue *message* for the broker. The caller holds the machinery's send_lock."""
+        message.renumber()      # ids follow the stream's order: receivers rely on it
         frame = _encode_message(message.topic, message.id_bytes(), message.timestamp,
                                 message.deadline, message.droppable, message._payload)
         size = len(frame)
@@ -250,11 +273,15 @@ class BrokerLink:
                 f'message to {message.topic!r} is {size} bytes on the wire, over '
                 f'MAX_FRAME_BYTES={self.max_frame}; send less data, or raise the setting '
                 f'(for the broker too)')
-        if self.queued_bytes + size - self.written_bytes > self.max_buffer:
+        if self._retained_bytes_in + size - self._retained_bytes_out > self.max_buffer:
             raise BufferFullError(
-                f'cannot send {message!r}: {self.buffered_bytes} bytes already wait for the '
-                f'broker on {self.address_text}, and MAX_BUFFER_BYTES is {self.max_buffer}. '
-                f'Is the broker running? (channels-broker --address {self.address_text})')
+                f'cannot send {message!r}: {self.buffered_bytes} bytes of messages wait for '
+                f'the broker on {self.address_text} to confirm them, and MAX_BUFFER_BYTES is '
+                f'{self.max_buffer}. Is the broker running? (channels-broker --address '
+                f'{self.address_text})')
+        self._retained.append(frame)
+        self._retained_in += 1
+        self._retained_bytes_in += size
         if self.items_put == self.items_done and self._sock is not None:
             now = _monotonic()
             # An idle connection (nothing queued or being written): write it ourselves,
@@ -262,20 +289,37 @@ class BrokerLink:
             # the sender thread batches, which is cheaper per message.
             if now - self._last_direct > _DIRECT_INTERVAL and self.write_claim.acquire(False):
                 try:
-                    rest = self._write_now(frame)
+                    batch = frame if self._confirming else frame + self._confirmation()
+                    rest = self._write_now(batch)
                 finally:
                     self.write_claim.release()
                 self._last_direct = now
                 if rest is None:
                     return
-                frame, size = rest, len(rest.data)      # written first, as it is
-        self.queued_bytes += size
-        self.queued_messages += 1
+                frame = rest                        # written first, as it is
         self.items_put += 1
         frames = self._frames
         frames.append(frame)
         if len(frames) == 1:
             self.doorbell.put(None)
+
+    def _confirmation(self, mark: int | None = None) -> bytes:
+        """A PING whose PONG confirms the retained frames up to *mark* (default: all)."""
+        token = next(self._tokens)
+        self._marks[token] = self._retained_in if mark is None else mark
+        self._confirming = True
+        return wire.encode_ping(wire.PING, token)
+
+    def _confirm(self, token: int) -> None:
+        """The PONG of *token* came: forget the frames it confirms (reader thread)."""
+        mark = self._marks.pop(token, None)
+        if mark is None:
+            return
+        self._confirming = False
+        retained = self._retained
+        while self._retained_out < mark and retained:
+            self._retained_bytes_out += len(retained.popleft())
+            self._retained_out += 1
 
     def _write_now(self, frame: bytes) -> _Raw | None:
         """Write *frame* without blocking; None if all went, else what is left (as raw
@@ -298,8 +342,7 @@ class BrokerLink:
         self._put_control(wire.encode(wire.UNSUB, topic.encode()))
 
     def _put_control(self, frame: bytes) -> None:
-        with self.machinery.send_lock:      # every byte queued is counted
-            self.queued_bytes += len(frame)
+        with self.machinery.send_lock:
             self.items_put += 1
             frames = self._frames
             frames.append(frame)
@@ -313,18 +356,21 @@ class BrokerLink:
         Without a connection and with no message buffered there is nothing to wait for:
         what was written went to a broker that is gone.
         """
-        if not self.connected.is_set() and self.queued_messages == self.written_messages:
+        if not self.connected.is_set() and not self.unconfirmed:
             return True
-        token = next(self._tokens)
-        event = self._pongs[token] = threading.Event()
-        self._put_control(wire.encode_ping(wire.PING, token))
+        with self.machinery.send_lock:
+            ping = self._confirmation()
+            token = wire.decode_ping(ping[wire.HEADER.size:])
+            event = self._pongs[token] = threading.Event()
+        self._put_control(ping)
         try:
             return event.wait(max(deadline - time.monotonic(), 0))
         finally:
             self._pongs.pop(token, None)
 
     def pong(self, token: int) -> None:
-        """The broker answered the PING with *token*."""
+        """The broker answered the PING with *token*: all before it was written."""
+        self._confirm(token)
         event = self._pongs.get(token)
         if event is not None:
             event.set()
@@ -399,7 +445,8 @@ class BrokerLink:
                             break
                         backoff = min(backoff * 2, _BACKOFF_MAX)
                 try:
-                    self._connect()
+                    self._connect(pending)
+                    pending = []
                 except ChannelsError as exc:
                     failures += 1
                     if failures == 1:
@@ -421,14 +468,21 @@ class BrokerLink:
                     break
             with self.machinery.send_lock:
                 taken, self._frames = self._frames, []
+                mark = self._retained_in       # what the taken frames bring up to
+                ping = None if self._confirming or self._retained_out >= mark \
+                    else self._confirmation(mark)
+                if ping is not None:
+                    self.items_put += 1        # _write counts it done: count it put
             pending.extend(taken)
+            if ping is not None:
+                pending.append(ping)
             pending = self._write(pending)
             if _STOP in signals:
                 break
-        lost = sum(1 for frame in pending if frame[5] == wire.MESSAGE)
-        if lost:
-            logger.warning('%d messages could not be written to the broker on %s before '
-                           'the connection closed; they are lost', lost, self.address_text)
+        if self.unconfirmed:
+            logger.warning('%d messages sent to the broker on %s were not confirmed before '
+                           'the connection closed; they may be lost', self.unconfirmed,
+                           self.address_text)
         self._drop_connection()
 
     def _write(self, frames: list[Any]) -> list[Any]:
@@ -443,15 +497,11 @@ class BrokerLink:
                 for group in _groups(frames):
                     if type(group) is _Raw:
                         self._sock.sendall(group.data)
-                        self.written_bytes += len(group.data)
-                        self.written_messages += 1
                         written += 1
                         self.items_done += 1
                         continue
                     connection.send_bytes(group[0] if len(group) == 1 else b''.join(group))
                     written += len(group)
-                    self.written_bytes += sum(map(len, group))
-                    self.written_messages += sum([frame[5] == wire.MESSAGE for frame in group])
                     self.items_done += len(group)
             except OSError as exc:
                 if not self.closing:
@@ -460,17 +510,38 @@ class BrokerLink:
                 self._lost = connection
         return frames[written:]
 
-    def _connect(self) -> None:
+    def _connect(self, pending: list[Any]) -> None:
+        """Connect, register every subscription, then send again what the broker has not
+        confirmed, then the control frames still queued (*pending*: what the sender had
+        taken and not written)."""
         connection = connect(self.address, self.authkey)
         runtime = self.machinery.runtime
         try:
             with runtime.registry_lock:
                 topics = list(runtime.registry.topics())
             connection.send_bytes(wire.encode_json(
-                wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name()}))
+                wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name(),
+                             'subscriptions': len(topics)}))
             subs = [wire.encode(wire.SUB, topic.encode()) for topic in topics]
             for group in wire.group_frames(subs):
                 connection.send_bytes(b''.join(group))
+            with self.machinery.send_lock:
+                queued, self._frames = self._frames, []
+                self.items_done = self.items_put          # all of it is handled here
+                again = list(self._retained)
+                self._marks = {}
+                ping = self._confirmation() if again else None
+            controls = [frame for frame in pending + queued
+                        if type(frame) is not _Raw and frame[5] != wire.MESSAGE]
+            waiting = [wire.encode_ping(wire.PING, token) for token in list(self._pongs)]
+            for token in list(self._pongs):       # shutdown's barrier, whose PONG was lost
+                self._marks.setdefault(token, self._retained_in)
+            frames = again + controls + waiting + ([ping] if ping else [])
+            for group in wire.group_frames(frames):
+                connection.send_bytes(b''.join(group))
+            if again:
+                logger.info('sent %d unconfirmed messages again to the broker on %s',
+                            len(again), self.address_text)
         except OSError as exc:
             connection.close()
             raise ChannelsError(f'the broker on {self.address_text} closed the connection '

@@ -170,6 +170,12 @@ class Message:
         message._dropped = False
         return message
 
+    def renumber(self) -> None:
+        """Give the message the next sequence number of this process (done under the
+        lock that orders the frames sent to the broker, so that a receiver can tell a
+        message sent again from a new one: the sequence only grows)."""
+        self._id = (_identity.prefix, next(_identity.sequence))
+
     def id_bytes(self) -> bytes:
         """The id, UTF-8 encoded (cheaper than ``id.encode()`` before it was built)."""
         id = self._id

@@ -132,6 +132,7 @@ def test_a_multiprocessing_child_that_returns_delivers_everything_it_sent(broker
     assert child.exitcode == 0
     received.wait_for(5000)
     assert [d['n'] for d in received.data] == list(range(5000))
+    assert channels.runtime.runtime.machinery.link.duplicates == 0
 
 
 def test_thousands_of_subscriptions_are_registered_again_after_a_broker_restart(
