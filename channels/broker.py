@@ -29,6 +29,7 @@ route what the inbound queue holds -> let every writer write its outbox -> close
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import socket
@@ -39,6 +40,8 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 from queue import Empty, SimpleQueue
 from typing import Any
+
+import psutil
 
 from . import wire
 from .connection import Address, format_address, listen, server_handshake
@@ -162,6 +165,8 @@ class Peer:
         # waits for a router: batches_put (reader) equals batches_routed (router).
         self.batches_put = 0
         self.batches_routed = 0
+        self.subscriptions_announced = 0    # in its HELLO: SUBs that follow at once
+        self.subscriptions_applied = 0
         self.closed = False
         self.last: RoutedMessage | None = None   # the message last scheduled here
         self.connected_at = time.time()
@@ -247,7 +252,8 @@ class Peer:
             route_lock = broker.route_lock
             while True:
                 items = self._decode(self.connection.recv_bytes(max_batch), limit)
-                if broker.fast_routing and self.batches_put == self.batches_routed \
+                if broker.fast_routing and not broker.holding \
+                        and self.batches_put == self.batches_routed \
                         and route_lock.acquire(False):
                     try:        # nothing of ours waits and nobody routes: save a hand-off
                         broker.route(items, True)
@@ -297,8 +303,11 @@ class Peer:
         self.pid = hello['pid']
         self.name = str(hello.get('name', ''))[:200]
         self.role = hello['role']
+        announced = hello.get('subscriptions', 0)
+        self.subscriptions_announced = announced if isinstance(announced, int) else 0
         if self.role == 'app':
-            if not self.broker.admit(self):
+            broker = self.broker
+            if not broker.admit(self):
                 limit = self.broker.max_connections
                 logger.warning('refused process %d: %d processes are connected, and '
                                'MAX_CONNECTIONS is %d', self.pid, limit, limit)
@@ -307,6 +316,10 @@ class Peer:
                              f'processes, its MAX_CONNECTIONS; raise it (channels-broker '
                              f'--max-connections N) or connect fewer processes'}))
                 raise _Refused()
+            if broker.holding and self.pid in broker._awaited \
+                    and not self.subscriptions_announced:
+                with broker.route_lock:
+                    broker._rejoined(self)
             rest = batch[end:]
             if rest:
                 self.queue(self._decode(rest, self.broker.max_frame))
@@ -385,6 +398,7 @@ class Peer:
                         self.closed = True
                 self.dropped += sum([count for _, count in unwritten])
                 self.items_written += len(items)
+            self.broker.written()
         if not self.broker.stopping:
             self.close()      # the process is gone and its reader is done
 
@@ -432,7 +446,8 @@ class _Inbound:
                 return item
             if self.sequencer is not None:
                 self.sequencer.wait_all_done()   # control follows every earlier message
-            self.broker.apply(*item)
+            with self.broker.route_lock:
+                self.broker.apply(*item)
 
 
 class _BrokerMachinery:
@@ -450,7 +465,8 @@ class _BrokerMachinery:
         if peer.closed or peer.last is message:
             return False
         peer.last = message
-        peer.deliver(message.frame, 1)
+        with self.broker.route_lock:
+            peer.deliver(message.frame, 1)
         return True
 
 
@@ -467,12 +483,17 @@ class BatchRouter(MessageBroker):
     def run(self) -> None:
         """Route one inbound batch."""
         machinery = self.machinery
-        batch = machinery.messages.queue.get(timeout=self.timeout)
+        broker = machinery.broker
+        if broker.holding and time.monotonic() > broker.hold_deadline:
+            with broker.route_lock:
+                broker.end_hold(f'{len(broker._awaited)} processes did not come back '
+                                f'within {broker.rejoin_timeout:.3g}s')
+        batch = machinery.messages.queue.get(timeout=min(self.timeout, 0.1)
+                                             if broker.holding else self.timeout)
         if batch is STOP:
             self._stopping = True
             raise Empty
         peer, items = batch
-        broker = machinery.broker
         with broker.route_lock:
             self.routed += broker.route(items, self.running)
             peer.batches_routed += 1
@@ -494,7 +515,7 @@ class Broker:
     def __init__(self, address: Address, authkey: bytes | None = None, *,
                  broker_threads: int = 1, broker_class: type[Worker] = MessageBroker,
                  max_frame: int = 64 * 1024 * 1024, max_connections: int = 1024,
-                 worker_timeout: float = 0.5) -> None:
+                 rejoin_timeout: float = 5.0, worker_timeout: float = 0.5) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -520,6 +541,12 @@ class Broker:
         self.expired = 0                # messages dropped (expired, or droppable at stop)
         self.route_lock = threading.Lock()
         self.fast_routing = broker_class is MessageBroker and broker_threads == 1
+        self._barriers: list[tuple[Peer, int, list[tuple[Peer, int]]]] = []
+        self.rejoin_timeout = rejoin_timeout
+        self.holding = False            # after a restart, until processes are back
+        self.hold_deadline = 0.0
+        self._held: list[Any] = []        # messages and PINGs, in order
+        self._awaited: set[int] = set()
         self.workers: list[Worker] = []
         self._connecting: dict[int, Peer] = {}
         self._listener: socket.socket | None = None
@@ -555,6 +582,14 @@ class Broker:
             self.address = self._listener.getsockname()[:2]
         self._state = 'running'
         self.started_at = time.time()
+        if self.fast_routing:
+            self._awaited = self._load_awaited()
+            if self._awaited:
+                self.holding = True
+                self.hold_deadline = time.monotonic() + self.rejoin_timeout
+                logger.info('holding messages until the %d processes connected before '
+                            'this start are back (at most %.3gs)', len(self._awaited),
+                            self.rejoin_timeout)
         runtime.use_registry(self.index, self.index_lock)
         sequencer = _Sequencer(STOP) if self.broker_threads > 1 else None
         machinery = _BrokerMachinery(self, sequencer)
@@ -647,7 +682,8 @@ class Broker:
             if len(self.peers) >= self.max_connections:
                 return False
             self.peers[peer.number] = peer
-            return True
+        self._save_peers()
+        return True
 
     def forget(self, peer: Peer) -> None:
         """A connection that ended before it became a working app process."""
@@ -656,19 +692,30 @@ class Broker:
             self.peers.pop(peer.number, None)
 
     def apply(self, kind: str, peer: Peer, value: Any) -> None:
-        """Apply a control item from the inbound queue (in a routing thread)."""
+        """Apply a control item from the inbound queue (routing, under ``route_lock``)."""
         if kind == _SUB:
             if value not in peer.topics and not peer.closed:
                 channel = peer.topics[value] = RemoteChannel(value, peer)
                 with self.index_lock:
                     self.index.add(value, channel)
+            peer.subscriptions_applied += 1
+            if self.holding and peer.pid in self._awaited \
+                    and peer.subscriptions_applied >= peer.subscriptions_announced:
+                self._rejoined(peer)
         elif kind == _UNSUB:
             channel = peer.topics.pop(value, None)
             if channel is not None:
                 with self.index_lock:
                     self.index.remove(value, channel)
         elif kind == _PING:
-            peer.deliver(wire.encode_ping(wire.PONG, value), 0)
+            # PONG once every process has been written what was routed before the PING:
+            # the sender may then forget those messages (see client.BrokerLink)
+            waits = [(p, p.items_put) for p in list(self.peers.values())
+                     if p.items_put > p.items_written and not p.closed]
+            if waits:
+                self._barriers.append((peer, value, waits))
+            else:
+                peer.deliver(wire.encode_ping(wire.PONG, value), 0)
         elif kind == _GONE:
             with self.index_lock:
                 for topic, channel in peer.topics.items():
@@ -678,7 +725,75 @@ class Broker:
             peer.outbox.put(STOP)
             with self._peers_lock:
                 self.peers.pop(peer.number, None)
+            self._save_peers()
             logger.info('process %d disconnected', peer.pid)
+            self._check_barriers()
+
+    def _check_barriers(self) -> None:
+        """Answer the PINGs whose messages every process has been written (or left).
+        The caller holds ``route_lock``."""
+        for barrier in list(self._barriers):
+            peer, token, waits = barrier
+            if all(p.items_written >= n or p.closed for p, n in waits):
+                self._barriers.remove(barrier)
+                peer.deliver(wire.encode_ping(wire.PONG, token), 0)
+
+    def written(self) -> None:
+        """A writer wrote: maybe a PING can be answered now."""
+        if self._barriers:
+            with self.route_lock:
+                self._check_barriers()
+
+    # restarts: processes that were connected to the broker before get a moment to
+    # reconnect and subscribe again before anything is routed, so that what their
+    # peers send again after the restart reaches them
+
+    def _peers_file(self) -> str | None:
+        return self.address + '.peers' if isinstance(self.address, str) else None
+
+    def _save_peers(self) -> None:
+        path = self._peers_file()
+        if path is None:
+            return
+        # the processes still awaited after a restart stay listed: if this broker dies
+        # before they are back, the next one waits for them too
+        pids = sorted({p.pid for p in list(self.peers.values())} | self._awaited)
+        try:
+            with open(path + '.tmp', 'w') as file:
+                json.dump(pids, file)
+            os.replace(path + '.tmp', path)
+        except OSError as exc:
+            logger.debug('cannot save the list of processes to %s: %s', path, exc)
+
+    def _load_awaited(self) -> set[int]:
+        path = self._peers_file()
+        if path is None or not os.path.exists(path):
+            return set()
+        try:
+            with open(path) as file:
+                pids = json.load(file)
+        except (OSError, ValueError) as exc:
+            logger.warning('ignoring %s: %s', path, exc)
+            return set()
+        return {pid for pid in pids if isinstance(pid, int) and pid != os.getpid()
+                and psutil.pid_exists(pid)}
+
+    def _rejoined(self, peer: Peer) -> None:
+        self._awaited.discard(peer.pid)
+        if not self._awaited:
+            self.end_hold('every process that was connected before is back')
+
+    def end_hold(self, why: str) -> None:
+        """Stop holding messages back after a restart and route what was held.
+        The caller holds ``route_lock``."""
+        if not self.holding:
+            return
+        self.holding = False
+        held, self._held = self._held, []
+        logger.info('routing again (%s); %d messages were held', why,
+                    sum(1 for item in held if type(item) is RoutedMessage))
+        if held:
+            self.route(held, True)
 
     def route(self, items: list[Any], running: bool) -> int:
         """Route a reader's batch as ``MessageBroker.run()`` routes a message: each
@@ -690,11 +805,17 @@ class Broker:
         routed = 0
         for item in items:
             if type(item) is not RoutedMessage:
+                if self.holding and item[0] == _PING:
+                    self._held.append(item)    # a PONG now would confirm held messages
+                    continue
                 _hand_out(shares)          # what came before a control item goes first
                 shares = {}
                 self.apply(*item)
                 continue
             routed += 1
+            if self.holding:
+                self._held.append(item)
+                continue
             if (item.deadline is not None and item.is_expired()) \
                     or (item.droppable and not running):
                 item.drop()

@@ -114,6 +114,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
         broker = Broker(address, authkey, broker_threads=args.broker_threads,
                         max_frame=settings.get('MAX_FRAME_BYTES'),
                         max_connections=settings.get('MAX_CONNECTIONS'),
+                        rejoin_timeout=settings.get('REJOIN_TIMEOUT'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

@@ -153,6 +153,10 @@ _SETTINGS.update({
     'MAX_CONNECTIONS': _Setting(
         1024, _positive_int,
         'app processes the broker serves at once; more are refused with a notice'),
+    'REJOIN_TIMEOUT': _Setting(
+        5.0, _positive_float,
+        'seconds a restarted broker holds messages back until the processes that were '
+        'connected before are back'),
     'MAX_FRAME_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         'the largest message, in bytes on the wire; larger ones raise at send()'),

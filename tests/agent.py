@@ -51,6 +51,17 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
         for n in range(start, start + count):
             channel.send({'n': n, 'pid': me}, **kwargs)
 
+    def send_paced(topic: str, count: int, rate: float, start: int, kwargs: dict) -> None:
+        """Send like send_many, at *rate* messages per second."""
+        channel = Channel(topic)
+        me = os.getpid()
+        began = time.monotonic()
+        for n in range(start, start + count):
+            delay = began + (n - start) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            channel.send({'n': n, 'pid': me}, **kwargs)
+
     def connected() -> bool:
         machinery = channels.runtime.runtime.machinery
         return machinery is not None and machinery.link is not None \
@@ -86,6 +97,7 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
 
     commands = {'fork_recorder': fork_recorder, 'wait_child': wait_child,'pid': pid, 'subscribe': subscribe, 'unsubscribe': unsubscribe,
                 'received': get_received, 'send': send, 'send_many': send_many,
+                'send_paced': send_paced,
                 'connected': connected, 'running': running, 'shutdown': shutdown}
     while True:
         try:

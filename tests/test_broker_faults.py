@@ -167,3 +167,40 @@ def test_a_tcp_broker_address_without_an_authkey_is_refused_at_first_use(monkeyp
 def test_a_bad_broker_address_is_refused_by_configure():
     with pytest.raises(channels.ConfigurationError, match='BROKER_ADDRESS.*port must be'):
         channels.configure(BROKER_ADDRESS='localhost:99999')
+
+
+@pytest.mark.timeout(180)
+def test_nothing_is_lost_or_repeated_when_the_broker_is_killed_and_restarted_twice(
+        broker_address):
+    broker = BrokerProcess(broker_address).start()
+    try:
+        with app_processes(broker_address, 4) as apps:
+            for app in apps:
+                app.subscribe('chat.*')
+            for app in apps:
+                broker.wait_subscribed(app.pid, ['chat.*'])
+            senders, watcher = apps[:2], apps[3]
+            for sender in senders:       # 2 x 10,000 messages at 2,500/s each: ~4 s
+                sender.conn.send(('send_paced', ('chat.room', 10_000, 2_500, 0, {})))
+            for threshold in (3_000, 11_000):
+                wait_until(lambda: len(watcher.received('chat.*')) > threshold, timeout=60,
+                           what=f'{threshold} messages before killing the broker')
+                broker.kill()
+                broker = BrokerProcess(broker_address).start()
+            for sender in senders:
+                assert sender.conn.poll(60), 'a sender did not finish'
+                assert sender.conn.recv()[0] == 'ok'
+            for app in apps:
+                try:
+                    app.wait_received('chat.*', 20_000, timeout=30)
+                finally:
+                    by_sender: dict[int, list[int]] = {}
+                    for _, data in app.received('chat.*'):
+                        by_sender.setdefault(data['pid'], []).append(data['n'])
+                    for pid, numbers in by_sender.items():
+                        missing = sorted(set(range(10_000)) - set(numbers))
+                        print(f'{app.pid} from {pid}: {len(numbers)}, missing {missing[:3]}'
+                              f'..{missing[-3:]} ({len(missing)})')
+                assert by_sender == {sender.pid: list(range(10_000)) for sender in senders}
+    finally:
+        broker.stop()
