@@ -167,6 +167,9 @@ class Peer:
         self.batches_routed = 0
         self.subscriptions_announced = 0    # in its HELLO: SUBs that follow at once
         self.subscriptions_applied = 0
+        self.overflow_dropped = 0           # droppable messages dropped: it was too slow
+        self.bytes_put = 0                  # bytes put in the outbox (routing)
+        self.bytes_done = 0                 # ... written or dropped (writer thread)
         self.closed = False
         self.last: RoutedMessage | None = None   # the message last scheduled here
         self.connected_at = time.time()
@@ -188,7 +191,8 @@ class Peer:
         return {'pid': self.pid, 'name': self.name, 'subscriptions': sorted(self.topics),
                 'messages_in': self.messages_in,
                 'messages_out': self.messages_out + self.direct_out,
-                'pending': self.pending, 'dropped': self.dropped,
+                'pending': self.pending,
+                'dropped': self.dropped + self.overflow_dropped,
                 'connected_s': round(time.time() - self.connected_at, 3)}
 
     def deliver(self, data: bytes, count: int) -> None:
@@ -215,6 +219,7 @@ class Peer:
                 self.write_claim.release()
         self.items_put += 1
         self.queued_out += count
+        self.bytes_put += len(framed)
         self.outbox.put((framed, count))
 
     def shutdown_reading(self) -> None:
@@ -316,6 +321,12 @@ class Peer:
                              f'processes, its MAX_CONNECTIONS; raise it (channels-broker '
                              f'--max-connections N) or connect fewer processes'}))
                 raise _Refused()
+            lost = broker.lost.pop(self.pid, 0)
+            if lost:
+                with broker.route_lock:
+                    self.deliver(wire.encode_json(wire.NOTICE, {
+                        'lost': lost, 'reason': 'this process was cut off: it fell more '
+                        f'than MAX_PENDING_BYTES={broker.max_pending} bytes behind'}), 0)
             if broker.holding and self.pid in broker._awaited \
                     and not self.subscriptions_announced:
                 with broker.route_lock:
@@ -398,6 +409,7 @@ class Peer:
                         self.closed = True
                 self.dropped += sum([count for _, count in unwritten])
                 self.items_written += len(items)
+                self.bytes_done += sum([len(data) for data, _ in items])
             self.broker.written()
         if not self.broker.stopping:
             self.close()      # the process is gone and its reader is done
@@ -515,7 +527,8 @@ class Broker:
     def __init__(self, address: Address, authkey: bytes | None = None, *,
                  broker_threads: int = 1, broker_class: type[Worker] = MessageBroker,
                  max_frame: int = 64 * 1024 * 1024, max_connections: int = 1024,
-                 rejoin_timeout: float = 5.0, worker_timeout: float = 0.5) -> None:
+                 rejoin_timeout: float = 5.0, max_pending: int = 64 * 1024 * 1024,
+                 worker_timeout: float = 0.5) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -542,6 +555,10 @@ class Broker:
         self.route_lock = threading.Lock()
         self.fast_routing = broker_class is MessageBroker and broker_threads == 1
         self._barriers: list[tuple[Peer, int, list[tuple[Peer, int]]]] = []
+        self.max_pending = max_pending
+        self.dropped = 0                # droppable messages dropped for slow processes
+        self.lost: dict[int, int] = {}  # pid -> messages lost when it was cut off
+        self.lost_total = 0
         self.rejoin_timeout = rejoin_timeout
         self.holding = False            # after a restart, until processes are back
         self.hold_deadline = 0.0
@@ -801,6 +818,7 @@ class Broker:
         each process's share in one piece. The caller holds ``route_lock``. Returns
         the number of messages (routed or dropped)."""
         match = self.index.match
+        limit = self.max_pending
         shares: dict[Peer, list[bytes]] = {}
         routed = 0
         for item in items:
@@ -825,6 +843,9 @@ class Broker:
             if len(targets) == 1:
                 peer = targets[0].peer
                 if not peer.closed:
+                    if peer.bytes_put - peer.bytes_done > limit \
+                            and not self._room_for(peer, item):
+                        continue
                     share = shares.get(peer)
                     if share is None:
                         shares[peer] = [item.frame]
@@ -837,6 +858,9 @@ class Broker:
                     if peer in seen or peer.closed:
                         continue
                     seen.add(peer)
+                    if peer.bytes_put - peer.bytes_done > limit \
+                            and not self._room_for(peer, item):
+                        continue
                     share = shares.get(peer)
                     if share is None:
                         shares[peer] = [item.frame]
@@ -844,6 +868,34 @@ class Broker:
                         share.append(item.frame)
         _hand_out(shares)
         return routed
+
+    def _room_for(self, peer: Peer, message: RoutedMessage) -> bool:
+        """*peer* holds more than MAX_PENDING_BYTES unwritten: drop *message* for it if
+        droppable, else cut the process off (it is told on reconnect). False: don't add."""
+        if message.droppable:
+            peer.overflow_dropped += 1
+            self.dropped += 1
+            if peer.overflow_dropped == 1 or peer.overflow_dropped % 1000 == 0:
+                logger.warning('process %d is slow: %d droppable messages dropped for it so '
+                               'far (over MAX_PENDING_BYTES=%d)', peer.pid,
+                               peer.overflow_dropped, self.max_pending)
+            return False
+        lost = peer.pending + 1
+        self.cut_off(peer, lost, f'it fell more than MAX_PENDING_BYTES={self.max_pending} '
+                                 f'bytes behind')
+        return False
+
+    def cut_off(self, peer: Peer, lost: int, reason: str) -> None:
+        """Disconnect a process that fell behind; it learns about *lost* on reconnect."""
+        peer.closed = True
+        self.lost[peer.pid] = self.lost.get(peer.pid, 0) + lost
+        self.lost_total += lost
+        logger.warning('cut off process %d: %s; about %d messages for it are lost',
+                       peer.pid, reason, lost)
+        try:
+            peer.sock.shutdown(socket.SHUT_RDWR)      # its reader sees the end: gone
+        except OSError:
+            pass
 
     def stats(self) -> dict[str, Any]:
         """The live state, as ``channels-broker stats --json`` prints it."""
@@ -860,4 +912,6 @@ class Broker:
                        for key in ('messages_in', 'messages_out', 'dropped', 'pending')},
             'errors': sum(worker.errors for worker in self.workers),
             'expired': self.expired,
+            'dropped_slow': self.dropped,
+            'lost_cut_off': self.lost_total,
         }

@@ -115,6 +115,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         max_frame=settings.get('MAX_FRAME_BYTES'),
                         max_connections=settings.get('MAX_CONNECTIONS'),
                         rejoin_timeout=settings.get('REJOIN_TIMEOUT'),
+                        max_pending=settings.get('MAX_PENDING_BYTES'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

@@ -38,7 +38,11 @@ from .message import Message
 if TYPE_CHECKING:
     from .runtime import Machinery
 
-__all__ = ['BrokerLink']
+__all__ = ['BrokerLink', 'LOST_TOPIC']
+
+LOST_TOPIC = 'lona.channels.lost'
+"""Sent locally when the broker had cut this process off for being too slow:
+``data == {'count': <messages lost>, 'reason': <text>}``."""
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +107,16 @@ class _Reader:
 
     def _loop(self) -> None:
         link = self.link
+        machinery = link.machinery
+        limit = link.max_pending_tasks
         try:
             while True:
                 self._handle(self.connection.recv_bytes(link.max_batch))
+                if machinery.backlog() > limit:
+                    # handlers are behind: stop reading, so the broker holds (and bounds)
+                    # what is on its way instead of this process's memory growing
+                    while machinery.backlog() > limit and not link.closing:
+                        time.sleep(0.002)
         except (EOFError, OSError) as exc:
             if not link.closing:
                 logger.warning('lost the connection to the broker on %s (%s); reconnecting',
@@ -157,8 +168,14 @@ class _Reader:
             elif kind == wire.PONG:
                 link.pong(wire.decode_ping(batch[frame[1] + header:frame[2]]))
             elif kind == wire.NOTICE:
-                logger.warning('the broker says: %s',
-                               wire.decode_json(batch[frame[1] + header:frame[2]]))
+                notice = wire.decode_json(batch[frame[1] + header:frame[2]])
+                if isinstance(notice, dict) and isinstance(notice.get('lost'), int):
+                    logger.warning('the broker cut this process off and %d messages for it '
+                                   'were lost: %s', notice['lost'], notice.get('reason'))
+                    machinery.runtime.send_event(LOST_TOPIC, {
+                        'count': notice['lost'], 'reason': str(notice.get('reason', ''))})
+                else:
+                    logger.warning('the broker says: %s', notice)
             else:
                 raise ProtocolError(f'unexpected {wire.KIND_NAMES[kind]} frame from the broker')
 
@@ -167,13 +184,14 @@ class BrokerLink:
     """The connection of this process's machinery to the broker, and its two threads."""
 
     def __init__(self, machinery: Machinery, address: Address, authkey: bytes | None, *,
-                 max_buffer: int, max_frame: int) -> None:
+                 max_buffer: int, max_frame: int, max_pending_tasks: int = 100_000) -> None:
         self.machinery = machinery
         self.address = address
         self.address_text = format_address(address)
         self.authkey = authkey
         self.max_buffer = max_buffer
         self.max_frame = max_frame
+        self.max_pending_tasks = max_pending_tasks
         self.max_frame_size = max_frame + wire.HEADER.size
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
         # Frames to write, appended under the machinery's send_lock; the sender thread

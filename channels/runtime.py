@@ -148,7 +148,8 @@ class Machinery:
                     f'CHANNELS_AUTHKEY or CHANNELS_AUTHKEY_FILE to the broker\'s')
             self.link = BrokerLink(self, parsed, authkey,
                                    max_buffer=settings.get('MAX_BUFFER_BYTES'),
-                                   max_frame=settings.get('MAX_FRAME_BYTES'))
+                                   max_frame=settings.get('MAX_FRAME_BYTES'),
+                                   max_pending_tasks=settings.get('MAX_PENDING_TASKS'))
         elif not Runtime.told_embedded:
             Runtime.told_embedded = True
             logger.info('no broker is configured (CHANNELS_BROKER_ADDRESS is unset): messages '
@@ -206,6 +207,11 @@ class Machinery:
 
     def _routed(self) -> bool:
         return sum(broker.routed for broker in self.brokers) >= self.submitted
+
+    def backlog(self) -> int:
+        """Tasks scheduled and not yet run (read without a lock: approximate)."""
+        return sum(s.scheduled for s in self.schedulers) \
+            - sum(w.settled for w in self.task_workers)
 
     def _settled(self) -> bool:
         scheduled = sum(scheduler.scheduled for scheduler in self.schedulers)
@@ -398,6 +404,15 @@ class Runtime:
         """Make ``Channel.get_channels()`` search *registry* (the broker process does
         this: its "channels" are the subscriptions of every connected process)."""
         self.registry, self.registry_lock = registry, lock
+
+    def send_event(self, event_topic: str, data: dict) -> None:
+        """Send a local internal event (no-op while not running or shutting down)."""
+        machinery = self.machinery
+        if machinery is not None and machinery.state is RUNNING:
+            try:
+                machinery.submit(Message.event(event_topic, data))
+            except ShutdownError:
+                pass
 
     def _send_event(self, machinery: Machinery, event_topic: str, topic: str) -> None:
         if machinery.state is not RUNNING:

@@ -51,8 +51,10 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
         for n in range(start, start + count):
             channel.send({'n': n, 'pid': me}, **kwargs)
 
-    def send_paced(topic: str, count: int, rate: float, start: int, kwargs: dict) -> None:
-        """Send like send_many, at *rate* messages per second."""
+    def send_paced(topic: str, count: int, rate: float, start: int, kwargs: dict,
+                   every_tenth_not_droppable: bool = False) -> None:
+        """Send like send_many, at *rate* messages per second (optionally droppable but
+        for every tenth message)."""
         channel = Channel(topic)
         me = os.getpid()
         began = time.monotonic()
@@ -60,6 +62,8 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
             delay = began + (n - start) / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            if every_tenth_not_droppable:
+                kwargs = {'droppable': n % 10 != 9}
             channel.send({'n': n, 'pid': me}, **kwargs)
 
     def connected() -> bool:

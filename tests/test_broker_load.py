@@ -105,3 +105,35 @@ def test_sigterm_while_messages_flow_stops_the_broker_cleanly_and_in_time(broker
         received = receiver.received('chat')
         assert [data['n'] for _, data in received] == list(range(len(received)))
         sender.kill()          # it holds what it sent since: no broker to drain it into
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_process_is_bounded_at_the_broker_and_told_what_it_lost(broker_address):
+    import os
+    env = dict(os.environ, CHANNELS_MAX_PENDING_BYTES='500000')
+    broker = BrokerProcess(broker_address, env=env).start()
+    try:
+        with app_processes(broker_address, 2) as (sender, fast), \
+                app_processes(broker_address, 1, MAX_PENDING_TASKS=50) as (slow,):
+            fast.subscribe('chat')
+            slow.subscribe('chat', 0.01)                   # handles 100 messages/s
+            slow.subscribe('lona.channels.lost')
+            for app in (fast, slow):
+                broker.wait_subscribed(app.pid, ['chat'])
+            # 20,000 messages at 5,000/s, all droppable but every tenth
+            sender.call('send_paced', 'chat', 20_000, 5_000, 0, {}, True, timeout=60)
+            received = fast.wait_received('chat', 20_000, timeout=60)
+            assert [data['n'] for _, data in received] == list(range(20_000))
+            wait_until(lambda: broker.stats()['lost_cut_off'] > 0, timeout=30,
+                       what='the slow process to be cut off')
+            stats = broker.stats()
+            assert stats['dropped_slow'] > 0          # droppable messages went first
+            assert 'cut off process' in broker.log
+            assert 'droppable messages dropped' in broker.log
+            (event,) = slow.wait_received('lona.channels.lost', 1, timeout=30)
+            assert event[1]['count'] > 0 and 'MAX_PENDING_BYTES' in event[1]['reason']
+            assert f'cut off process {fast.pid}:' not in broker.log
+            assert f'cut off process {slow.pid}:' in broker.log
+            slow.kill()            # its handlers are far behind: no need to wait for them
+    finally:
+        broker.stop()
