@@ -731,6 +731,7 @@ class Broker:
                      if p.items_put > p.items_written and not p.closed]
             if waits:
                 self._barriers.append((peer, value, waits))
+                self._check_barriers()     # a writer may have finished meanwhile
             else:
                 peer.deliver(wire.encode_ping(wire.PONG, value), 0)
         elif kind == _GONE:

@@ -210,7 +210,7 @@ class BrokerLink:
         self._retained_bytes_in = 0
         self._retained_bytes_out = 0
         self._marks: dict[int, int] = {}   # PING token -> _retained_in when it was sent
-        self._confirming = False           # a confirming PING is on its way
+        self._confirming = 0.0             # when the confirming PING on its way left
         self.seen: dict[str, int] = {}     # sender -> last sequence handled (reader)
         self.duplicates = 0                # messages dropped as seen before (reader)
         # A sender of a message writes it itself when nothing is queued or being written
@@ -307,7 +307,8 @@ class BrokerLink:
             # the sender thread batches, which is cheaper per message.
             if now - self._last_direct > _DIRECT_INTERVAL and self.write_claim.acquire(False):
                 try:
-                    batch = frame if self._confirming else frame + self._confirmation()
+                    batch = frame if self._awaiting_confirmation(now) \
+                        else frame + self._confirmation()
                     rest = self._write_now(batch)
                 finally:
                     self.write_claim.release()
@@ -325,15 +326,20 @@ class BrokerLink:
         """A PING whose PONG confirms the retained frames up to *mark* (default: all)."""
         token = next(self._tokens)
         self._marks[token] = self._retained_in if mark is None else mark
-        self._confirming = True
+        self._confirming = _monotonic()
         return wire.encode_ping(wire.PING, token)
+
+    def _awaiting_confirmation(self, now: float) -> bool:
+        """True while a confirming PING is on its way (for at most a second: a later
+        PING confirms as much, so one that takes long, or got lost, is not waited for)."""
+        return bool(self._confirming) and now - self._confirming < 1.0
 
     def _confirm(self, token: int) -> None:
         """The PONG of *token* came: forget the frames it confirms (reader thread)."""
         mark = self._marks.pop(token, None)
         if mark is None:
             return
-        self._confirming = False
+        self._confirming = 0.0
         retained = self._retained
         while self._retained_out < mark and retained:
             self._retained_bytes_out += len(retained.popleft())
@@ -487,8 +493,8 @@ class BrokerLink:
             with self.machinery.send_lock:
                 taken, self._frames = self._frames, []
                 mark = self._retained_in       # what the taken frames bring up to
-                ping = None if self._confirming or self._retained_out >= mark \
-                    else self._confirmation(mark)
+                ping = None if self._awaiting_confirmation(_monotonic()) \
+                    or self._retained_out >= mark else self._confirmation(mark)
                 if ping is not None:
                     self.items_put += 1        # _write counts it done: count it put
             pending.extend(taken)
@@ -548,6 +554,7 @@ class BrokerLink:
                 self.items_done = self.items_put          # all of it is handled here
                 again = list(self._retained)
                 self._marks = {}
+                self._confirming = 0.0
                 ping = self._confirmation() if again else None
             controls = [frame for frame in pending + queued
                         if type(frame) is not _Raw and frame[5] != wire.MESSAGE]

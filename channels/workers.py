@@ -81,7 +81,8 @@ class Worker:
 
     ``running`` is False once shutdown has begun: droppable messages are then dropped.
     ``timeout`` is how long ``get_message()`` / ``get_task()`` wait before raising
-    ``queue.Empty``. Subclasses implement :meth:`run`.
+    ``queue.Empty``. ``errors`` counts exceptions from ``run()`` and, in a TaskWorker,
+    from handlers. Subclasses implement :meth:`run`.
 
     The counters ``routed``, ``scheduled`` and ``settled`` are written by the worker's
     own thread only; shutdown reads them to know when everything has been handled.
@@ -306,6 +307,7 @@ class TaskWorker(Worker):
         try:
             handler(task.message)
         except BaseException:
+            self.errors += 1
             logger.exception('exception was raised while running %r for %r on %s',
                              handler, task.message, self.name)
 
