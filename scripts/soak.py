@@ -47,6 +47,7 @@ def app_main(index: int, address: str, rate: float, conn, seed: int, watched: st
     from channels import Channel
 
     lock = threading.Lock()
+    rng_samples = random.Random(seed)
     last: dict[int, int] = {}
     state = {'delivered': 0, 'losses': 0, 'duplicates': 0, 'latencies': []}
 
@@ -63,8 +64,14 @@ def app_main(index: int, address: str, rate: float, conn, seed: int, watched: st
                     state['losses'] += n - previous - 1
             if previous is None or n > previous:
                 last[sender] = n
-            if len(state['latencies']) < 200_000:
-                state['latencies'].append(time.time() - data['ts'])
+            latency = time.time() - data['ts']
+            samples = state['latencies']     # a fixed-size reservoir: flat memory
+            if len(samples) < 10_000:
+                samples.append(latency)
+            else:
+                slot = rng_samples.randrange(state['delivered'])
+                if slot < 10_000:
+                    samples[slot] = latency
 
     Channel(watched, on_message)
     rng = random.Random(seed)
