@@ -841,32 +841,23 @@ class Broker:
                 self.expired += 1
                 continue
             targets = match(item.topic)
-            if len(targets) == 1:
-                peer = targets[0].peer
-                if not peer.closed:
-                    if peer.bytes_put - peer.bytes_done > limit \
-                            and not self._room_for(peer, item):
-                        continue
-                    share = shares.get(peer)
-                    if share is None:
-                        shares[peer] = [item.frame]
-                    else:
-                        share.append(item.frame)
-            elif targets:
-                seen = set()
-                for channel in targets:
-                    peer = channel.peer
-                    if peer in seen or peer.closed:
+            seen = set() if len(targets) > 1 else None    # once per process
+            for channel in targets:
+                peer = channel.peer
+                if peer.closed:
+                    continue
+                if seen is not None:
+                    if peer in seen:
                         continue
                     seen.add(peer)
-                    if peer.bytes_put - peer.bytes_done > limit \
-                            and not self._room_for(peer, item):
-                        continue
-                    share = shares.get(peer)
-                    if share is None:
-                        shares[peer] = [item.frame]
-                    else:
-                        share.append(item.frame)
+                if peer.bytes_put - peer.bytes_done > limit \
+                        and not self._room_for(peer, item):
+                    continue
+                share = shares.get(peer)
+                if share is None:
+                    shares[peer] = [item.frame]
+                else:
+                    share.append(item.frame)
         _hand_out(shares)
         return routed
 
