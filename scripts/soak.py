@@ -27,6 +27,7 @@ import argparse
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker.kill()
                 broker.wait(5)
         broker.stdout.close()
+        shutil.rmtree(directory, ignore_errors=True)     # the socket and its .peers file
     delivered = sum(f['delivered'] for f in finals)
     losses = sum(f['losses'] for f in finals)
     duplicates = sum(f['duplicates'] for f in finals)
