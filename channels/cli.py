@@ -126,6 +126,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
     child: list[subprocess.Popen] = []
 
     def on_signal(signum: int, frame: Any) -> None:
+        """Forward to the command if there is one, else stop serving."""
         if child:
             child[0].send_signal(signum)     # the command decides; we stop when it exits
         else:

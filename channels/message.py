@@ -32,6 +32,7 @@ class _Identity:
         self.renew()
 
     def renew(self) -> None:
+        """A new prefix (pid and nonce) and sequence: at import and in a forked child."""
         self.prefix = f'{os.getpid()}-{secrets.token_hex(4)}-'
         self.sequence = itertools.count(1)
 

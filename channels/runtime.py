@@ -65,6 +65,7 @@ class _Sequencer:
         self._done: set[int] = set()
 
     def take(self, messages: SimpleQueue, timeout: float, worker: Worker) -> Any:
+        """The next item of *messages*, and (for a message) its ticket for *worker*."""
         # taking the message and its ticket is one step, so tickets follow queue order
         if not self._take_lock.acquire(timeout=timeout):
             raise Empty
@@ -83,10 +84,12 @@ class _Sequencer:
         self.wait_turn(self._next_ticket)
 
     def wait_turn(self, ticket: int) -> None:
+        """Wait until every message with an earlier ticket was scheduled."""
         with self._cond:
             self._cond.wait_for(lambda: self._turn == ticket)
 
     def done(self, ticket: int) -> None:
+        """The message with *ticket* is scheduled: let the next one go."""
         with self._cond:
             self._done.add(ticket)
             while self._turn in self._done:
@@ -124,6 +127,7 @@ class Machinery:
                 f'task_workers={len(self.task_workers)} submitted={self.submitted}>')
 
     def start(self) -> None:
+        """Read the settings, then create and start the worker threads (and the link)."""
         from . import workers    # imported here: workers imports channel, which imports us
         broker_class = settings.get('CHANNEL_MESSAGE_BROKER_CLASS')
         task_class = settings.get('CHANNEL_TASK_WORKER_CLASS')
@@ -218,6 +222,7 @@ class Machinery:
         return sum(worker.settled for worker in self.task_workers) >= scheduled
 
     def stop(self, timeout: float) -> bool:
+        """Drain and stop (see the module docstring); True if all went in time."""
         deadline = time.monotonic() + timeout
         with self.send_lock:
             self.state = DRAINING

@@ -85,6 +85,7 @@ def _import_string(name: str, value: Any) -> type:
 
 def _worker_class(base_name: str) -> Callable[[str, Any], type]:
     def parse(name: str, value: Any) -> type:
+        """A class (or import string) naming a subclass of channels.<base_name>."""
         from . import workers   # imported late: workers reads these settings
         cls = _import_string(name, value)
         base = getattr(workers, base_name)
