@@ -97,7 +97,8 @@ class RoutedMessage:
 
     @property
     def payload(self) -> bytes:
-        """The pickled data, as bytes (the broker never unpickles it)."""
+        """The whole MESSAGE frame, header and pickled data, as bytes (forwarded as it
+        is; the broker never unpickles the data)."""
         return self.frame
 
     @property

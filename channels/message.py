@@ -137,6 +137,10 @@ class Message:
         message._dropped = False
         return message
 
+    # create(), event(), received() and copy() each set every slot themselves instead of
+    # calling one helper: they run once per message (or per handler) on the hot path,
+    # where an 11-argument call costs a few percent. Keep the four in step.
+
     @classmethod
     def event(cls, topic: str, data: dict) -> Message:
         """A ``local`` internal event (``lona.channels.subscribe`` and the like)."""
