@@ -1,0 +1,1 @@
+"""Example applications of mpchannels (not installed with the package)."""

@@ -1,0 +1,355 @@
+"""A chat room over Server-Sent Events, one channel topic per room, as a plain ASGI app.
+
+Run it from the repository root, with one broker for the workers::
+
+    channels-broker -- uvicorn examples.chat.app:app --workers 4
+
+Each browser tab streams its room from ``GET /events?room=R`` (an ``EventSource``), which
+``channels.listen('chat.rooms.R')`` feeds, and sends with ``POST /send``. Whichever worker
+takes the POST sends the message to ``chat.rooms.R``; the broker carries it to every
+worker, and each worker writes it to the streams it holds. So two tabs whose streams sit
+in different workers still see the same messages, in the same order. The page says which
+worker served it, which holds its stream, and which one took each message.
+
+Routes:
+
+- ``GET /?room=R``: the page (room ``lobby`` by default).
+- ``GET /events?room=R``: the stream: an ``event: hello`` with this worker's pid once it
+  listens, then an ``event: message`` per chat message (JSON: ``id``, ``room``, ``name``,
+  ``text``, ``pid`` of the worker that took the POST, ``timestamp``), and a comment line
+  every ``KEEPALIVE`` seconds.
+- ``POST /send``: JSON ``{"room", "name", "text"}`` (or a form post, answered with a
+  redirect back to the room); answers JSON ``{"id", "pid"}``.
+- ``GET /stats``: this worker's pid, open streams and messages seen per room.
+
+Per worker, a :class:`channels.Scope` opened at lifespan startup and closed at lifespan
+shutdown counts the messages of every room (the "seen" figure on the page).
+
+Streams never hold up a shutdown: ``http.disconnect`` ends a stream, and so does the
+worker's stop signal. uvicorn waits for open responses to finish *before* it sends the
+lifespan shutdown event, and a stream never finishes by itself, so the app chains its
+own step in front of the server's SIGINT/SIGTERM handlers at startup: it ends every
+stream (the browser's ``EventSource`` reconnects to whichever worker is left). Run it
+with ``--timeout-graceful-shutdown`` too if you change that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import os
+import re
+import signal
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs, quote
+
+import channels
+
+__all__ = ['app', 'TOPIC_PREFIX', 'ROOMS']
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+TOPIC_PREFIX = 'chat.rooms.'
+ROOMS = ('lobby', 'random', 'python')      # the rooms the page links to; any valid name works
+DEFAULT_ROOM = 'lobby'
+ROOM_NAME = re.compile(r'[a-z0-9][a-z0-9-]{0,31}')
+MAX_TEXT = 500
+MAX_NAME = 32
+MAX_BODY = 16 * 1024
+KEEPALIVE = 15.0          # seconds between comment lines on an idle stream
+INBOX_SIZE = 1000         # messages a stream may fall behind by
+PAGE = (Path(__file__).with_name('index.html')).read_text(encoding='utf-8')
+
+
+class Worker:
+    """This worker process's state: its scope, its open streams, its stop event."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.seen: Counter[str] = Counter()      # messages per room, counted by the scope
+        self.streams = 0
+        self.scope: channels.Scope | None = None
+        self.stopping: asyncio.Event | None = None
+        self._signals: dict[int, Any] = {}
+
+    async def start(self) -> None:
+        """Lifespan startup: open the scope and hook the stop signals."""
+        self.pid = os.getpid()
+        self.stopping = asyncio.Event()
+        self.scope = channels.Scope(on_error=self._on_error)
+        self.scope.subscribe(TOPIC_PREFIX + '*', self._count)
+        self._chain_stop_signals(asyncio.get_running_loop())
+        logger.info('chat worker %d ready', self.pid)
+
+    async def stop(self) -> None:
+        """Lifespan shutdown: end the streams still open and close the scope."""
+        self.stop_streams()
+        for signum, previous in self._signals.items():
+            signal.signal(signum, previous)
+        self._signals.clear()
+        if self.scope is not None:
+            self.scope.close()
+            self.scope = None
+        logger.info('chat worker %d stopped', self.pid)
+
+    def stop_streams(self) -> None:
+        """End every open stream of this worker (on the event loop's thread)."""
+        if self.stopping is not None and not self.stopping.is_set():
+            logger.info('chat worker %d: ending %d stream(s)', self.pid, self.streams)
+            self.stopping.set()
+
+    async def _count(self, message: channels.Message) -> None:
+        self.seen[message.topic[len(TOPIC_PREFIX):]] += 1
+
+    def _on_error(self, exc: BaseException, message: channels.Message) -> None:
+        logger.error('chat worker %d: handler failed on %s: %r', self.pid, message.topic, exc)
+
+    def _chain_stop_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run :meth:`stop_streams` before the server's own SIGINT/SIGTERM handler.
+
+        Only where the server installed a Python handler (uvicorn does, with
+        ``signal.signal``); a default or ignored disposition is left alone.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+
+            def handler(number: int, frame: Any, previous: Callable = previous) -> None:
+                loop.call_soon_threadsafe(self.stop_streams)
+                previous(number, frame)
+            self._signals[signum] = previous
+            signal.signal(signum, handler)
+
+
+worker = Worker()
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The ASGI application."""
+    if scope['type'] == 'lifespan':
+        await _lifespan(receive, send)
+        return
+    if scope['type'] != 'http':
+        return
+    method, path = scope['method'], scope['path']
+    if path == '/' and method in ('GET', 'HEAD'):
+        await _page(scope, send)
+    elif path == '/events' and method == 'GET':
+        await _events(scope, receive, send)
+    elif path == '/send' and method == 'POST':
+        await _send_message(scope, receive, send)
+    elif path == '/stats' and method == 'GET':
+        await _json(send, 200, {'pid': worker.pid, 'streams': worker.streams,
+                                'seen': dict(worker.seen)})
+    elif path in ('/', '/events', '/send', '/stats'):
+        await _text(send, 405, 'method not allowed\n')
+    else:
+        await _text(send, 404, 'not found\n')
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        event = await receive()
+        if event['type'] == 'lifespan.startup':
+            try:
+                await worker.start()
+            except Exception as exc:
+                logger.exception('chat worker failed to start')
+                await send({'type': 'lifespan.startup.failed', 'message': repr(exc)})
+                return
+            await send({'type': 'lifespan.startup.complete'})
+        elif event['type'] == 'lifespan.shutdown':
+            await worker.stop()
+            await send({'type': 'lifespan.shutdown.complete'})
+            return
+
+
+def _room(scope: Scope) -> str | None:
+    """The ``room`` query parameter if it is a valid room name, else None."""
+    query = parse_qs(scope.get('query_string', b'').decode('latin-1'))
+    room = query.get('room', [DEFAULT_ROOM])[0]
+    return room if ROOM_NAME.fullmatch(room) else None
+
+
+async def _page(scope: Scope, send: Send) -> None:
+    room = _room(scope)
+    if room is None:
+        await _text(send, 400, 'room: 1 to 32 of a-z, 0-9 and -\n')
+        return
+    links = ' '.join(
+        f'<a href="/?room={quote(name)}"{" aria-current=page" if name == room else ""}>'
+        f'#{html.escape(name)}</a>' for name in dict.fromkeys((*ROOMS, room)))
+    values = {'room': room, 'pid': str(worker.pid), 'seen': str(worker.seen[room]),
+              'rooms': links}
+    body = re.sub(r'\{\{ (\w+) \}\}',
+                  lambda m: values[m[1]] if m[1] == 'rooms' else html.escape(values[m[1]]),
+                  PAGE).encode()
+    await send({'type': 'http.response.start', 'status': 200,
+                'headers': [(b'content-type', b'text/html; charset=utf-8'),
+                            (b'content-length', str(len(body)).encode()),
+                            (b'cache-control', b'no-store')]})
+    await send({'type': 'http.response.body', 'body': body})
+
+
+class _Stream:
+    """One SSE response: writes never interleave."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._lock = asyncio.Lock()
+
+    async def write(self, text: str) -> None:
+        async with self._lock:
+            await self._send({'type': 'http.response.body', 'body': text.encode(),
+                              'more_body': True})
+
+    async def event(self, name: str, data: dict[str, Any]) -> None:
+        await self.write(f'event: {name}\ndata: {json.dumps(data)}\n\n')
+
+
+async def _events(scope: Scope, receive: Receive, send: Send) -> None:
+    """The room's stream, until the client goes away or the worker stops."""
+    room = _room(scope)
+    if room is None:
+        await _text(send, 400, 'room: 1 to 32 of a-z, 0-9 and -\n')
+        return
+    await send({'type': 'http.response.start', 'status': 200,
+                'headers': [(b'content-type', b'text/event-stream; charset=utf-8'),
+                            (b'cache-control', b'no-store'),
+                            (b'x-accel-buffering', b'no')]})
+    stream = _Stream(send)
+    stopping = worker.stopping or asyncio.Event()
+    disconnected = False
+    worker.streams += 1
+    try:
+        async with channels.listen(TOPIC_PREFIX + room, maxsize=INBOX_SIZE) as inbox:
+            # "hello" only once listening: what is sent after the page sees it reaches it
+            await stream.write('retry: 2000\n\n')
+            await stream.event('hello', {'pid': worker.pid, 'room': room})
+
+            async def forward() -> None:
+                async for message in inbox:
+                    await stream.event('message', _public(message))
+
+            async def keepalive() -> None:
+                while True:
+                    await asyncio.sleep(KEEPALIVE)
+                    await stream.write(': keepalive\n\n')
+
+            async def client_gone() -> None:
+                while (await receive())['type'] != 'http.disconnect':
+                    pass
+
+            tasks = {name: asyncio.ensure_future(job()) for name, job in (
+                ('forward', forward), ('keepalive', keepalive), ('gone', client_gone))}
+            tasks['stopping'] = asyncio.ensure_future(stopping.wait())
+            try:
+                done, _ = await asyncio.wait(tasks.values(),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks.values():
+                    task.cancel()
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+            disconnected = tasks['gone'] in done
+            for name in ('forward', 'keepalive'):
+                if tasks[name] in done and tasks[name].exception() is not None:
+                    raise tasks[name].exception()
+    except OSError as exc:         # the client went away mid-write
+        logger.debug('stream of room %s ended: %r', room, exc)
+        disconnected = True
+    finally:
+        worker.streams -= 1
+    if not disconnected:
+        await send({'type': 'http.response.body', 'body': b'', 'more_body': False})
+
+
+def _public(message: channels.Message) -> dict[str, Any]:
+    data = message.data
+    return {'id': message.id, 'room': message.topic[len(TOPIC_PREFIX):],
+            'name': data.get('name', ''), 'text': data.get('text', ''),
+            'pid': data.get('pid'), 'timestamp': message.timestamp}
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body, or None if it is over ``MAX_BODY`` or the client left."""
+    body = b''
+    while True:
+        event = await receive()
+        if event['type'] == 'http.disconnect':
+            return None
+        body += event.get('body', b'')
+        if len(body) > MAX_BODY:
+            return None
+        if not event.get('more_body', False):
+            return body
+
+
+async def _send_message(scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /send``: publish one message to its room from this worker."""
+    headers = dict(scope['headers'])
+    content_type = headers.get(b'content-type', b'').split(b';')[0].strip().lower()
+    body = await _read_body(receive)
+    if body is None:
+        await _text(send, 413, 'request body too large\n')
+        return
+    form = content_type == b'application/x-www-form-urlencoded'
+    try:
+        if form:
+            fields = {k: v[0] for k, v in parse_qs(body.decode('utf-8')).items()}
+        else:
+            fields = json.loads(body)
+            if not isinstance(fields, dict):
+                raise ValueError('not a JSON object')
+    except ValueError as exc:       # also UnicodeDecodeError and JSONDecodeError
+        await _json(send, 400, {'error': f'a JSON object or a form is required: {exc}'})
+        return
+    room = fields.get('room', DEFAULT_ROOM)
+    name = fields.get('name') or 'anonymous'
+    text = fields.get('text', '')
+    if not (isinstance(room, str) and ROOM_NAME.fullmatch(room)):
+        error = 'room: 1 to 32 of a-z, 0-9 and -'
+    elif not isinstance(name, str) or len(name) > MAX_NAME:
+        error = f'name: at most {MAX_NAME} characters'
+    elif not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+        error = f'text: 1 to {MAX_TEXT} characters'
+    else:
+        error = None
+    if error is not None:
+        await _json(send, 400, {'error': error})
+        return
+    message = channels.Channel(TOPIC_PREFIX + room).send(
+        {'name': name.strip() or 'anonymous', 'text': text, 'pid': worker.pid})
+    if form:
+        await send({'type': 'http.response.start', 'status': 303,
+                    'headers': [(b'location', f'/?room={room}'.encode()),
+                                (b'content-length', b'0')]})
+        await send({'type': 'http.response.body', 'body': b''})
+    else:
+        await _json(send, 200, {'id': message.id, 'pid': worker.pid})
+
+
+async def _json(send: Send, status: int, data: dict[str, Any]) -> None:
+    await _reply(send, status, b'application/json', json.dumps(data).encode())
+
+
+async def _text(send: Send, status: int, text: str) -> None:
+    await _reply(send, status, b'text/plain; charset=utf-8', text.encode())
+
+
+async def _reply(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+    await send({'type': 'http.response.start', 'status': status,
+                'headers': [(b'content-type', content_type),
+                            (b'content-length', str(len(body)).encode())]})
+    await send({'type': 'http.response.body', 'body': body})
