@@ -7,6 +7,12 @@
     Channel('chat.rooms.*', on_message)               # subscribe
     Channel('chat.rooms.lona').send({'text': 'hi'})   # publish
 
+    async def on_chat(message): ...                   # coroutine handlers run on
+    Channel('chat.rooms.*', on_chat)                  # the subscribing event loop
+
+    async with channels.listen('chat.rooms.*') as inbox:   # or consume in async code
+        async for message in inbox: ...
+
 The machinery starts on first use; :func:`shutdown` drains and stops it.
 """
 
@@ -15,19 +21,23 @@ from __future__ import annotations
 from . import settings
 from .channel import Channel
 from .errors import (BrokerUnavailableError, BufferFullError, ChannelsError,
-                     ConfigurationError, MessageTooLargeError, ProtocolError,
-                     SerializationError, ShutdownError)
+                     ConfigurationError, InboxOverflowError, MessageTooLargeError,
+                     ProtocolError, SerializationError, ShutdownError)
+from .inbox import Inbox, listen
 from .message import Message
+from .scope import Scope
 from .runtime import SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
 from .settings import configure
 from .workers import MessageBroker, Task, TaskWorker, Worker
 
 __all__ = [
     'Channel', 'Message', 'Worker', 'MessageBroker', 'TaskWorker', 'Task',
+    'listen', 'Inbox', 'Scope',
     'configure', 'settings', 'shutdown', 'is_running',
     'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC',
     'ChannelsError', 'ConfigurationError', 'SerializationError', 'ShutdownError',
     'BufferFullError', 'ProtocolError', 'BrokerUnavailableError', 'MessageTooLargeError',
+    'InboxOverflowError',
 ]
 
 __version__ = '0.1.0'

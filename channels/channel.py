@@ -7,11 +7,13 @@ without scanning every subscription.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from . import runtime as _runtime
+from .handlers import ErrorCallback
 from .message import Message
 from .topics import validate_topic
 
@@ -30,14 +32,18 @@ class Channel:
 
     __slots__ = ('_topic', '_subscription', '_mailbox', '__weakref__')
 
-    def __init__(self, topic: str, handler: Handler | None = None) -> None:
+    def __init__(self, topic: str, handler: Handler | None = None, *,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 on_error: ErrorCallback | None = None) -> None:
         self._topic = validate_topic(topic)
-        # (handler,) while subscribed: a new tuple per subscription, replaced in one
-        # step, so a task can tell its own subscription from a later one by identity
-        self._subscription: tuple[Handler] | None = None
+        # (runner, handler) while subscribed: a new tuple per subscription, replaced in
+        # one step, so a task can tell its own subscription from a later one by identity
+        self._subscription: tuple[Handler, Handler] | None = None
         self._mailbox: Any = None  # pending tasks, owned by the runtime
         if handler is not None:
-            self.subscribe(handler)
+            self.subscribe(handler, loop=loop, on_error=on_error)
+        elif loop is not None or on_error is not None:
+            raise TypeError('loop= and on_error= belong to a subscription: pass a handler too')
 
     def __repr__(self) -> str:
         return f'<Channel(topic={self._topic!r}, handler={self.handler!r})>'
@@ -51,7 +57,7 @@ class Channel:
     def handler(self) -> Handler | None:
         """The subscribed handler, or None when the channel is not subscribed."""
         subscription = self._subscription
-        return None if subscription is None else subscription[0]
+        return None if subscription is None else subscription[1]
 
     @classmethod
     def get_channels(cls, topic: str) -> list[Channel]:
@@ -60,16 +66,26 @@ class Channel:
             topic = validate_topic(topic)
         return _runtime.runtime.registry.match(topic)     # lookups take no lock
 
-    def subscribe(self, handler: Handler) -> None:
+    def subscribe(self, handler: Handler, *,
+                  loop: asyncio.AbstractEventLoop | None = None,
+                  on_error: ErrorCallback | None = None) -> None:
         """Call *handler* with every matching message from now on, in order, one at a time.
 
-        Raises ``RuntimeError`` if the channel is subscribed already, ``TypeError`` if
-        *handler* is not callable. Sends ``lona.channels.subscribe`` locally.
+        A plain function runs on a task worker thread. A coroutine function (``async
+        def``) runs on *loop*, by default the event loop running when it subscribes;
+        the next message is not started before the previous call has finished.
+
+        What the handler raises is logged, or, with *on_error*, passed to
+        ``on_error(exception, message)`` instead.
+
+        Raises ``RuntimeError`` if the channel is subscribed already, or for a coroutine
+        function with no loop to run on; ``TypeError`` if *handler* or *on_error* is not
+        callable. Sends ``lona.channels.subscribe`` locally.
         """
         if not callable(handler):
             raise TypeError(f'handler must be callable (it is called with a Message), got '
                             f'{type(handler).__name__} {handler!r}')
-        _runtime.runtime.subscribe(self, handler)
+        _runtime.runtime.subscribe(self, handler, loop, on_error)
 
     def unsubscribe(self) -> None:
         """Stop calling the handler; pending calls are dropped. A no-op if not subscribed.

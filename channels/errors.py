@@ -20,6 +20,7 @@ __all__ = [
     'ProtocolError',
     'BrokerUnavailableError',
     'MessageTooLargeError',
+    'InboxOverflowError',
 ]
 
 
@@ -53,3 +54,12 @@ class BrokerUnavailableError(ChannelsError, ConnectionError):
 
 class MessageTooLargeError(ChannelsError, ValueError):
     """A message is larger than ``MAX_FRAME_BYTES`` on the wire."""
+
+
+class InboxOverflowError(ChannelsError):
+    """An inbox of :func:`channels.listen` with ``overflow='error'`` was full when a
+    message arrived; ``dropped`` is how many messages its consumer missed."""
+
+    def __init__(self, text: str, dropped: int) -> None:
+        super().__init__(text)
+        self.dropped = dropped

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import settings
 from .errors import ConfigurationError, ShutdownError
+from .handlers import CoroutineRunner, coroutine_runners_idle, make_runner
 from .message import Message
 from .topics import TopicIndex
 
@@ -242,6 +243,8 @@ class Machinery:
                                link.address_text, timeout, link.buffered_bytes)
             drained = drained and flushed
         drained = _poll(self._settled, deadline) and drained
+        # coroutine handlers run on their event loops, after their task has settled here
+        drained = _poll(coroutine_runners_idle, deadline) and drained
         self.state = STOPPING
         if not drained:
             left = self.submitted - sum(broker.routed for broker in self.brokers)
@@ -380,14 +383,23 @@ class Runtime:
 
     # channels ---------------------------------------------------------------------------
 
-    def subscribe(self, channel: Channel, handler: Callable[[Message], Any]) -> None:
-        """Register *channel* with *handler*; RuntimeError if it is subscribed already."""
+    def subscribe(self, channel: Channel, handler: Callable[[Message], Any],
+                  loop: Any = None, on_error: Any = None) -> None:
+        """Register *channel* with *handler*; RuntimeError if it is subscribed already.
+
+        *loop* and *on_error* are those of :meth:`Channel.subscribe`.
+        """
+        runner = make_runner(channel, handler, loop, on_error)
         machinery = self.machinery or self.ensure_running()
         with self.registry_lock:
             if channel._subscription is not None:
                 raise RuntimeError(f'{channel!r} is already subscribed; call unsubscribe() '
                                    f'before subscribing it again')
-            channel._subscription = (handler,)   # tasks of an earlier one are dropped
+            # a new tuple per subscription: tasks of an earlier one are told apart and dropped
+            subscription = (runner, handler)
+            if isinstance(runner, CoroutineRunner):
+                runner.subscription = subscription
+            channel._subscription = subscription
             if self.registry.add(channel.topic, channel) and machinery.link is not None:
                 machinery.link.subscribe(channel.topic)
         self._send_event(machinery, SUBSCRIBE_TOPIC, channel.topic)

@@ -69,7 +69,9 @@ class Task:
 
     @property
     def handler(self) -> Any:
-        """The handler of the subscription this task belongs to."""
+        """What to call with the message for the subscription this task belongs to: the
+        subscribed handler itself, or (for a coroutine function, or with an error
+        callback) a wrapper that hands the call on (see :mod:`channels.handlers`)."""
         return None if self.subscription is None else self.subscription[0]
 
     def __repr__(self) -> str:

@@ -1,0 +1,218 @@
+"""How a subscription calls its handler: directly, guarded by an error callback, or as a
+coroutine on its event loop.
+
+A subscription is stored on its channel as the tuple ``(runner, handler)``: task worker
+threads call ``runner(message)``; ``handler`` is what the user subscribed. For a plain
+function without an error callback the runner is the handler itself, so the common case
+costs nothing extra.
+
+A coroutine function never runs on a task worker thread. Its runner, a
+:class:`CoroutineRunner`, appends the message to the subscription's own queue and, when
+no drain task is running, starts one on the subscription's event loop with
+``call_soon_threadsafe``; the drain task awaits one handler call after another. So the
+next message of a channel is not started before the previous coroutine finished, and a
+task worker thread never waits for an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .message import Message
+
+__all__ = ['ErrorCallback', 'CoroutineRunner', 'GuardedHandler', 'is_coroutine_handler',
+           'make_runner', 'coroutine_runners_idle']
+
+logger = logging.getLogger(__name__)
+
+ErrorCallback = Callable[[BaseException, 'Message'], Any]
+"""``on_error(error, message)``: called with what a handler raised and the message it was
+handling, instead of only logging it."""
+
+_runners: weakref.WeakSet[CoroutineRunner] = weakref.WeakSet()
+_runners_lock = threading.Lock()
+
+
+def is_coroutine_handler(handler: Any) -> bool:
+    """True if calling *handler* returns a coroutine: an ``async def`` function, a
+    ``functools.partial`` of one, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(handler) or (
+        not inspect.isroutine(handler)
+        and inspect.iscoroutinefunction(getattr(handler, '__call__', None)))
+
+
+def make_runner(channel: Channel, handler: Callable[[Message], Any],
+                loop: asyncio.AbstractEventLoop | None,
+                on_error: ErrorCallback | None) -> Callable[[Message], Any]:
+    """What a task worker thread calls for each message of a new subscription.
+
+    Raises ``RuntimeError`` for a coroutine handler with no event loop to run on, and
+    ``TypeError`` for a *loop* given with a plain handler or a non-callable *on_error*.
+    """
+    if on_error is not None and not callable(on_error):
+        raise TypeError(f'on_error must be callable (it is called with the exception and '
+                        f'the message), got {type(on_error).__name__} {on_error!r}')
+    if is_coroutine_handler(handler):
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(
+                    f'{handler!r} is a coroutine function, which runs on an event loop: '
+                    f'subscribe it from a coroutine (it then runs on the running loop) '
+                    f'or pass loop=') from None
+        elif not isinstance(loop, asyncio.AbstractEventLoop):
+            raise TypeError(f'loop must be an asyncio event loop, got '
+                            f'{type(loop).__name__} {loop!r}')
+        return CoroutineRunner(channel, handler, loop, on_error)
+    if loop is not None:
+        raise TypeError(f'loop= is for coroutine handlers; {handler!r} is a plain callable, '
+                        f'which runs on a task worker thread')
+    if on_error is not None:
+        return GuardedHandler(handler, on_error)
+    return handler
+
+
+def _report(error: BaseException, handler: Any, message: Message,
+            on_error: ErrorCallback | None, where: str) -> None:
+    if on_error is None:
+        logger.error('exception was raised while running %r for %r %s', handler, message,
+                     where, exc_info=error)
+        return
+    try:
+        on_error(error, message)
+    except BaseException:
+        logger.exception('the error callback %r raised while handling %r from %r for %r',
+                         on_error, error, handler, message)
+
+
+class GuardedHandler:
+    """A plain handler whose exceptions go to an error callback (run on the task thread)."""
+
+    __slots__ = ('handler', 'on_error')
+
+    def __init__(self, handler: Callable[[Message], Any], on_error: ErrorCallback) -> None:
+        self.handler = handler
+        self.on_error = on_error
+
+    def __repr__(self) -> str:
+        return f'<GuardedHandler {self.handler!r} on_error={self.on_error!r}>'
+
+    def __call__(self, message: Message) -> None:
+        try:
+            self.handler(message)
+        except Exception as error:
+            _report(error, self.handler, message, self.on_error, 'on a task worker thread')
+
+
+class CoroutineRunner:
+    """Runs a coroutine handler on its event loop, one message at a time, in order.
+
+    Called on a task worker thread with each message of the subscription; never blocks.
+    ``errors`` counts what the handler raised; ``lost`` counts messages that could not
+    be handled because the loop closed or cancelled the drain task (each is logged).
+    """
+
+    __slots__ = ('channel', 'handler', 'loop', 'on_error', 'subscription', 'errors',
+                 'lost', '_pending', '_lock', '_draining', '_task', '__weakref__')
+
+    def __init__(self, channel: Channel, handler: Callable[[Message], Any],
+                 loop: asyncio.AbstractEventLoop, on_error: ErrorCallback | None) -> None:
+        self.channel = channel
+        self.handler = handler
+        self.loop = loop
+        self.on_error = on_error
+        self.subscription: tuple | None = None   # set by the runtime once it exists
+        self.errors = 0
+        self.lost = 0
+        self._pending: deque[Message] = deque()
+        self._lock = threading.Lock()
+        self._draining = False       # a drain task is scheduled or running
+        self._task: asyncio.Task | None = None
+        with _runners_lock:
+            _runners.add(self)
+
+    def __repr__(self) -> str:
+        return (f'<CoroutineRunner {self.handler!r} topic={self.channel.topic!r} '
+                f'pending={len(self._pending)}>')
+
+    @property
+    def idle(self) -> bool:
+        """True when no message waits for or runs in the handler."""
+        return not self._draining
+
+    def __call__(self, message: Message) -> None:
+        with self._lock:
+            self._pending.append(message)
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            self.loop.call_soon_threadsafe(self._start)
+        except RuntimeError:         # the loop is closed: nothing can run the handler
+            self._give_up('its event loop is closed')
+
+    def _start(self) -> None:
+        self._task = self.loop.create_task(self._drain(),
+                                           name=f'channels handler {self.channel.topic}')
+
+    def _give_up(self, why: str) -> None:
+        with self._lock:
+            lost = len(self._pending)
+            self._pending.clear()
+            self._draining = False
+        if lost:
+            self.lost += lost
+            logger.warning('%d messages for %r were not handled: %s', lost, self.channel, why)
+
+    async def _drain(self) -> None:
+        pending, lock, channel = self._pending, self._lock, self.channel
+        try:
+            while True:
+                with lock:
+                    if not pending:
+                        self._draining = False
+                        self._task = None
+                        return
+                    message = pending.popleft()
+                if self.subscription is not channel._subscription:
+                    continue              # unsubscribed: no new call starts
+                if message.deadline is not None and message.is_expired():
+                    message.drop()
+                    continue
+                try:
+                    await self.handler(message)
+                except Exception as error:
+                    self.errors += 1
+                    _report(error, self.handler, message, self.on_error,
+                            'on its event loop')
+        except asyncio.CancelledError:
+            self._task = None
+            self._give_up('the event loop cancelled the task that runs the handler '
+                          '(is the loop shutting down?)')
+            raise
+
+
+def coroutine_runners_idle() -> bool:
+    """True when every coroutine handler that can make progress has nothing left to do.
+
+    Runners whose loop is not running, or is the caller's own loop (which cannot run
+    while its thread waits here), do not count: waiting for them could never end.
+    """
+    try:
+        own_loop = asyncio.get_running_loop()
+    except RuntimeError:
+        own_loop = None
+    with _runners_lock:
+        runners = list(_runners)
+    return all(runner.idle for runner in runners
+               if runner.loop is not own_loop and runner.loop.is_running())

@@ -1,0 +1,225 @@
+"""``listen()``: consume messages in async code, ``async for message in inbox``.
+
+::
+
+    async with channels.listen('chat.rooms.*', maxsize=1000) as inbox:
+        async for message in inbox:
+            ...
+
+An :class:`Inbox` subscribes one channel per topic when its ``async with`` block starts
+and unsubscribes them when it ends, also when the block is left by an exception or by
+cancellation of the task that runs it. The channels' handler runs on a task worker
+thread and only appends to the inbox's bounded queue; the consumer awaits on its own
+event loop.
+
+The queue holds at most *maxsize* messages. What happens when a message arrives and it
+is full is the *overflow* policy:
+
+``'error'`` (the default)
+    The inbox unsubscribes at once. The consumer first gets every message that was
+    queued before the overflow, then :class:`~channels.errors.InboxOverflowError`, whose
+    ``dropped`` says how many messages it missed (at least 1; messages in flight when it
+    unsubscribed are counted too). Nothing is lost without the consumer knowing.
+``'drop-oldest'``
+    The oldest queued message is dropped to make room: a consumer that falls behind
+    skips to recent messages (right for live views).
+``'drop-newest'``
+    The arriving message is dropped: what is queued stays.
+
+Every drop is counted in ``inbox.dropped``; the first one of an inbox is logged as a
+warning and the total when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from .errors import InboxOverflowError
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .message import Message
+
+__all__ = ['Inbox', 'listen', 'OVERFLOW_POLICIES']
+
+logger = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES = ('error', 'drop-oldest', 'drop-newest')
+"""The values of ``listen(overflow=...)``; see the module's documentation."""
+
+
+def listen(*topics: str, maxsize: int = 1000, overflow: str = 'error') -> Inbox:
+    """An inbox for the messages of *topics* (wildcards allowed), for ``async with``.
+
+    :maxsize: how many messages the inbox holds for a consumer that is behind (>= 1).
+    :overflow: what to do when it is full: ``'error'``, ``'drop-oldest'`` or
+        ``'drop-newest'`` (see :mod:`channels.inbox`).
+
+    Raises ``TypeError``/``ValueError`` here for bad arguments. Subscribes on entering
+    the ``async with`` block, on the running event loop.
+    """
+    return Inbox(topics, maxsize=maxsize, overflow=overflow)
+
+
+class Inbox:
+    """A bounded queue of the messages of some topics, consumed with ``async for``.
+
+    Use it as ``async with listen(...) as inbox``. ``await inbox.get()`` returns the
+    next message; ``async for`` ends once the inbox is closed and empty. ``dropped``
+    counts the messages it dropped by its overflow policy.
+    """
+
+    def __init__(self, topics: tuple[str, ...], *, maxsize: int = 1000,
+                 overflow: str = 'error') -> None:
+        from .topics import validate_topic
+        if not topics:
+            raise TypeError("listen() needs at least one topic, e.g. listen('chat.rooms.*')")
+        self.topics = tuple(validate_topic(topic) for topic in topics)
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f'maxsize must be an int >= 1, got {maxsize!r}')
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f'overflow must be one of {", ".join(map(repr, OVERFLOW_POLICIES))}'
+                             f', got {overflow!r}')
+        self.maxsize = maxsize
+        self.overflow = overflow
+        self.dropped = 0
+        self._queue: deque[Message] = deque()
+        self._lock = threading.Lock()
+        self._channels: list[Channel] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future | None = None
+        self._overflowed = False
+        self._closed = False
+        self._entered = False
+
+    def __repr__(self) -> str:
+        state = 'closed' if self._closed else 'open' if self._entered else 'new'
+        return (f'<Inbox {", ".join(self.topics)} {state} queued={len(self._queue)} '
+                f'dropped={self.dropped}>')
+
+    def __len__(self) -> int:
+        """Messages queued and not yet taken."""
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        """True once the inbox has unsubscribed (its block ended, or it overflowed)."""
+        return self._closed or self._overflowed
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Inbox:
+        from .channel import Channel
+        if self._entered:
+            raise RuntimeError(f'{self!r} was entered already; call listen() for a new one')
+        self._entered = True
+        self._loop = asyncio.get_running_loop()
+        try:
+            for topic in self.topics:
+                self._channels.append(Channel(topic, self._put))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unsubscribe and end iteration once the queue is empty (idempotent)."""
+        self._unsubscribe()
+        with self._lock:
+            self._closed = True
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)      # close() runs on the consumer's loop
+        if self.dropped:
+            logger.warning('%r closed; it dropped %d messages by its overflow policy %r',
+                           self, self.dropped, self.overflow)
+
+    def _unsubscribe(self) -> None:
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            channel.unsubscribe()
+
+    # the producer side: a task worker thread ----------------------------------------------
+
+    def _put(self, message: Message) -> None:
+        with self._lock:
+            if self._closed or self._overflowed:
+                if self._overflowed:
+                    self.dropped += 1
+                return
+            queue = self._queue
+            if len(queue) >= self.maxsize:
+                self.dropped += 1
+                first = self.dropped == 1
+                if self.overflow == 'drop-oldest':
+                    queue.popleft()
+                    queue.append(message)
+                elif self.overflow == 'error':
+                    self._overflowed = True
+                # 'drop-newest': the message is not queued
+            else:
+                queue.append(message)
+                first = False
+            waiter, self._waiter = self._waiter, None
+        if first:
+            logger.warning('%r is full (maxsize=%d): it dropped %s by its overflow policy %r; '
+                           'the consumer is slower than its messages', self, self.maxsize,
+                           message, self.overflow)
+        if self._overflowed and self.overflow == 'error':
+            # No more deliveries: the consumer learns of the gap from InboxOverflowError.
+            # Unsubscribing here is safe: the channel's handler is this very call.
+            self._unsubscribe()
+        if waiter is not None:
+            try:
+                self._loop.call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:         # the consumer's loop is closed: nobody waits
+                pass
+
+    # the consumer side: the event loop ------------------------------------------------------
+
+    async def get(self) -> Message:
+        """The next message; waits for one. Raises :class:`InboxOverflowError` after the
+        messages queued before an overflow (policy ``'error'``), and
+        ``StopAsyncIteration`` once the inbox is closed and empty."""
+        if not self._entered:
+            raise RuntimeError('use the inbox in an async with block: '
+                               'async with channels.listen(...) as inbox')
+        while True:
+            with self._lock:
+                if self._queue:
+                    return self._queue.popleft()
+                if self._overflowed and self.overflow == 'error':
+                    raise InboxOverflowError(
+                        f'{self!r} overflowed: its consumer fell {self.maxsize} messages '
+                        f'behind and missed {self.dropped} (so far); it has unsubscribed. '
+                        f'Consume faster, raise maxsize, or choose a drop-* overflow policy',
+                        dropped=self.dropped)
+                if self._closed:
+                    raise StopAsyncIteration
+                waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                with self._lock:
+                    if self._waiter is waiter:
+                        self._waiter = None
+
+    def __aiter__(self) -> Inbox:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.get()
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
