@@ -17,7 +17,9 @@ Routes:
 - ``GET /events?room=R``: the stream: an ``event: hello`` with this worker's pid once it
   listens, then an ``event: message`` per chat message (JSON: ``id``, ``room``, ``name``,
   ``text``, ``pid`` of the worker that took the POST, ``timestamp``), and a comment line
-  every ``KEEPALIVE`` seconds.
+  every ``KEEPALIVE`` seconds. A tab that falls ``INBOX_SIZE`` messages behind gets an
+  ``event: lagged`` with the count it missed, and its stream ends (``EventSource``
+  reconnects).
 - ``POST /send``: JSON ``{"room", "name", "text"}`` (or a form post, answered with a
   redirect back to the room); answers JSON ``{"id", "pid"}``.
 - ``GET /stats``: this worker's pid, open streams and messages seen per room.
@@ -75,7 +77,7 @@ class Worker:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.seen: Counter[str] = Counter()      # messages per room, counted by the scope
+        self.seen: Counter[str] = Counter()      # messages per room since the scope opened
         self.streams = 0
         self.scope: channels.Scope | None = None
         self.stopping: asyncio.Event | None = None
@@ -84,6 +86,7 @@ class Worker:
     async def start(self) -> None:
         """Lifespan startup: open the scope and hook the stop signals."""
         self.pid = os.getpid()
+        self.seen.clear()
         self.stopping = asyncio.Event()
         self.scope = channels.Scope(on_error=self._on_error)
         self.scope.subscribe(TOPIC_PREFIX + '*', self._count)
@@ -240,8 +243,14 @@ async def _events(scope: Scope, receive: Receive, send: Send) -> None:
             await stream.event('hello', {'pid': worker.pid, 'room': room})
 
             async def forward() -> None:
-                async for message in inbox:
-                    await stream.event('message', _public(message))
+                try:
+                    async for message in inbox:
+                        await stream.event('message', _public(message))
+                except channels.InboxOverflowError as exc:
+                    # this tab fell INBOX_SIZE behind: say so and end; it reconnects
+                    logger.warning('stream of room %s fell behind; missed %d', room,
+                                   exc.dropped)
+                    await stream.event('lagged', {'missed': exc.dropped})
 
             async def keepalive() -> None:
                 while True:
