@@ -257,7 +257,7 @@ def test_the_lifespan_scope_counts_each_rooms_messages_and_closes_at_shutdown():
                              'seen': {'lobby': 3, 'random': 1}}
             status, _, page = await request('GET', '/', query='room=lobby')
             assert status == 200
-            assert f'worker {os.getpid()} has carried 3 message(s) in #lobby' in page.decode()
+            assert f'worker {os.getpid()} had carried 3 message(s) in #lobby' in page.decode()
             stream.disconnect()
             await stream.finished()
         assert chat.worker.scope is None
