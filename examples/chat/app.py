@@ -56,7 +56,7 @@ __all__ = ['app', 'TOPIC_PREFIX', 'ROOMS']
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
+ASGIScope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -81,7 +81,7 @@ class Worker:
         self.streams = 0
         self.scope: channels.Scope | None = None
         self.stopping: asyncio.Event | None = None
-        self._signals: dict[int, Any] = {}
+        self._signals: dict[int, tuple[Any, Callable]] = {}   # signum: (previous, ours)
 
     async def start(self) -> None:
         """Lifespan startup: open the scope and hook the stop signals."""
@@ -96,8 +96,9 @@ class Worker:
     async def stop(self) -> None:
         """Lifespan shutdown: end the streams still open and close the scope."""
         self.stop_streams()
-        for signum, previous in self._signals.items():
-            signal.signal(signum, previous)
+        for signum, (previous, ours) in self._signals.items():
+            if signal.getsignal(signum) is ours:      # else the server replaced it since
+                signal.signal(signum, previous)
         self._signals.clear()
         if self.scope is not None:
             self.scope.close()
@@ -132,14 +133,14 @@ class Worker:
             def handler(number: int, frame: Any, previous: Callable = previous) -> None:
                 loop.call_soon_threadsafe(self.stop_streams)
                 previous(number, frame)
-            self._signals[signum] = previous
+            self._signals[signum] = (previous, handler)
             signal.signal(signum, handler)
 
 
 worker = Worker()
 
 
-async def app(scope: Scope, receive: Receive, send: Send) -> None:
+async def app(scope: ASGIScope, receive: Receive, send: Send) -> None:
     """The ASGI application."""
     if scope['type'] == 'lifespan':
         await _lifespan(receive, send)
@@ -179,14 +180,14 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def _room(scope: Scope) -> str | None:
+def _room(scope: ASGIScope) -> str | None:
     """The ``room`` query parameter if it is a valid room name, else None."""
     query = parse_qs(scope.get('query_string', b'').decode('latin-1'))
     room = query.get('room', [DEFAULT_ROOM])[0]
     return room if ROOM_NAME.fullmatch(room) else None
 
 
-async def _page(scope: Scope, send: Send) -> None:
+async def _page(scope: ASGIScope, send: Send) -> None:
     room = _room(scope)
     if room is None:
         await _text(send, 400, 'room: 1 to 32 of a-z, 0-9 and -\n')
@@ -222,7 +223,7 @@ class _Stream:
         await self.write(f'event: {name}\ndata: {json.dumps(data)}\n\n')
 
 
-async def _events(scope: Scope, receive: Receive, send: Send) -> None:
+async def _events(scope: ASGIScope, receive: Receive, send: Send) -> None:
     """The room's stream, until the client goes away or the worker stops."""
     room = _room(scope)
     if room is None:
@@ -305,7 +306,7 @@ async def _read_body(receive: Receive) -> bytes | None:
             return body
 
 
-async def _send_message(scope: Scope, receive: Receive, send: Send) -> None:
+async def _send_message(scope: ASGIScope, receive: Receive, send: Send) -> None:
     """``POST /send``: publish one message to its room from this worker."""
     headers = dict(scope['headers'])
     content_type = headers.get(b'content-type', b'').split(b';')[0].strip().lower()
