@@ -110,7 +110,7 @@ class GuardedHandler:
     def __call__(self, message: Message) -> None:
         try:
             self.handler(message)
-        except Exception as error:
+        except BaseException as error:   # as a task worker does: the channel goes on
             _report(error, self.handler, message, self.on_error, 'on a task worker thread')
 
 
@@ -191,7 +191,13 @@ class CoroutineRunner:
                     continue
                 try:
                     await self.handler(message)
-                except Exception as error:
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise             # this drain task is being cancelled
+                    self.errors += 1      # the handler's own: an error like any other
+                    _report(asyncio.CancelledError('raised by the handler'), self.handler,
+                            message, self.on_error, 'on its event loop')
+                except BaseException as error:   # as a task worker does: the channel goes on
                     self.errors += 1
                     _report(error, self.handler, message, self.on_error,
                             'on its event loop')

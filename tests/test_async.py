@@ -299,3 +299,23 @@ def test_a_coroutine_handler_receives_messages_from_other_processes_in_order(bro
     for pid in pids:
         assert [n for sender, n in received if sender == pid] == list(range(300))
     assert len(received) == 600
+
+
+def test_a_cancelled_error_raised_by_a_handler_itself_does_not_stop_its_channel(caplog):
+    handled = []
+
+    async def handler(message):
+        if message.data['n'] == 0:
+            raise asyncio.CancelledError       # e.g. from awaiting a cancelled future
+        handled.append(message.data['n'])
+
+    async def main():
+        Channel('room', handler)
+        Channel('room').send({'n': 0})
+        Channel('room').send({'n': 1})
+        await until(lambda: handled, 'the next message')
+
+    with caplog.at_level(logging.ERROR, logger='channels.handlers'):
+        asyncio.run(main())
+    assert handled == [1]
+    assert any('CancelledError' in (r.exc_text or '') for r in caplog.records)

@@ -445,3 +445,16 @@ def test_an_inbox_receives_the_messages_of_another_process_once_and_in_order(bro
     assert {(m.topic, m.data['pid']) for m in received} == {('chat.rooms.lona', sender.pid)}
     assert last.data == {'n': count, 'pid': sender.pid}
     assert Channel.get_channels('chat.rooms.lona') == []
+
+
+def test_two_tasks_awaiting_one_inbox_are_each_woken():
+    async def main():
+        async with channels.listen('room') as inbox:
+            first = asyncio.ensure_future(inbox.get())
+            second = asyncio.ensure_future(inbox.get())
+            await asyncio.sleep(0)       # both are waiting now
+            send('room', 0, 1)
+            done = await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT)
+            return sorted(numbers(done))
+
+    assert asyncio.run(main()) == [0, 1]
