@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import threading
 import weakref
 from collections import deque
@@ -110,7 +111,7 @@ class GuardedHandler:
     def __call__(self, message: Message) -> None:
         try:
             self.handler(message)
-        except Exception as error:
+        except BaseException as error:   # as a task worker does: the channel goes on
             _report(error, self.handler, message, self.on_error, 'on a task worker thread')
 
 
@@ -123,7 +124,7 @@ class CoroutineRunner:
     """
 
     __slots__ = ('channel', 'handler', 'loop', 'on_error', 'subscription', 'errors',
-                 'lost', '_pending', '_lock', '_draining', '_task', '__weakref__')
+                 'lost', 'orphaned', '_pending', '_lock', '_draining', '_task', '__weakref__')
 
     def __init__(self, channel: Channel, handler: Callable[[Message], Any],
                  loop: asyncio.AbstractEventLoop, on_error: ErrorCallback | None) -> None:
@@ -134,6 +135,7 @@ class CoroutineRunner:
         self.subscription: tuple | None = None   # set by the runtime once it exists
         self.errors = 0
         self.lost = 0
+        self.orphaned = False        # inherited by a forked child: its loop runs elsewhere
         self._pending: deque[Message] = deque()
         self._lock = threading.Lock()
         self._draining = False       # a drain task is scheduled or running
@@ -151,6 +153,11 @@ class CoroutineRunner:
         return not self._draining
 
     def __call__(self, message: Message) -> None:
+        if self.orphaned:
+            self._pending.append(message)
+            self._give_up('the subscription was inherited from the parent process, whose '
+                          'event loop runs its handler; subscribe again in this process')
+            return
         with self._lock:
             self._pending.append(message)
             if self._draining:
@@ -191,7 +198,13 @@ class CoroutineRunner:
                     continue
                 try:
                     await self.handler(message)
-                except Exception as error:
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise             # this drain task is being cancelled
+                    self.errors += 1      # the handler's own: an error like any other
+                    _report(asyncio.CancelledError('raised by the handler'), self.handler,
+                            message, self.on_error, 'on its event loop')
+                except BaseException as error:   # as a task worker does: the channel goes on
                     self.errors += 1
                     _report(error, self.handler, message, self.on_error,
                             'on its event loop')
@@ -200,6 +213,21 @@ class CoroutineRunner:
             self._give_up('the event loop cancelled the task that runs the handler '
                           '(is the loop shutting down?)')
             raise
+
+
+def _after_fork_in_child() -> None:
+    # The child has the parent's subscriptions but not its running loops: their handlers
+    # cannot run here, and what arrives for them is counted lost and logged.
+    global _runners_lock
+    _runners_lock = threading.Lock()
+    for runner in list(_runners):
+        runner.orphaned = True
+        runner._lock = threading.Lock()
+        runner._draining = False
+        runner._pending.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def coroutine_runners_idle() -> bool:

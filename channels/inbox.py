@@ -92,7 +92,7 @@ class Inbox:
         self._lock = threading.Lock()
         self._channels: list[Channel] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future | None = None
+        self._waiters: list[asyncio.Future] = []    # consumers awaiting a message
         self._overflowed = False
         self._closed = False
         self._entered = False
@@ -135,11 +135,11 @@ class Inbox:
         """Unsubscribe and end iteration once the queue is empty (idempotent)."""
         self._unsubscribe()
         with self._lock:
-            self._closed = True
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)      # close() runs on the consumer's loop
-        if self.dropped:
+            first_close, self._closed = not self._closed, True
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            _wake(waiter)                # close() runs on the consumer's loop
+        if self.dropped and first_close:
             logger.warning('%r closed; it dropped %d messages by its overflow policy %r',
                            self, self.dropped, self.overflow)
 
@@ -157,11 +157,12 @@ class Inbox:
                     self.dropped += 1
                 return
             queue = self._queue
+            dropped = message
             if len(queue) >= self.maxsize:
                 self.dropped += 1
                 first = self.dropped == 1
                 if self.overflow == 'drop-oldest':
-                    queue.popleft()
+                    dropped = queue.popleft()
                     queue.append(message)
                 elif self.overflow == 'error':
                     self._overflowed = True
@@ -169,18 +170,18 @@ class Inbox:
             else:
                 queue.append(message)
                 first = False
-            waiter, self._waiter = self._waiter, None
+            waiters, self._waiters = self._waiters, []
         if first:
             logger.warning('%r is full (maxsize=%d): it dropped %s by its overflow policy %r; '
                            'the consumer is slower than its messages', self, self.maxsize,
-                           message, self.overflow)
+                           dropped, self.overflow)
         if self._overflowed and self.overflow == 'error':
             # No more deliveries: the consumer learns of the gap from InboxOverflowError.
             # Unsubscribing here is safe: the channel's handler is this very call.
             self._unsubscribe()
-        if waiter is not None:
+        if waiters:
             try:
-                self._loop.call_soon_threadsafe(_wake, waiter)
+                self._loop.call_soon_threadsafe(_wake_all, waiters)
             except RuntimeError:         # the consumer's loop is closed: nobody waits
                 pass
 
@@ -205,13 +206,14 @@ class Inbox:
                         dropped=self.dropped)
                 if self._closed:
                     raise StopAsyncIteration
-                waiter = self._waiter = self._loop.create_future()
+                waiter = self._loop.create_future()
+                self._waiters.append(waiter)
             try:
                 await waiter
             finally:
                 with self._lock:
-                    if self._waiter is waiter:
-                        self._waiter = None
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
 
     def __aiter__(self) -> Inbox:
         return self
@@ -223,3 +225,8 @@ class Inbox:
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _wake_all(waiters: list[asyncio.Future]) -> None:
+    for waiter in waiters:
+        _wake(waiter)

@@ -299,3 +299,55 @@ def test_a_coroutine_handler_receives_messages_from_other_processes_in_order(bro
     for pid in pids:
         assert [n for sender, n in received if sender == pid] == list(range(300))
     assert len(received) == 600
+
+
+def test_a_cancelled_error_raised_by_a_handler_itself_does_not_stop_its_channel(caplog):
+    handled = []
+
+    async def handler(message):
+        if message.data['n'] == 0:
+            raise asyncio.CancelledError       # e.g. from awaiting a cancelled future
+        handled.append(message.data['n'])
+
+    async def main():
+        Channel('room', handler)
+        Channel('room').send({'n': 0})
+        Channel('room').send({'n': 1})
+        await until(lambda: handled, 'the next message')
+
+    with caplog.at_level(logging.ERROR, logger='channels.handlers'):
+        asyncio.run(main())
+    assert handled == [1]
+    assert any('CancelledError' in (r.exc_text or '') for r in caplog.records)
+
+
+def test_a_forked_child_counts_messages_for_inherited_coroutine_handlers_as_lost():
+    # the child has no running loop of its parent: the handler cannot run there, and
+    # nothing piles up unseen on a loop that never runs
+    import multiprocessing
+
+    async def handler(message):
+        pass
+
+    def child(conn):
+        channel = Channel.get_channels('room')[0]
+        Channel('room').send({'n': 1})
+        runner = channel._subscription[0]
+        wait_until(lambda: runner.lost == 1, TIMEOUT, what='the loss to be counted')
+        conn.send(runner.lost)
+        channels.shutdown()
+
+    with loop_in_a_thread() as loop:
+        Channel('room', handler, loop=loop)
+        parent_conn, child_conn = multiprocessing.Pipe()
+        process = multiprocessing.get_context('fork').Process(target=child,
+                                                              args=(child_conn,))
+        process.start()
+        try:
+            assert parent_conn.poll(TIMEOUT) and parent_conn.recv() == 1
+        finally:
+            process.join(TIMEOUT)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert process.exitcode == 0
