@@ -18,8 +18,9 @@ is full is the *overflow* policy:
 ``'error'`` (the default)
     The inbox unsubscribes at once. The consumer first gets every message that was
     queued before the overflow, then :class:`~channels.errors.InboxOverflowError`, whose
-    ``dropped`` says how many messages it missed (at least 1; messages in flight when it
-    unsubscribed are counted too). Nothing is lost without the consumer knowing.
+    ``dropped`` counts the messages it missed that reached the inbox (at least 1;
+    messages already on their way to it when it unsubscribed are not counted). Nothing
+    is lost without the consumer knowing.
 ``'drop-oldest'``
     The oldest queued message is dropped to make room: a consumer that falls behind
     skips to recent messages (right for live views).
@@ -27,14 +28,21 @@ is full is the *overflow* policy:
     The arriving message is dropped: what is queued stays.
 
 Every drop is counted in ``inbox.dropped``; the first one of an inbox is logged as a
-warning and the total when it closes.
+warning and the total when it closes. A message that expires while it waits in the
+inbox is dropped, not handed out.
+
+Each topic of an inbox is a channel of its own, as with ``Channel``: messages of one
+topic come in order, and a message that matches two of its topics (``listen('a.*',
+'a.b')``) comes twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import weakref
 from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -48,6 +56,8 @@ if TYPE_CHECKING:
 __all__ = ['Inbox', 'listen', 'OVERFLOW_POLICIES']
 
 logger = logging.getLogger(__name__)
+
+_inboxes: weakref.WeakSet[Inbox] = weakref.WeakSet()
 
 OVERFLOW_POLICIES = ('error', 'drop-oldest', 'drop-newest')
 """The values of ``listen(overflow=...)``; see the module's documentation."""
@@ -96,6 +106,7 @@ class Inbox:
         self._overflowed = False
         self._closed = False
         self._entered = False
+        _inboxes.add(self)
 
     def __repr__(self) -> str:
         state = 'closed' if self._closed else 'open' if self._entered else 'new'
@@ -137,8 +148,8 @@ class Inbox:
         with self._lock:
             first_close, self._closed = not self._closed, True
             waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            _wake(waiter)                # close() runs on the consumer's loop
+        if waiters:
+            _wake_all_from_any_thread(self._loop, waiters)
         if self.dropped and first_close:
             logger.warning('%r closed; it dropped %d messages by its overflow policy %r',
                            self, self.dropped, self.overflow)
@@ -180,10 +191,7 @@ class Inbox:
             # Unsubscribing here is safe: the channel's handler is this very call.
             self._unsubscribe()
         if waiters:
-            try:
-                self._loop.call_soon_threadsafe(_wake_all, waiters)
-            except RuntimeError:         # the consumer's loop is closed: nobody waits
-                pass
+            _wake_all_from_any_thread(self._loop, waiters)
 
     # the consumer side: the event loop ------------------------------------------------------
 
@@ -196,8 +204,11 @@ class Inbox:
                                'async with channels.listen(...) as inbox')
         while True:
             with self._lock:
-                if self._queue:
-                    return self._queue.popleft()
+                while self._queue:
+                    message = self._queue.popleft()
+                    if message.deadline is None or not message.is_expired():
+                        return message
+                    message.drop()       # it expired while it waited here
                 if self._overflowed and self.overflow == 'error':
                     raise InboxOverflowError(
                         f'{self!r} overflowed: its consumer fell {self.maxsize} messages '
@@ -230,3 +241,31 @@ def _wake(waiter: asyncio.Future) -> None:
 def _wake_all(waiters: list[asyncio.Future]) -> None:
     for waiter in waiters:
         _wake(waiter)
+
+
+def _wake_all_from_any_thread(loop: asyncio.AbstractEventLoop,
+                              waiters: list[asyncio.Future]) -> None:
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        _wake_all(waiters)
+        return
+    try:
+        loop.call_soon_threadsafe(_wake_all, waiters)
+    except RuntimeError:         # the consumer's loop is closed: nobody waits
+        pass
+
+
+def _after_fork_in_child() -> None:
+    # An inherited inbox's consumer runs on a loop of the parent: in the child it takes
+    # nothing more (and its lock may have been held by a parent thread at the fork).
+    for inbox in list(_inboxes):
+        inbox._lock = threading.Lock()
+        inbox._closed = True
+        inbox._waiters = []
+        inbox._queue.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

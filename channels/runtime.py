@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import settings
 from .errors import ConfigurationError, ShutdownError
-from .handlers import CoroutineRunner, coroutine_runners_idle, make_runner
+from .handlers import (CoroutineRunner, backlog as handler_backlog, busy_coroutine_runners,
+                       coroutine_runners_idle, make_runner)
 from .message import Message
 from .topics import TopicIndex
 
@@ -250,8 +251,19 @@ class Machinery:
             left = self.submitted - sum(broker.routed for broker in self.brokers)
             tasks = sum(s.scheduled for s in self.schedulers) \
                 - sum(w.settled for w in self.task_workers)
-            logger.warning('shutdown: %d messages and %d tasks were not handled within '
-                           '%.3gs; they are lost', left, tasks, timeout)
+            if left or tasks:
+                logger.warning('shutdown: %d messages and %d tasks were not handled within '
+                               '%.3gs; they are lost', left, tasks, timeout)
+        movable, stuck = busy_coroutine_runners()
+        if movable:
+            logger.warning('shutdown: coroutine handlers did not finish %d messages within '
+                           '%.3gs; they go on running on their event loops',
+                           handler_backlog(movable), timeout)
+        if stuck:
+            drained = False
+            logger.warning('shutdown: %d messages wait for coroutine handlers on an event '
+                           'loop that is not running or is the one calling shutdown(); '
+                           'they run once that loop runs again', handler_backlog(stuck))
         for worker in self.workers:
             worker.stop()
         for _ in self.brokers:
@@ -398,7 +410,7 @@ class Runtime:
             # a new tuple per subscription: tasks of an earlier one are told apart and dropped
             subscription = (runner, handler)
             if isinstance(runner, CoroutineRunner):
-                runner.subscription = subscription
+                runner.attach(subscription)
             channel._subscription = subscription
             if self.registry.add(channel.topic, channel) and machinery.link is not None:
                 machinery.link.subscribe(channel.topic)

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from .channel import Channel
-from .handlers import ErrorCallback
+from .handlers import ErrorCallback, check_error_callback
 from .message import Message
 
 __all__ = ['Scope']
@@ -36,9 +36,7 @@ class Scope:
     """
 
     def __init__(self, on_error: ErrorCallback | None = None) -> None:
-        if on_error is not None and not callable(on_error):
-            raise TypeError(f'on_error must be callable (it is called with the exception and '
-                            f'the message), got {type(on_error).__name__} {on_error!r}')
+        check_error_callback(on_error)
         self.on_error = on_error
         self._channels: list[Channel] = []
         self._lock = threading.Lock()

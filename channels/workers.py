@@ -33,6 +33,7 @@ from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from .channel import Channel
+from .handlers import unawaited
 from .message import Message
 
 if TYPE_CHECKING:
@@ -307,7 +308,9 @@ class TaskWorker(Worker):
         task = self.get_task()
         handler = task.handler
         try:
-            handler(task.message)
+            result = handler(task.message)
+            if result is not None and unawaited(handler, result, task.message):
+                self.errors += 1
         except BaseException:
             self.errors += 1
             logger.exception('exception was raised while running %r for %r on %s',
@@ -355,7 +358,9 @@ class TaskWorker(Worker):
                         message.drop()
                 else:
                     try:
-                        subscription[0](message)
+                        result = subscription[0](message)
+                        if result is not None and unawaited(subscription[0], result, message):
+                            self.errors += 1
                     except BaseException:
                         self.errors += 1
                         logger.exception('exception was raised while running %r for %r '

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -351,3 +352,135 @@ def test_a_forked_child_counts_messages_for_inherited_coroutine_handlers_as_lost
                 process.kill()
                 process.join()
     assert process.exitcode == 0
+
+
+def test_a_drain_cancelled_before_its_first_step_loses_its_messages_loudly_and_recovers(
+        caplog):
+    # asyncio.run's final cancellation, or a "cancel every other task" hook, may cancel
+    # the task that runs a handler before it ever ran
+    handled = []
+
+    async def handler(message):
+        handled.append(message.data['n'])
+
+    async def main():
+        channel = Channel('room', handler)
+        runner = channel._subscription[0]
+        Channel('room').send({'n': 0})
+        # block the loop until the task thread has asked it to start the drain task
+        wait_until(lambda: runner._draining, TIMEOUT, what='the drain to be requested')
+        await asyncio.sleep(0)             # the drain task is created, not yet run
+        for task in asyncio.all_tasks():
+            if task.get_name().startswith('channels handler'):
+                task.cancel()
+        await until(lambda: runner.idle, 'the runner to give up')
+        Channel('room').send({'n': 1})
+        await until(lambda: handled, 'the next message')
+        return runner
+
+    with caplog.at_level(logging.WARNING, logger='channels.handlers'):
+        runner = asyncio.run(main())
+    assert handled == [1] and runner.lost == 1
+    assert any('cancelled' in r.getMessage() for r in caplog.records)
+
+
+def test_a_channel_whose_loop_closed_is_unsubscribed_with_one_warning(caplog):
+    async def handler(message):
+        pass
+
+    with loop_in_a_thread() as loop:
+        channel = Channel('room', handler, loop=loop)
+    with caplog.at_level(logging.WARNING, logger='channels.handlers'):
+        Channel('room').send({'n': 1})
+        wait_until(lambda: channel.handler is None, TIMEOUT, what='the unsubscription')
+    assert Channel.get_channels('room') == []
+    assert sum('is closed' in r.getMessage() and 'unsubscribing' in r.getMessage()
+               for r in caplog.records) == 1
+
+
+def test_a_channel_subscribed_again_waits_for_the_last_call_of_its_previous_subscription():
+    running, most, finished = [0], [0], []
+
+    async def handler(message):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        await asyncio.sleep(0.05)
+        running[0] -= 1
+        finished.append(message.data['n'])
+
+    async def main():
+        channel = Channel('room', handler)
+        Channel('room').send({'n': 0})
+        await until(lambda: running[0] == 1, 'the first call to start')
+        channel.unsubscribe()             # the first call goes on running
+        channel.subscribe(handler)
+        Channel('room').send({'n': 1})
+        await until(lambda: len(finished) == 2, 'both calls to finish')
+
+    asyncio.run(main())
+    assert finished == [0, 1] and most == [1]
+
+
+def test_a_coroutine_handler_wrapped_by_a_decorator_runs_on_the_loop():
+    calls = []
+
+    def logged(function):
+        @functools.wraps(function)
+        def wrapper(message):
+            return function(message)
+        return wrapper
+
+    @logged
+    async def handler(message):
+        calls.append(threading.current_thread() is threading.main_thread())
+
+    async def main():
+        Channel('room', handler)
+        Channel('room').send()
+        await until(lambda: calls, 'the call')
+
+    asyncio.run(main())
+    assert calls == [True]
+
+
+def test_a_plain_handler_that_returns_a_coroutine_is_logged_as_an_error(caplog):
+    async def work(message):
+        pass
+
+    with caplog.at_level(logging.ERROR, logger='channels.handlers'):
+        Channel('room', lambda message: work(message))
+        Channel('room').send()
+        wait_until(lambda: any('never awaited' in r.getMessage() for r in caplog.records),
+                   TIMEOUT, what='the error')
+
+
+def test_an_async_on_error_is_refused():
+    async def on_error(error, message):
+        pass
+
+    with pytest.raises(TypeError, match='on_error must be a plain function'):
+        Channel('room', lambda message: None, on_error=on_error)
+    with pytest.raises(TypeError, match='on_error must be a plain function'):
+        channels.Scope(on_error=on_error)
+
+
+def test_shutdown_on_the_loop_of_pending_coroutine_handlers_says_it_did_not_finish(caplog):
+    handled = []
+
+    async def handler(message):
+        handled.append(message.data['n'])
+
+    async def main():
+        channel = Channel('room', handler)
+        runner = channel._subscription[0]
+        Channel('room').send({'n': 0})
+        wait_until(lambda: runner._draining, TIMEOUT, what='the message to reach the loop')
+        with caplog.at_level(logging.WARNING, logger='channels.runtime'):
+            finished = channels.shutdown(timeout=1)     # this loop cannot run meanwhile
+        await until(lambda: handled, 'the call, once the loop runs again')
+        return finished
+
+    assert asyncio.run(main()) is False
+    assert handled == [0]
+    assert any('not running or is the one calling shutdown' in r.getMessage()
+               for r in caplog.records)

@@ -458,3 +458,29 @@ def test_two_tasks_awaiting_one_inbox_are_each_woken():
             return sorted(numbers(done))
 
     assert asyncio.run(main()) == [0, 1]
+
+
+def test_close_from_another_thread_wakes_a_waiting_consumer():
+    async def main():
+        async with channels.listen('room') as inbox:
+            waiting = asyncio.ensure_future(inbox.get())
+            await asyncio.sleep(0)
+            await asyncio.to_thread(inbox.close)
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(waiting, TIMEOUT)
+
+    asyncio.run(main())
+
+
+def test_a_message_that_expires_while_it_waits_in_the_inbox_is_dropped():
+    from datetime import timedelta
+
+    async def main():
+        async with channels.listen('room') as inbox:
+            Channel('room').send({'n': 0}, expiry=timedelta(milliseconds=50))
+            Channel('room').send({'n': 1})
+            await eventually(lambda: len(inbox) == 2, 'both messages in the inbox')
+            await asyncio.sleep(0.1)           # n=0 expires while it waits
+            return numbers(await take(inbox, 1))
+
+    assert asyncio.run(main()) == [1]
