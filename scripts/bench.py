@@ -104,6 +104,7 @@ PAYLOAD = {'text': 'x' * 48}
 """The data of every message sent: a small dict, about 64 bytes of payload."""
 
 FULL = {
+    'name': 'full',
     'runs': 3,                    # measured runs per case and library; the median is shown
     'warmup': 2_000,              # messages sent (or channels subscribed) before timing
     'messages': 100_000,          # ours: messages per run, in every message case
@@ -126,6 +127,7 @@ FULL = {
     'sweep': (1, 2, 4, 8),        # --plot: subscriber processes of the throughput runs
 }
 QUICK = {
+    'name': 'quick',
     'runs': 1,
     'warmup': 500,
     'messages': 10_000,
@@ -1332,7 +1334,7 @@ def build_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
         f'message that scans every topic, so N subscriptions cost O(N^2).',
         '"ours vs Lona" is the speed-up (higher is better for ours).',
     ]
-    if sizes is QUICK:
+    if sizes['name'] == 'quick':
         notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
                      'sizes, so "met" is only indicative.')
     for (lib, case), runs in results.items():
@@ -1428,7 +1430,7 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
         '"ours vs X" is the speed-up (higher is better for ours): our rate / X\'s, or '
         'X\'s latency or CPU / ours.',
     ]
-    if sizes is QUICK:
+    if sizes['name'] == 'quick':
         notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
                      'sizes, so "met" is only indicative.')
     for (lib, case), runs in results.items():
@@ -1446,8 +1448,8 @@ def plot_data(results: dict, sweep: tuple[int, ...]
               ) -> tuple[dict[str, dict[int, list[float]]], dict[str, list[float]]]:
     """The picture's figures, as plain data, from the runs that succeeded.
 
-    Returns ``({system: {subscribers: [delivered msg/s of each run]}}, {system: [latency
-    µs of every message of every run]})``, with the systems' display names.
+    Returns ``({system: {subscribers: [delivered msg/s of each run]}}, {system: [[latency
+    µs of each message] of each run]})``, with the systems' display names.
     """
     def ok(lib: str, case: str) -> list[dict]:
         return [run for run in results.get((lib, case), []) if 'error' not in run]
@@ -1455,8 +1457,7 @@ def plot_data(results: dict, sweep: tuple[int, ...]
     throughput = {SYSTEM_NAMES[lib]: {n: [run['delivered'] for run in ok(lib, fanout_case(n))]
                                       for n in sweep}
                   for lib in SWEEP_SYSTEMS}
-    latency = {SYSTEM_NAMES[lib]: [x for run in ok(lib, 'cross_latency')
-                                   for x in run['samples_us']]
+    latency = {SYSTEM_NAMES[lib]: [run['samples_us'] for run in ok(lib, 'cross_latency')]
                for lib in cross_systems('cross_latency')}
     return throughput, latency
 
@@ -1471,12 +1472,10 @@ def build_sweep_rows(results: dict, sizes: dict, sweep: tuple[int, ...]
         for n in sweep:
             runs = throughput.get(name, {}).get(n, [])
             cells.append(f'{statistics.median(runs):,.0f}' if runs else '-')
-        samples = latency.get(name, [])
-        if len(samples) >= 2:
-            cuts = statistics.quantiles(samples, n=100, method='inclusive')
-            cells += [f'{cuts[49]:,.0f} µs', f'{cuts[98]:,.0f} µs']
-        else:
-            cells += ['-', '-']
+        cuts = [statistics.quantiles(run, n=100, method='inclusive')
+                for run in latency.get(name, []) if len(run) >= 2]
+        for p in (50, 99):
+            cells.append(f'{statistics.median(c[p - 1] for c in cuts):,.0f} µs' if cuts else '-')
         rows.append(cells)
     header = ['system', *(f'1 -> {n}' for n in sweep), 'latency p50', 'latency p99']
     notes = [
@@ -1484,7 +1483,7 @@ def build_sweep_rows(results: dict, sizes: dict, sweep: tuple[int, ...]
         f'per count; {sizes["cross_messages"]:,} messages per run to 1 subscriber, '
         f'{sizes["fanout_messages"]:,} to more, after {sizes["cross_warmup"]:,} warm-up.',
         f'Latency: {sizes["latency_seconds"]:g} s at {sizes["latency_rate"]:,} msg/s, '
-        f'1 -> 1, the messages of all {sizes["cross_runs"]} run(s) pooled.',
+        f'1 -> 1, median of {sizes["cross_runs"]} run(s).',
     ]
     for case in plot_cases(sweep):
         for lib in cross_systems(case):
@@ -1501,16 +1500,20 @@ def write_plot(path: str, results: dict, sizes: dict, sweep: tuple[int, ...], ma
     import benchplot
     throughput, latency = plot_data(results, sweep)
     runs = sizes['cross_runs']
+    several = runs > 1
     caption = '\n'.join([
         f'{datetime.date.today().isoformat()} · {machine} · ZeroMQ {found["libzmq"]} '
         f'(pyzmq {found["pyzmq"]})',
         f'Payload {{"text": "x" * {len(PAYLOAD["text"])}}}, pickled by the publisher, '
-        f'unpickled by each subscriber. Throughput: {sizes["cross_messages"]:,} messages to '
-        f'1 subscriber, {sizes["fanout_messages"]:,} to more, per run; median of {runs} '
-        f'run(s)' + (', bars from the slowest to the fastest.' if runs > 1 else '.'),
-        f'Latency: time.time() in the handler minus the send time, {sizes["latency_seconds"]:g}'
-        f' s at {sizes["latency_rate"]:,} msg/s after {sizes["latency_warmup"]:g} s of '
-        f'warm-up, the messages of {runs} run(s) pooled.',
+        f'unpickled by each subscriber (ours: in the handler, reading message.data).',
+        f'Throughput: {sizes["cross_messages"]:,} messages to 1 subscriber, '
+        f'{sizes["fanout_messages"]:,} to more, per run; median of {runs} run(s)'
+        + (', bars from the slowest run to the fastest.' if several else '.'),
+        f'Latency: time.time() in the handler minus the send time, '
+        f'{sizes["latency_seconds"]:g} s at {sizes["latency_rate"]:,} msg/s after '
+        f'{sizes["latency_warmup"]:g} s of warm-up'
+        + (f'; bold: the run with the median p99, faint: the other runs; p50 and p99: '
+           f'median of {runs} runs.' if several else '.'),
     ])
     benchplot.plot_cross(
         path, throughput, latency,
@@ -1653,9 +1656,16 @@ def main(argv: list[str] | None = None) -> int:
                         help='subscriber processes for --plot (default: '
                              f'{",".join(map(str, FULL["sweep"]))}; with --quick '
                              f'{",".join(map(str, QUICK["sweep"]))})')
+    parser.add_argument('--runs', metavar='N', type=int,
+                        help='measured runs per case and system (default: 3, 1 with --quick); '
+                             'the median is shown')
     parser.add_argument('--one', metavar='LIB.CASE', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.runs is not None:
+        if args.runs < 1:
+            parser.error('--runs must be 1 or more')
+        sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs}
     only = args.only or (*GROUPS, 'plot')
     groups = tuple(group for group in GROUPS if group in only)
     if 'plot' in only and not args.plot and args.only:

@@ -8,6 +8,7 @@ when a figure is drawn, and only its Agg canvas is used: no screen, no pyplot st
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +17,8 @@ COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')
 MARKERS = ('o', 's', '^', 'D', 'v', 'P')
 PERCENTILES = (50, 99)
 """The percentiles marked on each latency curve and given in the legend."""
+CAPTION_WIDTH = 170
+"""Characters per line of the caption: longer lines are wrapped."""
 BOTTOM = 0.005
 """The lowest fraction the latency panel shows (p0.5): below it is the fastest few."""
 
@@ -36,6 +39,12 @@ def percentile(samples: Sequence[float], p: float) -> float:
     return ordered[below] + (ordered[below + 1] - ordered[below]) * (at - below)
 
 
+def median_run(runs: Sequence[Sequence[float]]) -> Sequence[float]:
+    """The run whose p99 is the median of the runs' (the lower middle one if even)."""
+    ordered = sorted(runs, key=lambda run: percentile(run, 99))
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def _us(x: float) -> str:
     return f'{x:,.0f} µs' if x >= 100 else f'{x:.1f} µs'
 
@@ -49,19 +58,25 @@ def _rate(x: float, _: object = None) -> str:
 
 
 def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[float]]],
-               latency_us: Mapping[str, Sequence[float]], *, title: str, caption: str = '',
-               latency_title: str = 'Latency, 1 -> 1', dpi: int = 110) -> None:
+               latency_us: Mapping[str, Sequence[Sequence[float]]], *, title: str,
+               caption: str = '', latency_title: str = 'Latency, 1 -> 1',
+               dpi: int = 110) -> None:
     """Write a two-panel PNG to *path*: throughput by subscriber processes, latency.
 
     *throughput* maps a system's label to ``{subscriber processes: [delivered msg/s of
     each run]}``; the left panel draws the median of the runs per count (a line with
     markers) and the range of the runs (an error bar) when there are several. A count
-    with no runs is left out. *latency_us* maps a system's label to its latency samples
-    in µs; the right panel draws each system's distribution as a CDF with latency on a
-    log axis and the percentile on a logit axis (so p50, p90, p99 and p99.9 are evenly
-    spaced), marks p50 and p99 on it and states them in the legend. A system with no
-    samples is left out. *title* goes above both panels, *caption* (may hold newlines)
-    under them.
+    with no runs is left out.
+
+    *latency_us* maps a system's label to its runs, each a list of latency samples in
+    µs. The right panel draws each run's distribution as a CDF, latency on a log axis
+    and the percentile on a logit axis (so p50, p90, p99 and p99.9 are evenly spaced):
+    the run with the median p99 (:func:`median_run`) bold, the others faint. The
+    markers and the legend give the median of the runs' p50 and p99. A system with no
+    samples is left out.
+
+    *title* goes above both panels, *caption* (may hold newlines; long lines are
+    wrapped) under them.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -70,7 +85,8 @@ def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[
     systems = list(dict.fromkeys([*throughput, *latency_us]))
     style = {name: (COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)])
              for i, name in enumerate(systems)}
-    lines = caption.count('\n') + 1 if caption else 0
+    lines = sum(len(textwrap.wrap(line, CAPTION_WIDTH)) or 1
+                for line in caption.split('\n')) if caption else 0
     fig = Figure(figsize=(12.0, 5.2 + 0.22 * lines), layout='constrained')
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
@@ -110,19 +126,24 @@ def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[
     drawn = False
     smallest, largest, top_rank = float('inf'), 0.0, 0.999
     for name in systems:
-        samples = sorted(x for x in latency_us.get(name, ()) if x > 0)
-        if not samples:
+        runs = [sorted(x for x in run if x > 0) for run in latency_us.get(name, ())]
+        runs = [run for run in runs if run]
+        if not runs:
             continue
         color, marker = style[name]
-        n = len(samples)
-        ranks = [(i + 0.5) / n for i in range(n)]
-        marks = {p: percentile(samples, p) for p in PERCENTILES}
+        marks = {p: statistics.median(percentile(run, p) for run in runs) for p in PERCENTILES}
+        typical = median_run(runs)
         label = f'{name}: ' + ', '.join(f'p{p} {_us(x)}' for p, x in marks.items())
-        right.plot(samples, ranks, color=color, linewidth=2, label=label)
+        for run in runs:
+            ranks = [(i + 0.5) / len(run) for i in range(len(run))]
+            if run is typical:
+                right.plot(run, ranks, color=color, linewidth=2.2, label=label, zorder=3)
+            else:
+                right.plot(run, ranks, color=color, linewidth=1, alpha=0.35, zorder=2)
+            smallest = min(smallest, percentile(run, BOTTOM * 100))
+            largest, top_rank = max(largest, run[-1]), max(top_rank, ranks[-1])
         right.plot(list(marks.values()), [p / 100 for p in marks], linestyle='none',
-                   marker=marker, markersize=7, color=color, markeredgecolor='black')
-        smallest = min(smallest, percentile(samples, BOTTOM * 100))
-        largest, top_rank = max(largest, samples[-1]), max(top_rank, ranks[-1])
+                   marker=marker, markersize=7, color=color, markeredgecolor='black', zorder=4)
         drawn = True
     right.set_title(latency_title)
     right.set_xlabel('latency from send to handler (µs, log scale)')
@@ -147,5 +168,6 @@ def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[
 
     fig.suptitle(title, fontsize='large', fontweight='bold')
     if caption:
-        fig.supxlabel(caption, fontsize='small', color='#444444')
+        wrapped = '\n'.join(textwrap.fill(line, CAPTION_WIDTH) for line in caption.split('\n'))
+        fig.supxlabel(wrapped, fontsize='small', color='#444444')
     fig.savefig(path, dpi=dpi, format='png')

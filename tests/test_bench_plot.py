@@ -51,8 +51,9 @@ def _synthetic(seed: int = 7) -> tuple[dict, dict]:
         'Queue relay': {1: [64e3, 60e3], 2: [75e3, 80e3], 4: [85e3], 8: []},   # 8: all failed
         'ZeroMQ proxy': {1: [140e3], 2: [200e3], 4: [300e3], 8: [320e3]},
     }
-    latency = {'mpchannels': [rng.lognormvariate(5.4, 0.5) for _ in range(2000)],
-               'ZeroMQ proxy': [rng.lognormvariate(5.3, 0.7) for _ in range(2000)]}
+    latency = {'mpchannels': [[rng.lognormvariate(5.4, s) for _ in range(2000)]
+                              for s in (0.4, 0.5, 0.9)],
+               'ZeroMQ proxy': [[rng.lognormvariate(5.3, 0.7) for _ in range(2000)]]}
     return throughput, latency
 
 
@@ -67,8 +68,8 @@ def test_plot_of_synthetic_data_is_a_valid_png(tmp_path):
 def test_plot_copes_with_missing_figures(tmp_path):
     """No latency at all, one system with no runs, a single count: still a picture."""
     out = tmp_path / 'sparse.png'
-    benchplot.plot_cross(out, {'a': {1: [5e4]}, 'b': {1: []}}, {'a': [], 'c': [120.0]},
-                         title='sparse')
+    benchplot.plot_cross(out, {'a': {1: [5e4]}, 'b': {1: []}},
+                         {'a': [], 'b': [[]], 'c': [[120.0]]}, title='sparse')
     _assert_png(out)
     empty = tmp_path / 'empty.png'
     benchplot.plot_cross(empty, {}, {}, title='nothing measured')
@@ -83,6 +84,9 @@ def test_percentile_matches_the_tables_quantiles():
     assert benchplot.percentile(samples, 0) == min(samples)
     assert benchplot.percentile(samples, 100) == max(samples)
     assert benchplot.percentile([42.0], 99) == 42.0
+    runs = [[1.0, 9.0], [1.0, 5.0], [1.0, 2.0]]
+    assert benchplot.median_run(runs) is runs[1]
+    assert benchplot.median_run(runs[:2]) is runs[1]       # even: the lower middle one
 
 
 def test_plot_data_takes_the_successful_runs_of_each_system():
@@ -91,19 +95,19 @@ def test_plot_data_takes_the_successful_runs_of_each_system():
                                  {'delivered': 120.0}],
         ('ours', 'cross_1to2'): [{'delivered': 180.0}],
         ('zmq', 'cross_1to1'): [{'delivered': 150.0}],
-        ('ours', 'cross_latency'): [{'samples_us': [100.0, 200.0]},
-                                    {'samples_us': [300.0]}],
+        ('ours', 'cross_latency'): [{'samples_us': [100.0, 200.0, 300.0]},
+                                    {'samples_us': [200.0, 300.0, 400.0]}],
         ('queue', 'cross_latency'): [{'error': 'exit 1: boom'}],
     }
     throughput, latency = bench.plot_data(results, (1, 2))
     assert throughput['mpchannels'] == {1: [100.0, 120.0], 2: [180.0]}
     assert throughput['ZeroMQ proxy'] == {1: [150.0], 2: []}
     assert throughput['Queue relay'] == {1: [], 2: []}
-    assert latency == {'mpchannels': [100.0, 200.0, 300.0], 'Queue relay': [],
-                       'ZeroMQ proxy': []}
+    assert latency == {'mpchannels': [[100.0, 200.0, 300.0], [200.0, 300.0, 400.0]],
+                       'Queue relay': [], 'ZeroMQ proxy': []}
     rows, header, notes = bench.build_sweep_rows(results, bench.QUICK, (1, 2))
     assert header == ['system', '1 -> 1', '1 -> 2', 'latency p50', 'latency p99']
-    assert rows[0] == ['mpchannels', '110', '180', '200 µs', '298 µs']
+    assert rows[0] == ['mpchannels', '110', '180', '250 µs', '348 µs']   # medians of runs
     assert rows[1] == ['Queue relay', '-', '-', '-', '-']
     assert bench.fanout_of('cross_1to8') == 8 and bench.fanout_of('cross_latency') is None
     assert bench.cross_systems('cross_1to8') == ('ours', 'queue', 'zmq')
