@@ -1494,8 +1494,11 @@ def build_sweep_rows(results: dict, sizes: dict, sweep: tuple[int, ...]
 
 
 def write_plot(path: str, results: dict, sizes: dict, sweep: tuple[int, ...], machine: str,
-               found: dict[str, str]) -> None:
-    """Draw the picture of *results* into *path* (``scripts/benchplot.py`` draws it)."""
+               found: dict[str, str], load: tuple[float, float] | None = None) -> None:
+    """Draw the picture of *results* into *path* (``scripts/benchplot.py`` draws it).
+
+    *load* is the machine's 1-minute load average before and after the runs, if known.
+    """
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import benchplot
     throughput, latency = plot_data(results, sweep)
@@ -1503,7 +1506,9 @@ def write_plot(path: str, results: dict, sizes: dict, sweep: tuple[int, ...], ma
     several = runs > 1
     caption = '\n'.join([
         f'{datetime.date.today().isoformat()} · {machine} · ZeroMQ {found["libzmq"]} '
-        f'(pyzmq {found["pyzmq"]})',
+        f'(pyzmq {found["pyzmq"]})'
+        + ('' if load is None else f' · load average {load[0]:.1f} before the runs, '
+                                   f'{load[1]:.1f} after'),
         f'Payload {{"text": "x" * {len(PAYLOAD["text"])}}}, pickled by the publisher, '
         f'unpickled by each subscriber (ours: in the handler, reading message.data).',
         f'Throughput: {sizes["cross_messages"]:,} messages to 1 subscriber, '
@@ -1706,6 +1711,7 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: pyzmq is not installed (pip install -e '.[bench]'): the ZeroMQ "
               "runs will fail", file=sys.stderr)
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     try:
         results = measure(sizes, args.quick, progress=sys.stderr.isatty(), groups=groups,
                           sweep=sweep)
@@ -1713,6 +1719,7 @@ def main(argv: list[str] | None = None) -> int:
         print('\ninterrupted; every process the benchmark started is stopped',
               file=sys.stderr)
         return 130
+    load = (load_before, os.getloadavg()[0])
     python = f'{platform.python_implementation()} {platform.python_version()}'
     quick = ' (--quick)' if args.quick else ''
     machine = f'{platform.platform()}, {os.cpu_count()} CPUs, {python}{quick}'
@@ -1739,6 +1746,8 @@ def main(argv: list[str] | None = None) -> int:
         tables.append((title, rows, header, notes, None))
     if sweep:
         rows, header, notes = build_sweep_rows(results, sizes, sweep)
+        notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the runs, '
+                     f'{load[1]:.1f} after ({os.cpu_count()} CPUs).')
         title = f'Delivered msg/s by subscriber processes (1 publisher), and latency at ' \
             f'{sizes["latency_rate"]:,} msg/s (1 -> 1), drawn into {args.plot}:'
         tables.append((title, rows, header, notes, ['---'] + ['---:'] * (len(header) - 1)))
@@ -1747,7 +1756,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
         print_table(title, rows, header, notes, args.markdown, align)
     if sweep:
-        write_plot(args.plot, results, sizes, sweep, machine, found)
+        write_plot(args.plot, results, sizes, sweep, machine, found, load)
     if args.details or args.quick:
         print()
         print('\n'.join(details(results)))

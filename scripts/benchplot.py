@@ -7,6 +7,7 @@ when a figure is drawn, and only its Agg canvas is used: no screen, no pyplot st
 
 from __future__ import annotations
 
+import math
 import statistics
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,8 @@ COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')
 MARKERS = ('o', 's', '^', 'D', 'v', 'P')
 PERCENTILES = (50, 99)
 """The percentiles marked on each latency curve and given in the legend."""
+DODGE = 1.04
+"""The systems' throughput points at one count are this factor apart on the x axis."""
 CAPTION_WIDTH = 170
 """Characters per line of the caption: longer lines are wrapped."""
 BOTTOM = 0.005
@@ -50,7 +53,7 @@ def _us(x: float) -> str:
 
 
 def _tick_us(x: float, _: object = None) -> str:
-    return f'{x / 1000:g}k' if x >= 1000 else f'{x:g}'
+    return f'{x / 1e6:g}M' if x >= 1e6 else f'{x / 1000:g}k' if x >= 1000 else f'{x:g}'
 
 
 def _rate(x: float, _: object = None) -> str:
@@ -93,20 +96,20 @@ def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[
 
     counts: set[int] = set()
     top = 0.0
-    for name in systems:
+    for i, name in enumerate(systems):
         points = sorted((n, sorted(runs)) for n, runs in throughput.get(name, {}).items()
                         if runs)
         if not points:
             continue
         color, marker = style[name]
-        xs = [n for n, _ in points]
+        xs = [n * DODGE ** (i - (len(systems) - 1) / 2) for n, _ in points]   # side by side
         mids = [statistics.median(runs) for _, runs in points]
         low = [mid - runs[0] for mid, (_, runs) in zip(mids, points)]
         high = [runs[-1] - mid for mid, (_, runs) in zip(mids, points)]
         several = any(len(runs) > 1 for _, runs in points)
         left.errorbar(xs, mids, yerr=[low, high] if several else None, color=color,
                       marker=marker, markersize=7, linewidth=2, capsize=4, label=name)
-        counts.update(xs)
+        counts.update(n for n, _ in points)
         top = max(top, max(runs[-1] for _, runs in points))
     left.set_title('Delivered throughput by subscriber processes')
     left.set_xlabel('subscriber processes (1 publisher process)')
@@ -116,8 +119,7 @@ def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[
         left.xaxis.set_major_locator(FixedLocator(sorted(counts)))
         left.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f'{x:g}'))
         left.xaxis.set_minor_locator(NullLocator())
-        low_n, high_n = min(counts), max(counts)
-        left.set_xlim(low_n / 1.25, high_n * 1.25)
+        left.set_xlim(min(counts) / 1.3, max(counts) * 1.3)
         left.set_ylim(0, top * 1.15 if top else 1)
         left.legend(loc='upper left')
     left.yaxis.set_major_formatter(FuncFormatter(_rate))
@@ -151,7 +153,9 @@ def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[
     if drawn:
         right.set_xscale('log')
         right.set_xlim(smallest / 1.3, largest * 1.3)
-        right.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        decades = math.log10(largest * 1.3) - math.log10(smallest / 1.3)
+        subs = (1.0, 2.0, 5.0) if decades <= 3.2 else (1.0, 3.0) if decades <= 4.5 else (1.0,)
+        right.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
         right.xaxis.set_major_formatter(FuncFormatter(_tick_us))
         right.xaxis.set_minor_locator(NullLocator())
         right.set_yscale('logit')
