@@ -1206,8 +1206,8 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
 
     With a *sweep* (``--plot``), also the throughput cases with that many subscriber
     processes and the latency case, unless *groups* measured them already. The
-    cross-process systems take turns within each round of runs, so that a noisy
-    neighbour hits them alike.
+    cross-process cases and systems take turns in each round of runs, so that a noisy
+    neighbour hits them alike (see measure_cross).
     """
     results: dict = {}
     if 'local' in groups:
@@ -1233,11 +1233,12 @@ def measure_cross(results: dict, cases: list[str] | tuple[str, ...], sizes: dict
                   quick: bool, progress: bool) -> None:
     """Run each cross-process case of *cases* ``cross_runs`` times into *results*.
 
-    In each round every system of the case runs once, in turn.
+    Each round runs every case once for every system, in turn, so that a noisy spell
+    on a shared machine hits all of them alike rather than one case.
     """
-    for case in cases:
-        runs = sizes['cross_runs']
-        for n in range(runs):
+    runs = sizes['cross_runs']
+    for n in range(runs):
+        for case in cases:
             for lib in cross_systems(case):
                 if progress:
                     print(f'  {lib:5} {case:16} run {n + 1}/{runs}', file=sys.stderr,
