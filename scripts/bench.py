@@ -46,14 +46,19 @@ SUB unpickles; high-water marks off, so nothing is dropped):
    handled the last one (ours: in the handler, after reading ``message.data``; the
    references: after unpickling). Delivered/s is that rate times the subscribers.
    Every subscriber must get exactly every message, else the run is an error.
-6. **Latency** at a steady 2,000 messages/s, 1 -> 1 (ours and ZeroMQ): the publisher
+6. **Latency** at a steady 2,000 messages/s, 1 -> 1 (all three): the publisher
    sends to a schedule, the subscriber takes ``time.time()`` minus the send time
-   (ours: ``message.timestamp``; ZeroMQ: a timestamp in the data); p50 and p99.
+   (ours: ``message.timestamp``; the references: a timestamp in the data); p50 and p99.
 7. **Broker cost**: the CPU time of the broker process (and of the relay and the
    proxy) per routed message over the 1 -> 1 run, and, for ours, the growth of the
    broker's RSS per subscription when one app process subscribes 100,000 channels on
    distinct topics. The CPU time per message of the publisher and the subscribers is
    shown too (psutil's ``cpu_times()`` of each process): it tells where the time goes.
+8. **The picture** (``--plot FILE.png``): the throughput of case 5 with 1, 2, 4 and 8
+   subscriber processes (``--sweep``; 1, 2, 4 with ``--quick``) and the latency of
+   every message of case 6, for each system, printed as a table and drawn side by side
+   by ``scripts/benchplot.py`` (matplotlib, in the ``bench`` extra). The cases the
+   tables measure in the same run (1 -> 1, 1 -> 4, latency) are not measured again.
 
 Each cross-process run is one fresh subprocess of this script, in its own process
 group, which starts the broker (or relay, or proxy) and forks the publisher and the
@@ -67,6 +72,8 @@ Usage::
     PYTHONPATH=. python scripts/bench.py --quick     # small sizes: a smoke test (< 30 s)
     PYTHONPATH=. python scripts/bench.py --cross     # only the cross-process cases
     PYTHONPATH=. python scripts/bench.py --only local  # only the in-process cases
+    PYTHONPATH=. python scripts/bench.py --only cross --plot docs/bench.png  # + picture
+    PYTHONPATH=. python scripts/bench.py --only plot --plot out.png  # only the picture's
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ PAYLOAD = {'text': 'x' * 48}
 """The data of every message sent: a small dict, about 64 bytes of payload."""
 
 FULL = {
+    'name': 'full',
     'runs': 3,                    # measured runs per case and library; the median is shown
     'warmup': 2_000,              # messages sent (or channels subscribed) before timing
     'messages': 100_000,          # ours: messages per run, in every message case
@@ -116,8 +124,10 @@ FULL = {
     'latency_seconds': 5.0,       # case 6: the measured part of a run
     'latency_warmup': 0.5,        # case 6: seconds of paced sends before it, not counted
     'cross_subscriptions': 100_000,  # case 7: subscriptions of one app process
+    'sweep': (1, 2, 4, 8),        # --plot: subscriber processes of the throughput runs
 }
 QUICK = {
+    'name': 'quick',
     'runs': 1,
     'warmup': 500,
     'messages': 10_000,
@@ -137,6 +147,7 @@ QUICK = {
     'latency_seconds': 1.0,
     'latency_warmup': 0.2,
     'cross_subscriptions': 20_000,
+    'sweep': (1, 2, 4),
 }
 
 LIBS = ('ours', 'lona')
@@ -144,10 +155,11 @@ CASES = ('single', 'many', 'subscribe', 'subscribe_routed', 'wild_few', 'wild_ma
 CROSS_LIBS = {                    # cross-process cases, and the systems each one measures
     'cross_1to1': ('ours', 'queue', 'zmq'),
     'cross_1to4': ('ours', 'queue', 'zmq'),
-    'cross_latency': ('ours', 'zmq'),
+    'cross_latency': ('ours', 'queue', 'zmq'),
     'cross_memory': ('ours',),
 }
 CROSS_CASES = tuple(CROSS_LIBS)
+SWEEP_SYSTEMS = ('ours', 'queue', 'zmq')   # --plot: throughput by subscriber processes
 GROUPS = ('local', 'cross')       # --only: the in-process cases, the cross-process ones
 SYSTEM_NAMES = {'ours': 'mpchannels', 'queue': 'Queue relay', 'zmq': 'ZeroMQ proxy'}
 CROSS_TOPIC = 'bench'
@@ -472,8 +484,10 @@ def _queue_subscriber(conn: Connection, queue: Any, marks: tuple[int, ...],
                       latency: bool) -> None:
     """A subscriber process of the Queue relay: ``get()`` and unpickle until None."""
     at = frozenset(marks)
+    total = max(marks)
     loads = pickle.loads
     get = queue.get
+    times: list[float] = []
     count = 0
     conn.send(('ready', os.getpid()))
     while True:
@@ -481,10 +495,18 @@ def _queue_subscriber(conn: Connection, queue: Any, marks: tuple[int, ...],
         if item is None:
             conn.send(('final', count, True))
             return
-        loads(item)
-        count += 1
-        if count in at:
-            conn.send(('mark', count, time.time()))
+        if latency:
+            now = time.time()
+            data = loads(item)
+            count += 1
+            times.append(now - data['t'])
+            if count == total:
+                conn.send(('latency', times))
+        else:
+            loads(item)
+            count += 1
+            if count in at:
+                conn.send(('mark', count, time.time()))
 
 
 def _zmq_subscriber(conn: Connection, endpoint: str, marks: tuple[int, ...],
@@ -671,6 +693,31 @@ def _ours_many(conn: Connection) -> None:
         elif command[0] == 'exit':
             channels.shutdown(5.0)
             return
+
+
+def fanout_case(subscribers: int) -> str:
+    """The name of the throughput case with *subscribers* processes: ``cross_1to<N>``.
+
+    ``cross_1to1`` and ``cross_1to4`` are cases of the table (the latter with
+    ``sizes['fanout']`` subscribers, which is 4); ``--plot`` measures the others too.
+    """
+    return f'cross_1to{subscribers}'
+
+
+def fanout_of(case: str) -> int | None:
+    """The subscriber processes of a throughput case ``cross_1to<N>``; None for others."""
+    prefix = 'cross_1to'
+    count = case[len(prefix):]
+    if case.startswith(prefix) and count.isdigit() and int(count) >= 1:
+        return int(count)
+    return None
+
+
+def cross_systems(case: str) -> tuple[str, ...]:
+    """The systems a cross-process case measures (none if it is no such case)."""
+    if case in CROSS_LIBS:
+        return CROSS_LIBS[case]
+    return SWEEP_SYSTEMS if fanout_of(case) else ()
 
 
 # cross-process cases: the runner (the measured subprocess) ----------------------------
@@ -988,6 +1035,7 @@ def cross_latency(system: str, sizes: dict) -> dict:
     cuts = statistics.quantiles(latencies, n=100, method='inclusive')
     total = warmup + count
     return {'count': count, 'rate': total / (sent - started),
+            'samples_us': [round(x * 1e6, 1) for x in latencies],
             'p50_us': cuts[49] * 1e6, 'p99_us': cuts[98] * 1e6,
             'max_us': max(latencies) * 1e6, 'mean_us': statistics.fmean(latencies) * 1e6,
             'value': cuts[49] * 1e6,
@@ -1041,6 +1089,8 @@ def run_cross_case(lib: str, case: str, sizes: dict) -> dict:
             result.update(cross_latency(lib, sizes))
         elif case == 'cross_memory':
             result.update(cross_memory(sizes))
+        elif fanout_of(case):
+            result.update(cross_throughput(lib, fanout_of(case), sizes))
         else:
             raise ValueError(f'unknown case {case!r}')
     finally:
@@ -1150,12 +1200,14 @@ def _group_of(pid: int) -> int | None:
         return None
 
 
-def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = GROUPS
-            ) -> dict:
+def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = GROUPS,
+            sweep: tuple[int, ...] = ()) -> dict:
     """Run every case of *groups* ``runs`` times; return ``{(lib, case): [result]}``.
 
-    The cross-process systems take turns within each round of runs, so that a noisy
-    neighbour hits them alike.
+    With a *sweep* (``--plot``), also the throughput cases with that many subscriber
+    processes and the latency case, unless *groups* measured them already. The
+    cross-process cases and systems take turns in each round of runs, so that a noisy
+    neighbour hits them alike (see measure_cross).
     """
     results: dict = {}
     if 'local' in groups:
@@ -1169,19 +1221,37 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
                     runs.append(run_child(lib, case, quick, sizes['timeout'] + 15))
                 results[lib, case] = runs
     if 'cross' in groups:
-        for case in CROSS_CASES:
-            runs = sizes['cross_runs']
-            for n in range(runs):
-                for lib in CROSS_LIBS[case]:
-                    if progress:
-                        print(f'  {lib:5} {case:16} run {n + 1}/{runs}', file=sys.stderr,
-                              flush=True)
-                    limit = sizes['timeout'] + 15
-                    if case == 'cross_latency':
-                        limit += sizes['latency_seconds'] + sizes['latency_warmup']
-                    results.setdefault((lib, case), []).append(
-                        run_child(lib, case, quick, limit))
+        measure_cross(results, CROSS_CASES, sizes, quick, progress)
+    if sweep:
+        cases = [case for case in plot_cases(sweep)
+                 if not any((lib, case) in results for lib in cross_systems(case))]
+        measure_cross(results, cases, sizes, quick, progress)
     return results
+
+
+def measure_cross(results: dict, cases: list[str] | tuple[str, ...], sizes: dict,
+                  quick: bool, progress: bool) -> None:
+    """Run each cross-process case of *cases* ``cross_runs`` times into *results*.
+
+    Each round runs every case once for every system, in turn, so that a noisy spell
+    on a shared machine hits all of them alike rather than one case.
+    """
+    runs = sizes['cross_runs']
+    for n in range(runs):
+        for case in cases:
+            for lib in cross_systems(case):
+                if progress:
+                    print(f'  {lib:5} {case:16} run {n + 1}/{runs}', file=sys.stderr,
+                          flush=True)
+                limit = sizes['timeout'] + 15
+                if case == 'cross_latency':
+                    limit += sizes['latency_seconds'] + sizes['latency_warmup']
+                results.setdefault((lib, case), []).append(run_child(lib, case, quick, limit))
+
+
+def plot_cases(sweep: tuple[int, ...]) -> list[str]:
+    """The cross-process cases the picture needs: a throughput case per count, latency."""
+    return [fanout_case(n) for n in sweep] + ['cross_latency']
 
 
 def median(runs: list[dict], key: str = 'value') -> float | None:
@@ -1265,7 +1335,7 @@ def build_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
         f'message that scans every topic, so N subscriptions cost O(N^2).',
         '"ours vs Lona" is the speed-up (higher is better for ours).',
     ]
-    if sizes is QUICK:
+    if sizes['name'] == 'quick':
         notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
                      'sizes, so "met" is only indicative.')
     for (lib, case), runs in results.items():
@@ -1324,9 +1394,9 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
                  *(split(lib, 'cross_1to4') for lib in ('ours', 'queue', 'zmq')),
                  '', '', '', ''])
     for key, limit in (('p50_us', 120), ('p99_us', 500)):
-        ours, zmq = value('ours', 'cross_latency', key), value('zmq', 'cross_latency', key)
-        rows.append([f'latency at {rate_goal:,} msg/s, 1 -> 1: {key[:3]}', us(ours), '-',
-                     us(zmq), '', ratio(div(zmq, ours)), f'< {limit} µs',
+        ours, queue, zmq = (value(lib, 'cross_latency', key) for lib in ('ours', 'queue', 'zmq'))
+        rows.append([f'latency at {rate_goal:,} msg/s, 1 -> 1: {key[:3]}', us(ours), us(queue),
+                     us(zmq), ratio(div(queue, ours)), ratio(div(zmq, ours)), f'< {limit} µs',
                      met(None if ours is None else ours < limit)])
     broker = {lib: cpu(lib, 'cross_1to1', 'middle') for lib in ('ours', 'queue', 'zmq')}
     rows.append(['broker CPU per routed message (1 -> 1)', us(broker['ours']),
@@ -1355,13 +1425,13 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
         f'subscriber handles every message); in the latency runs it includes the pacing.',
         f'Latency: {sizes["latency_seconds"]:g} s at {rate_goal:,} msg/s after '
         f'{sizes["latency_warmup"]:g} s of warm-up; time.time() in the handler minus the '
-        f'send time (ours: message.timestamp, ZeroMQ: a time in the data).',
+        f'send time (ours: message.timestamp, Queue and ZeroMQ: a time in the data).',
         f'Memory: RSS growth of the broker while one process subscribes {subs:,} channels '
         f'on distinct topics.',
         '"ours vs X" is the speed-up (higher is better for ours): our rate / X\'s, or '
         'X\'s latency or CPU / ours.',
     ]
-    if sizes is QUICK:
+    if sizes['name'] == 'quick':
         notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
                      'sizes, so "met" is only indicative.')
     for (lib, case), runs in results.items():
@@ -1373,6 +1443,90 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
             notes.append(f'WARNING {lib} {case}: {warnings[0]}'
                          + (f' (and {len(warnings) - 1} more)' if len(warnings) > 1 else ''))
     return rows, notes
+
+
+def plot_data(results: dict, sweep: tuple[int, ...]
+              ) -> tuple[dict[str, dict[int, list[float]]], dict[str, list[float]]]:
+    """The picture's figures, as plain data, from the runs that succeeded.
+
+    Returns ``({system: {subscribers: [delivered msg/s of each run]}}, {system: [[latency
+    µs of each message] of each run]})``, with the systems' display names.
+    """
+    def ok(lib: str, case: str) -> list[dict]:
+        return [run for run in results.get((lib, case), []) if 'error' not in run]
+
+    throughput = {SYSTEM_NAMES[lib]: {n: [run['delivered'] for run in ok(lib, fanout_case(n))]
+                                      for n in sweep}
+                  for lib in SWEEP_SYSTEMS}
+    latency = {SYSTEM_NAMES[lib]: [run['samples_us'] for run in ok(lib, 'cross_latency')]
+               for lib in cross_systems('cross_latency')}
+    return throughput, latency
+
+
+def build_sweep_rows(results: dict, sizes: dict, sweep: tuple[int, ...]
+                     ) -> tuple[list[list[str]], list[str], list[str]]:
+    """The picture's figures as a table: its rows, its header and the notes under it."""
+    throughput, latency = plot_data(results, sweep)
+    rows = []
+    for name in dict.fromkeys([*throughput, *latency]):
+        cells = [name]
+        for n in sweep:
+            runs = throughput.get(name, {}).get(n, [])
+            cells.append(f'{statistics.median(runs):,.0f}' if runs else '-')
+        cuts = [statistics.quantiles(run, n=100, method='inclusive')
+                for run in latency.get(name, []) if len(run) >= 2]
+        for p in (50, 99):
+            cells.append(f'{statistics.median(c[p - 1] for c in cuts):,.0f} µs' if cuts else '-')
+        rows.append(cells)
+    header = ['system', *(f'1 -> {n}' for n in sweep), 'latency p50', 'latency p99']
+    notes = [
+        f'Delivered msg/s (messages/s x subscribers), median of {sizes["cross_runs"]} run(s) '
+        f'per count; {sizes["cross_messages"]:,} messages per run to 1 subscriber, '
+        f'{sizes["fanout_messages"]:,} to more, after {sizes["cross_warmup"]:,} warm-up.',
+        f'Latency: {sizes["latency_seconds"]:g} s at {sizes["latency_rate"]:,} msg/s, '
+        f'1 -> 1, median of {sizes["cross_runs"]} run(s).',
+    ]
+    for case in plot_cases(sweep):
+        for lib in cross_systems(case):
+            errors = [run['error'] for run in results.get((lib, case), []) if 'error' in run]
+            if errors and case not in CROSS_CASES:
+                notes.append(f'ERROR {lib} {case}: {errors[0]}')
+    return rows, header, notes
+
+
+def write_plot(path: str, results: dict, sizes: dict, sweep: tuple[int, ...], machine: str,
+               found: dict[str, str], load: tuple[float, float] | None = None) -> None:
+    """Draw the picture of *results* into *path* (``scripts/benchplot.py`` draws it).
+
+    *load* is the machine's 1-minute load average before and after the runs, if known.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import benchplot
+    throughput, latency = plot_data(results, sweep)
+    runs = sizes['cross_runs']
+    several = runs > 1
+    caption = '\n'.join([
+        f'{datetime.date.today().isoformat()} · {machine} · ZeroMQ {found["libzmq"]} '
+        f'(pyzmq {found["pyzmq"]})'
+        + ('' if load is None else f' · load average {load[0]:.1f} before the runs, '
+                                   f'{load[1]:.1f} after'),
+        f'Payload {{"text": "x" * {len(PAYLOAD["text"])}}}, pickled by the publisher, '
+        f'unpickled by each subscriber (ours: in the handler, reading message.data).',
+        f'Throughput: {sizes["cross_messages"]:,} messages to 1 subscriber, '
+        f'{sizes["fanout_messages"]:,} to more, per run; median of {runs} run(s)'
+        + (', bars from the slowest run to the fastest.' if several else '.'),
+        f'Latency: time.time() in the handler minus the send time, '
+        f'{sizes["latency_seconds"]:g} s at {sizes["latency_rate"]:,} msg/s after '
+        f'{sizes["latency_warmup"]:g} s of warm-up'
+        + (f'; bold: the run with the median p99, faint: the other runs; p50 and p99: '
+           f'median of {runs} runs.' if several else '.'),
+    ])
+    benchplot.plot_cross(
+        path, throughput, latency,
+        title='mpchannels across processes, through channels-broker, vs a '
+              'multiprocessing.Queue relay and a ZeroMQ proxy',
+        caption=caption,
+        latency_title=f'Latency at {sizes["latency_rate"]:,} msg/s, 1 → 1 process')
 
 
 def details(results: dict) -> list[str]:
@@ -1398,7 +1552,7 @@ def details(results: dict) -> list[str]:
                              f'{run["rate"]:,.0f} msg/s (CPU µs/msg: pub '
                              f'{cpu["publisher"]:.1f}, middle {cpu["middle"]:.1f}, sub '
                              f'{cpu["subscriber"]:.1f})')
-            elif case in CROSS_CASES:
+            elif case in CROSS_CASES or fanout_of(case):
                 cpu = run['cpu_us']
                 parts.append(f'{run["per_second"]:,.0f} msg/s x {run["subscribers"]} '
                              f'(send loop {run["send_loop"] / run["count"] * 1e6:.1f} µs/msg; '
@@ -1423,10 +1577,12 @@ def format_text(rows: list[list[str]], header: list[str]) -> str:
     return '\n'.join(lines)
 
 
-def format_markdown(rows: list[list[str]], header: list[str]) -> str:
-    """The rows as a Markdown table."""
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(
-        ['---'] + ['---:'] * (len(header) - 3) + ['---', ':---:']) + '|']
+def format_markdown(rows: list[list[str]], header: list[str],
+                    align: list[str] | None = None) -> str:
+    """The rows as a Markdown table; *align* is each column's ``---``, ``---:``, ..."""
+    if align is None:     # measurement, figures..., goal, met
+        align = ['---'] + ['---:'] * (len(header) - 3) + ['---', ':---:']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(align) + '|']
     for row in rows:
         cells = [cell.strip().replace('|', '\\|') for cell in row]
         if row[0].startswith('  '):
@@ -1458,14 +1614,25 @@ def versions() -> dict[str, str]:
 
 
 def print_table(title: str, rows: list[list[str]], header: list[str], notes: list[str],
-                markdown: bool) -> None:
+                markdown: bool, align: list[str] | None = None) -> None:
     """One table with its title and notes, as text or as Markdown."""
     print(title)
     print()
-    print(format_markdown(rows, header) if markdown else format_text(rows, header))
+    print(format_markdown(rows, header, align) if markdown else format_text(rows, header))
     print()
     for note in notes:
         print(f'- {note}' if markdown else f'* {note}')
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """``--sweep``: ``1,2,4,8`` -> (1, 2, 4, 8), sorted, each at least 1."""
+    try:
+        counts = tuple(sorted({int(part) for part in text.split(',') if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'not numbers separated by commas: {text!r}') from None
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f'subscriber counts must be 1 or more: {text!r}')
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1481,25 +1648,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--details', action='store_true',
                         help='also print every run\'s figures: send-loop time, CPU per '
                              'message of each process, ...')
-    parser.add_argument('--only', choices=GROUPS, action='append',
-                        help='run only these cases: local (in one process, vs Lona) or '
-                             'cross (across processes, vs Queue and ZeroMQ); repeatable')
+    parser.add_argument('--only', choices=(*GROUPS, 'plot'), action='append',
+                        help='run only these cases: local (in one process, vs Lona), '
+                             'cross (across processes, vs Queue and ZeroMQ) or plot (only '
+                             'what --plot needs); repeatable')
     parser.add_argument('--cross', action='append_const', dest='only', const='cross',
                         help='the same as --only cross')
+    parser.add_argument('--plot', metavar='FILE.png',
+                        help='also measure throughput by subscriber processes (see --sweep) '
+                             'and the latency of each system, print them, and draw them '
+                             'into FILE.png (needs matplotlib: the bench extra)')
+    parser.add_argument('--sweep', metavar='N,N,...', type=_counts,
+                        help='subscriber processes for --plot (default: '
+                             f'{",".join(map(str, FULL["sweep"]))}; with --quick '
+                             f'{",".join(map(str, QUICK["sweep"]))})')
+    parser.add_argument('--runs', metavar='N', type=int,
+                        help='measured runs per case and system (default: 3, 1 with --quick); '
+                             'the median is shown')
     parser.add_argument('--one', metavar='LIB.CASE', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    groups = tuple(group for group in GROUPS if group in (args.only or GROUPS))
+    if args.runs is not None:
+        if args.runs < 1:
+            parser.error('--runs must be 1 or more')
+        sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs}
+    only = args.only or (*GROUPS, 'plot')
+    groups = tuple(group for group in GROUPS if group in only)
+    if 'plot' in only and not args.plot and args.only:
+        parser.error('--only plot needs --plot FILE.png')
+    if args.sweep and not args.plot:
+        parser.error('--sweep needs --plot FILE.png')
+    sweep = (args.sweep or sizes['sweep']) if args.plot else ()
+    if args.plot and not args.one:
+        try:
+            import matplotlib  # noqa: F401  (fail now, not after minutes of measuring)
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install -e '.[bench]'")
 
     if args.one:
         lib, _, case = args.one.partition('.')
-        if case in CROSS_CASES and lib in CROSS_LIBS[case]:
+        if lib in cross_systems(case):
             sys.path.insert(0, str(ROOT))
             print(json.dumps(run_cross_case(lib, case, sizes)), flush=True)
             return 0
         if lib not in LIBS or case not in CASES:
             parser.error(f'--one takes LIB.CASE with LIB in {LIBS} and CASE in {CASES}, '
-                         f'or one of {[f"{l}.{c}" for c, ls in CROSS_LIBS.items() for l in ls]}')
+                         f'or one of {[f"{l}.{c}" for c, ls in CROSS_LIBS.items() for l in ls]}'
+                         f' or SYSTEM.cross_1to<N> with SYSTEM in {SWEEP_SYSTEMS}')
         if lib == 'ours':
             sys.path.insert(0, str(ROOT))
         print(json.dumps(run_case(lib, case, sizes)), flush=True)
@@ -1513,16 +1708,19 @@ def main(argv: list[str] | None = None) -> int:
     if 'local' in groups and found['lona'] != LONA_VERSION:
         print(f'warning: Lona {found["lona"]} is installed, this benchmark expects '
               f'{LONA_VERSION}', file=sys.stderr)
-    if 'cross' in groups and found['pyzmq'] == 'not installed':
+    if ('cross' in groups or sweep) and found['pyzmq'] == 'not installed':
         print("warning: pyzmq is not installed (pip install -e '.[bench]'): the ZeroMQ "
               "runs will fail", file=sys.stderr)
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     try:
-        results = measure(sizes, args.quick, progress=sys.stderr.isatty(), groups=groups)
+        results = measure(sizes, args.quick, progress=sys.stderr.isatty(), groups=groups,
+                          sweep=sweep)
     except KeyboardInterrupt:
         print('\ninterrupted; every process the benchmark started is stopped',
               file=sys.stderr)
         return 130
+    load = (load_before, os.getloadavg()[0])
     python = f'{platform.python_implementation()} {platform.python_version()}'
     quick = ' (--quick)' if args.quick else ''
     machine = f'{platform.platform()}, {os.cpu_count()} CPUs, {python}{quick}'
@@ -1536,7 +1734,7 @@ def main(argv: list[str] | None = None) -> int:
                   'met']
         title = 'In one process:' if args.markdown else \
             f'channels vs Lona {found["lona"]}; {machine}'
-        tables.append((title, rows, header, notes))
+        tables.append((title, rows, header, notes, None))
     if 'cross' in groups:
         rows, notes = build_cross_rows(results, sizes)
         header = ['measurement', 'ours', 'Queue relay', 'ZeroMQ proxy', 'ours vs Queue',
@@ -1546,11 +1744,20 @@ def main(argv: list[str] | None = None) -> int:
             f'relay and a {zmq}:' if args.markdown else \
             f'channels across processes vs a multiprocessing.Queue relay and a {zmq}; ' \
             f'{machine}'
-        tables.append((title, rows, header, notes))
-    for n, (title, rows, header, notes) in enumerate(tables):
+        tables.append((title, rows, header, notes, None))
+    if sweep:
+        rows, header, notes = build_sweep_rows(results, sizes, sweep)
+        notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the runs, '
+                     f'{load[1]:.1f} after ({os.cpu_count()} CPUs).')
+        title = f'Delivered msg/s by subscriber processes (1 publisher), and latency at ' \
+            f'{sizes["latency_rate"]:,} msg/s (1 -> 1), drawn into {args.plot}:'
+        tables.append((title, rows, header, notes, ['---'] + ['---:'] * (len(header) - 1)))
+    for n, (title, rows, header, notes, align) in enumerate(tables):
         if n:
             print()
-        print_table(title, rows, header, notes, args.markdown)
+        print_table(title, rows, header, notes, args.markdown, align)
+    if sweep:
+        write_plot(args.plot, results, sizes, sweep, machine, found, load)
     if args.details or args.quick:
         print()
         print('\n'.join(details(results)))
