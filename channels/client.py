@@ -12,8 +12,9 @@ The link starts with the machinery, so the first use connects. While the broker 
 unreachable, frames wait in the list (at most ``MAX_BUFFER_BYTES`` of messages, past
 which ``send()`` raises :class:`~channels.errors.BufferFullError`), and the sender
 retries with backoff, logging a warning. Every (re)connection first sends HELLO and
-one SUB per topic this process subscribes to; the broker keeps subscriptions as a set,
-so a SUB or UNSUB still queued afterwards leaves it right.
+one SUB per topic this process subscribes to, then the messages; the subscriptions and
+the queue are taken together (see ``BrokerLink._connect``), so no message goes before
+the SUB of a channel that subscribed before sending it.
 """
 
 from __future__ import annotations
@@ -542,28 +543,35 @@ class BrokerLink:
 
     def _connect(self, pending: list[Any]) -> None:
         """Connect, register every subscription, then send again what the broker has not
-        confirmed, then the control frames still queued (*pending*: what the sender had
-        taken and not written)."""
+        confirmed, then the PINGs still queued (*pending*: what the sender had taken and
+        not written)."""
         connection = connect(self.address, self.authkey)
         runtime = self.machinery.runtime
         try:
-            with runtime.registry_lock:
+            # The subscriptions and the frames to send are taken in one step (the locks
+            # in the order subscribe() takes them): a channel that subscribes and then
+            # sends while this runs either is in `topics`, whose SUBs go before every
+            # message, or finds its SUB and message queued for after the handshake.
+            # Taken apart, its message could be in `again` and its SUB only in the
+            # queue, written after the message: the broker would route the message
+            # before it knew of the subscription, to nobody, and confirm it.
+            with runtime.registry_lock, self.machinery.send_lock:
                 topics = list(runtime.registry.topics())
-            connection.send_bytes(wire.encode_json(
-                wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name(),
-                             'subscriptions': len(topics)}))
-            subs = [wire.encode(wire.SUB, topic.encode()) for topic in topics]
-            for group in wire.group_frames(subs):
-                connection.send_bytes(b''.join(group))
-            with self.machinery.send_lock:
                 queued, self._frames = self._frames, []
                 self.items_done = self.items_put          # all of it is handled here
                 again = list(self._retained)
                 self._marks = {}
                 self._confirming = 0.0
                 ping = self._confirmation() if again else None
+            connection.send_bytes(wire.encode_json(
+                wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name(),
+                             'subscriptions': len(topics)}))
+            subs = [wire.encode(wire.SUB, topic.encode()) for topic in topics]
+            for group in wire.group_frames(subs):
+                connection.send_bytes(b''.join(group))
+            # queued SUBs and UNSUBs are in `topics` already: only PINGs are left to send
             controls = [frame for frame in pending + queued
-                        if type(frame) is not _Raw and frame[5] != wire.MESSAGE]
+                        if type(frame) is not _Raw and frame[5] == wire.PING]
             waiting = [wire.encode_ping(wire.PING, token) for token in list(self._pongs)]
             for token in list(self._pongs):       # shutdown's barrier, whose PONG was lost
                 self._marks.setdefault(token, self._retained_in)

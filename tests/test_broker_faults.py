@@ -106,6 +106,43 @@ def test_shutdown_waits_for_the_broker_to_route_what_this_process_sent(broker):
     assert [d['n'] for d in received.data] == list(range(300))
 
 
+def test_a_message_sent_right_after_subscribing_during_the_first_handshake_arrives(
+        broker, monkeypatch):
+    # The sender thread has connected and is writing HELLO when the app subscribes and
+    # sends. The SUB must reach the broker before the message: it once went after it
+    # (the subscriptions were read before HELLO, the queue after), so the broker routed
+    # the message to nobody and confirmed it, and it was lost without a word.
+    from channels import client
+    in_hello, go_on = threading.Event(), threading.Event()
+    real_connect = client.connect
+
+    class HeldAtHello:
+        def __init__(self, connection):
+            self._connection, self._first = connection, True
+
+        def send_bytes(self, data):
+            if self._first:
+                self._first = False
+                in_hello.set()
+                go_on.wait(10)
+            return self._connection.send_bytes(data)
+
+        def __getattr__(self, name):
+            return getattr(self._connection, name)
+
+    monkeypatch.setattr(client, 'connect',
+                        lambda *args, **kwargs: HeldAtHello(real_connect(*args, **kwargs)))
+    channels.configure(BROKER_ADDRESS=broker.address)
+    channels.runtime.runtime.ensure_running()
+    assert in_hello.wait(10), 'the sender thread did not connect'
+    received = Recorder()
+    Channel('chat', received)
+    Channel('chat').send({'n': 1})
+    go_on.set()
+    received.wait_for(1)
+    assert received.data == [{'n': 1}]
+
+
 def test_shutdown_leaves_no_thread_in_broker_mode(broker):
     channels.configure(BROKER_ADDRESS=broker.address)
     Channel('chat', Recorder())
