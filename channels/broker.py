@@ -254,19 +254,9 @@ class Peer:
             self.writer.start()
             logger.info('process %d connected (%s)', self.pid, self.name or 'no name')
             limit = broker.max_frame
-            max_batch = broker.max_batch
-            route_lock = broker.route_lock
+            reader = wire.BatchReader(self.connection.fileno(), broker.max_batch)
             while True:
-                items = self._decode(self.connection.recv_bytes(max_batch), limit)
-                if broker.fast_routing and not broker.holding \
-                        and self.batches_put == self.batches_routed \
-                        and route_lock.acquire(False):
-                    try:        # nothing of ours waits and nobody routes: save a hand-off
-                        broker.route(items, True)
-                    finally:
-                        route_lock.release()
-                else:
-                    self.queue(items)
+                self._hand_over(self._read(reader, limit))
         except _Refused:
             pass
         except AuthenticationError as exc:
@@ -346,6 +336,29 @@ class Peer:
         if items:
             self.batches_put += 1
             self.broker.inbound.queue.put((self, items))
+
+    def _read(self, reader: wire.BatchReader, limit: int) -> list[Any]:
+        """The items of the batches that have arrived, decoded (blocks for one)."""
+        batches = reader.read()
+        if len(batches) == 1:
+            return self._decode(batches[0], limit)
+        items: list[Any] = []
+        for batch in batches:
+            items.extend(self._decode(batch, limit))
+        return items
+
+    def _hand_over(self, items: list[Any]) -> None:
+        """Route *items* now if nothing of ours waits and nobody routes, else queue them."""
+        broker = self.broker
+        if broker.fast_routing and not broker.holding \
+                and self.batches_put == self.batches_routed \
+                and broker.route_lock.acquire(False):
+            try:        # nothing of ours waits and nobody routes: save a hand-off
+                broker.route(items, True)
+            finally:
+                broker.route_lock.release()
+        else:
+            self.queue(items)
 
     def _decode(self, batch: bytes, limit: int) -> list[Any]:
         items: list[Any] = []
@@ -514,7 +527,15 @@ class BatchRouter(MessageBroker):
 
 def _hand_out(shares: dict[Peer, list[bytes]]) -> None:
     for peer, frames in shares.items():
-        peer.deliver(frames[0] if len(frames) == 1 else b''.join(frames), len(frames))
+        if len(frames) == 1:
+            peer.deliver(frames[0], 1)
+            continue
+        data = b''.join(frames)
+        if len(data) <= wire.BATCH_BYTES:
+            peer.deliver(data, len(frames))
+        else:       # a batch the process can take: under its limit, as senders make them
+            for group in wire.group_frames(frames):
+                peer.deliver(b''.join(group), len(group))
 
 
 class Broker:

@@ -111,9 +111,12 @@ class _Reader:
         link = self.link
         machinery = link.machinery
         limit = link.max_pending_tasks
+        reader = wire.BatchReader(self.connection.fileno(), link.max_batch)
+        handle = self._handle
         try:
             while True:
-                self._handle(self.connection.recv_bytes(link.max_batch))
+                for batch in reader.read():
+                    handle(batch)
                 if machinery.backlog() > limit:
                     # handlers are behind: stop reading, so the broker holds (and bounds)
                     # what is on its way instead of this process's memory growing
