@@ -272,12 +272,15 @@ class BatchReader:
     Nothing is read ahead of what the peer sent; the caller owns *fd*.
     """
 
-    __slots__ = ('fd', 'max_batch', '_rest')
+    __slots__ = ('fd', 'max_batch', '_rest', '_view')
 
     def __init__(self, fd: int, max_batch: int) -> None:
         self.fd = fd
         self.max_batch = max_batch
         self._rest = b''
+        # read into one buffer, then copy out what came: a fresh 64 KiB bytes object
+        # per read, shrunk to size, fragments the heap of a process with many readers
+        self._view = memoryview(bytearray(_READ_SIZE))
 
     def read(self) -> list[bytes]:
         """The next whole batches (at least one); blocks until one has arrived.
@@ -285,7 +288,8 @@ class BatchReader:
         Raises ``EOFError`` at the end of the stream and :class:`ProtocolError` for a
         batch length that is negative or over *max_batch*.
         """
-        read, fd = os.read, self.fd
+        readv, fd, view = os.readv, self.fd, self._view
+        buffers = [view]
         data = self._rest
         while True:
             if len(data) >= 4:
@@ -297,11 +301,11 @@ class BatchReader:
                     data = self._read_large(data, length)
                 if len(data) - 4 >= length:
                     break
-            chunk = read(fd, _READ_SIZE)
-            if not chunk:
+            count = readv(fd, buffers)
+            if not count:
                 self._rest = b''
                 raise EOFError('the connection was closed')
-            data = data + chunk if data else chunk
+            data = data + view[:count] if data else view[:count].tobytes()
         batches: list[bytes] = []
         offset, size = 0, len(data)
         unpack = _CONNECTION_LENGTH.unpack_from
