@@ -143,6 +143,11 @@ class _Reader:
         received = Message.received
         seen = link.seen
         header = wire.HEADER.size
+        # consecutive messages mostly share a topic: match it once for the run of them (a
+        # channel that subscribes meanwhile gets what is read after it; schedule() skips
+        # one that unsubscribed)
+        last_topic = None
+        channels: list = []
         for frame in wire.decode_batch(batch, link.max_frame):
             kind = frame[0]
             if kind == wire.MESSAGE:
@@ -162,7 +167,9 @@ class _Reader:
                 if deadline is not None and message.is_expired():
                     message.drop()
                     continue
-                channels = match(topic)
+                if topic != last_topic:
+                    channels = match(topic)
+                    last_topic = topic
                 if channels:
                     # counted before the task exists: shutdown may never see fewer; the
                     # first channel may have the message itself: nobody else holds it
