@@ -886,6 +886,10 @@ class Broker:
         limit = self.max_pending
         shares: dict[Peer, list[bytes]] = {}
         routed = 0
+        # consecutive messages mostly share a topic: its processes are found once for
+        # the run of them (a control item may change them: it ends the run)
+        last_topic: str | None = None
+        peers: list[Peer] = []
         for item in items:
             if type(item) is not RoutedMessage:
                 if self.holding and item[0] == _PING:
@@ -894,6 +898,7 @@ class Broker:
                 _hand_out(shares)          # what came before a control item goes first
                 shares = {}
                 self.apply(*item)
+                last_topic = None
                 continue
             routed += 1
             if self.holding:
@@ -904,16 +909,12 @@ class Broker:
                 item.drop()
                 self.expired += 1
                 continue
-            targets = match(item.topic)
-            seen = set() if len(targets) > 1 else None    # once per process
-            for channel in targets:
-                peer = channel.peer
+            if item.topic != last_topic:
+                last_topic = item.topic
+                peers = list({channel.peer: None for channel in match(last_topic)})
+            for peer in peers:            # once per process, however many topics match
                 if peer.closed:
                     continue
-                if seen is not None:
-                    if peer in seen:
-                        continue
-                    seen.add(peer)
                 if peer.bytes_put - peer.bytes_done > limit \
                         and not self._room_for(peer, item):
                     continue
