@@ -111,9 +111,9 @@ class _Reader:
         link = self.link
         machinery = link.machinery
         limit = link.max_pending_tasks
-        reader = wire.BatchReader(self.connection.fileno(), link.max_batch)
         handle = self._handle
         try:
+            reader = wire.BatchReader(self.connection.fileno(), link.max_batch)
             while True:
                 for batch in reader.read():
                     handle(batch)
