@@ -59,11 +59,6 @@ HANDSHAKE_TIMEOUT = 5.0
 
 _SUB, _UNSUB, _PING, _GONE = 'sub', 'unsub', 'ping', 'gone'
 
-_LINGER = 0.0003
-"""Seconds a writer gathers frames for a process that was written to less than this
-long ago (a busy link: one write for several messages); an idle link is written at once."""
-_monotonic = time.monotonic
-
 
 class _Refused(Exception):
     """A connection the broker has no room for (told, logged, closed)."""
@@ -167,7 +162,6 @@ class Peer:
         self.write_claim = threading.Lock()
         self.items_put = 0
         self.items_written = 0
-        self.last_write = 0.0       # monotonic time of the last write (either way)
         # Likewise the reader routes its own batch when none of its earlier batches
         # waits for a router: batches_put (reader) equals batches_routed (router).
         self.batches_put = 0
@@ -209,31 +203,25 @@ class Peer:
         if self.closed:
             return
         framed = wire.connection_bytes(data)
-        linger = 0.0
-        if self.items_put == self.items_written:
-            now = _monotonic()
-            if now - self.last_write < _LINGER:
-                linger = now + _LINGER       # the writer waits until then, gathering
-            elif self.write_claim.acquire(False):
+        if self.items_put == self.items_written and self.write_claim.acquire(False):
+            try:
                 try:
-                    try:
-                        sent = self.sock.send(framed, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        self.closed = True       # its reader will notice, and say goodbye
-                        return
-                    self.last_write = now
-                    if sent == len(framed):
-                        self.direct_out += count
-                        return
-                    framed = framed[sent:]       # the rest goes first, through the writer
-                finally:
-                    self.write_claim.release()
+                    sent = self.sock.send(framed, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self.closed = True       # its reader will notice, and say goodbye
+                    return
+                if sent == len(framed):
+                    self.direct_out += count
+                    return
+                framed = framed[sent:]       # the rest goes first, through the writer
+            finally:
+                self.write_claim.release()
         self.items_put += 1
         self.queued_out += count
         self.bytes_put += len(framed)
-        self.outbox.put((framed, count, linger))
+        self.outbox.put((framed, count))
 
     def shutdown_reading(self) -> None:
         """Make the reader see the end of the stream (used when the broker stops)."""
@@ -406,17 +394,11 @@ class Peer:
     # the writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        # outbox items: (bytes as Connection.send_bytes writes them, messages in them,
-        # the time until which to gather more, or 0.0)
+        # outbox items: (bytes as Connection.send_bytes writes them, messages in them)
         outbox = self.outbox
         stop = False
         while not stop:
             items = [outbox.get()]
-            linger = items[0][2] if items[0] is not STOP else 0.0
-            if linger:
-                wait = linger - _monotonic()
-                if wait > 0:
-                    time.sleep(wait)
             while len(items) < 1024:
                 try:
                     items.append(outbox.get_nowait())
@@ -431,27 +413,26 @@ class Peer:
                     try:
                         for group in _group(items):
                             self.sock.sendall(group[0][0] if len(group) == 1 else
-                                              b''.join([item[0] for item in group]))
-                            self.messages_out += sum([item[1] for item in group])
+                                              b''.join([data for data, _ in group]))
+                            self.messages_out += sum([count for _, count in group])
                             unwritten = unwritten[len(group):]
-                        self.last_write = _monotonic()
                     except OSError as exc:
                         if not self.broker.stopping:
                             logger.info('writing to process %d failed (%s); it is going '
                                         'away', self.pid, exc)
                         self.closed = True
-                self.dropped += sum([item[1] for item in unwritten])
+                self.dropped += sum([count for _, count in unwritten])
                 self.items_written += len(items)
-                self.bytes_done += sum([len(item[0]) for item in items])
+                self.bytes_done += sum([len(data) for data, _ in items])
             self.broker.written()
         if not self.broker.stopping:
             self.close()      # the process is gone and its reader is done
 
 
-def _group(items: list[tuple[bytes, int, float]]) -> list[list[tuple[bytes, int, float]]]:
+def _group(items: list[tuple[bytes, int]]) -> list[list[tuple[bytes, int]]]:
     """Group outbox items into writes of about ``wire.BATCH_BYTES``."""
-    groups: list[list[tuple[bytes, int, float]]] = []
-    group: list[tuple[bytes, int, float]] = []
+    groups: list[list[tuple[bytes, int]]] = []
+    group: list[tuple[bytes, int]] = []
     size = 0
     for item in items:
         if size and size + len(item[0]) > wire.BATCH_BYTES:

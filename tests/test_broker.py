@@ -180,25 +180,3 @@ def test_a_share_larger_than_a_batch_is_handed_out_in_batches_in_order():
     assert b''.join(data for data, _ in big.writes) == b''.join(frames)
     assert sum(count for _, count in big.writes) == 100
     assert small.writes == [(frames[0] + frames[1], 2)]
-
-
-def test_an_idle_link_is_written_at_once_and_a_busy_one_gathers_for_its_writer(monkeypatch):
-    import socket
-
-    from channels import broker as broker_module, wire
-
-    monkeypatch.setattr(broker_module, '_LINGER', 60.0)     # "a moment ago", however slow
-    ours, theirs = socket.socketpair()
-    peer = broker_module.Peer(None, ours, 1)
-    try:
-        peer.deliver(b'first', 1)                 # idle: written by the caller, at once
-        assert theirs.recv(100) == wire.connection_bytes(b'first')
-        assert peer.direct_out == 1
-        peer.deliver(b'second', 1)                # written a moment ago: to the writer
-        framed, count, linger = peer.outbox.get_nowait()
-        assert (framed, count) == (wire.connection_bytes(b'second'), 1)
-        assert linger > peer.last_write
-    finally:
-        peer.connection.close()
-        ours.close()
-        theirs.close()
