@@ -499,15 +499,16 @@ class _BrokerMachinery:
 class BatchRouter(MessageBroker):
     """The broker process's default routing: :class:`MessageBroker`'s, a batch at a time.
 
-    Each ``run()`` takes one reader's batch, routes every message in it exactly as
-    ``MessageBroker.run()`` would (the channels matching its topic, once per process),
-    and hands each target process its share as one chunk, so a writer makes one write
-    where it would make hundreds. Used when the broker class is the default and there is
+    Each ``run()`` takes every batch the readers have queued (at least one), routes
+    every message in them exactly as ``MessageBroker.run()`` would (the channels
+    matching its topic, once per process), and hands each target process its share as
+    one chunk (split at ``BATCH_BYTES``), so a writer makes one write where it would
+    make hundreds. Used when the broker class is the default and there is
     one routing thread; a user's subclass runs as written, a message at a time.
     """
 
     def run(self) -> None:
-        """Route one inbound batch."""
+        """Route the inbound batches that wait."""
         machinery = self.machinery
         broker = machinery.broker
         if broker.holding and time.monotonic() > broker.hold_deadline:
