@@ -53,6 +53,9 @@ _PING_INTERVAL = 0.01
 _DIRECT_INTERVAL = 0.0001
 """Seconds after a direct write during which senders queue instead (see put_message)."""
 _STOP = object()
+_READ_SIZE = 64 * 1024
+_BEHIND_READ_SIZE = 1024
+"""Bytes a reader reads at once: while the handlers are behind, a little at a time."""
 
 
 class _Raw:
@@ -114,14 +117,20 @@ class _Reader:
         handle = self._handle
         try:
             reader = wire.BatchReader(self.connection.fileno(), link.max_batch)
+            size = _READ_SIZE
             while True:
-                for batch in reader.read():
+                for batch in reader.read(size):
                     handle(batch)
                 if machinery.backlog() > limit:
                     # handlers are behind: stop reading, so the broker holds (and bounds)
-                    # what is on its way instead of this process's memory growing
+                    # what is on its way instead of this process's memory growing; then
+                    # read a little at a time while they are behind, so that the end of
+                    # the connection (cut off by the broker) is seen soon
+                    size = _BEHIND_READ_SIZE
                     while machinery.backlog() > limit and not link.closing:
                         time.sleep(0.002)
+                elif size != _READ_SIZE and machinery.backlog() <= limit // 2:
+                    size = _READ_SIZE
         except (EOFError, OSError) as exc:
             if not link.closing:
                 logger.warning('lost the connection to the broker on %s (%s); reconnecting',

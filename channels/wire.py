@@ -282,14 +282,15 @@ class BatchReader:
         # per read, shrunk to size, fragments the heap of a process with many readers
         self._view = memoryview(bytearray(_READ_SIZE))
 
-    def read(self) -> list[bytes]:
-        """The next whole batches (at least one); blocks until one has arrived.
+    def read(self, size: int = _READ_SIZE) -> list[bytes]:
+        """The next whole batches (at least one); blocks until one has arrived. Each
+        system call reads at most *size* bytes (at most 64 KiB).
 
         Raises ``EOFError`` at the end of the stream and :class:`ProtocolError` for a
         batch length that is negative or over *max_batch*.
         """
         readv, fd, view = os.readv, self.fd, self._view
-        buffers = [view]
+        buffers = [view if size >= _READ_SIZE else view[:size]]
         data = self._rest
         while True:
             if len(data) >= 4:
