@@ -254,19 +254,9 @@ class Peer:
             self.writer.start()
             logger.info('process %d connected (%s)', self.pid, self.name or 'no name')
             limit = broker.max_frame
-            max_batch = broker.max_batch
-            route_lock = broker.route_lock
+            reader = wire.BatchReader(self.connection.fileno(), broker.max_batch)
             while True:
-                items = self._decode(self.connection.recv_bytes(max_batch), limit)
-                if broker.fast_routing and not broker.holding \
-                        and self.batches_put == self.batches_routed \
-                        and route_lock.acquire(False):
-                    try:        # nothing of ours waits and nobody routes: save a hand-off
-                        broker.route(items, True)
-                    finally:
-                        route_lock.release()
-                else:
-                    self.queue(items)
+                self._hand_over(self._read(reader, limit))
         except _Refused:
             pass
         except AuthenticationError as exc:
@@ -346,6 +336,29 @@ class Peer:
         if items:
             self.batches_put += 1
             self.broker.inbound.queue.put((self, items))
+
+    def _read(self, reader: wire.BatchReader, limit: int) -> list[Any]:
+        """The items of the batches that have arrived, decoded (blocks for one)."""
+        batches = reader.read()
+        if len(batches) == 1:
+            return self._decode(batches[0], limit)
+        items: list[Any] = []
+        for batch in batches:
+            items.extend(self._decode(batch, limit))
+        return items
+
+    def _hand_over(self, items: list[Any]) -> None:
+        """Route *items* now if nothing of ours waits and nobody routes, else queue them."""
+        broker = self.broker
+        if broker.fast_routing and not broker.holding \
+                and self.batches_put == self.batches_routed \
+                and broker.route_lock.acquire(False):
+            try:        # nothing of ours waits and nobody routes: save a hand-off
+                broker.route(items, True)
+            finally:
+                broker.route_lock.release()
+        else:
+            self.queue(items)
 
     def _decode(self, batch: bytes, limit: int) -> list[Any]:
         items: list[Any] = []
@@ -486,15 +499,16 @@ class _BrokerMachinery:
 class BatchRouter(MessageBroker):
     """The broker process's default routing: :class:`MessageBroker`'s, a batch at a time.
 
-    Each ``run()`` takes one reader's batch, routes every message in it exactly as
-    ``MessageBroker.run()`` would (the channels matching its topic, once per process),
-    and hands each target process its share as one chunk, so a writer makes one write
-    where it would make hundreds. Used when the broker class is the default and there is
+    Each ``run()`` takes every batch the readers have queued (at least one), routes
+    every message in them exactly as ``MessageBroker.run()`` would (the channels
+    matching its topic, once per process), and hands each target process its share as
+    one chunk (split at ``BATCH_BYTES``), so a writer makes one write where it would
+    make hundreds. Used when the broker class is the default and there is
     one routing thread; a user's subclass runs as written, a message at a time.
     """
 
     def run(self) -> None:
-        """Route one inbound batch."""
+        """Route the inbound batches that wait."""
         machinery = self.machinery
         broker = machinery.broker
         if broker.holding and time.monotonic() > broker.hold_deadline:
@@ -506,15 +520,46 @@ class BatchRouter(MessageBroker):
         if batch is STOP:
             self._stopping = True
             raise Empty
-        peer, items = batch
+        # Route every batch that waits as one: each process's share of them goes out in
+        # one write, so a router that fell behind catches up with fewer, larger writes.
+        batches = [batch]
+        queue = machinery.messages.queue
+        while len(batches) < _MAX_BATCHES:
+            try:
+                batch = queue.get_nowait()
+            except Empty:
+                break
+            if batch is STOP:
+                self._stopping = True
+                break
+            batches.append(batch)
+        if len(batches) == 1:
+            items = batches[0][1]
+        else:
+            items = []
+            for _, more in batches:
+                items.extend(more)
         with broker.route_lock:
             self.routed += broker.route(items, self.running)
-            peer.batches_routed += 1
+            for peer, _ in batches:
+                peer.batches_routed += 1
+
+
+_MAX_BATCHES = 256
+"""Inbound batches a router takes at once, at most."""
 
 
 def _hand_out(shares: dict[Peer, list[bytes]]) -> None:
     for peer, frames in shares.items():
-        peer.deliver(frames[0] if len(frames) == 1 else b''.join(frames), len(frames))
+        if len(frames) == 1:
+            peer.deliver(frames[0], 1)
+            continue
+        data = b''.join(frames)
+        if len(data) <= wire.BATCH_BYTES:
+            peer.deliver(data, len(frames))
+        else:       # a batch the process can take: under its limit, as senders make them
+            for group in wire.group_frames(frames):
+                peer.deliver(b''.join(group), len(group))
 
 
 class Broker:
@@ -823,6 +868,10 @@ class Broker:
         limit = self.max_pending
         shares: dict[Peer, list[bytes]] = {}
         routed = 0
+        # consecutive messages mostly share a topic: its processes are found once for
+        # the run of them (a control item may change them: it ends the run)
+        last_topic: str | None = None
+        peers: list[Peer] = []
         for item in items:
             if type(item) is not RoutedMessage:
                 if self.holding and item[0] == _PING:
@@ -831,6 +880,7 @@ class Broker:
                 _hand_out(shares)          # what came before a control item goes first
                 shares = {}
                 self.apply(*item)
+                last_topic = None
                 continue
             routed += 1
             if self.holding:
@@ -841,16 +891,12 @@ class Broker:
                 item.drop()
                 self.expired += 1
                 continue
-            targets = match(item.topic)
-            seen = set() if len(targets) > 1 else None    # once per process
-            for channel in targets:
-                peer = channel.peer
+            if item.topic != last_topic:
+                last_topic = item.topic
+                peers = list({channel.peer: None for channel in match(last_topic)})
+            for peer in peers:            # once per process, however many topics match
                 if peer.closed:
                     continue
-                if seen is not None:
-                    if peer in seen:
-                        continue
-                    seen.add(peer)
                 if peer.bytes_put - peer.bytes_done > limit \
                         and not self._room_for(peer, item):
                     continue

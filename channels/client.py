@@ -54,6 +54,9 @@ _PING_INTERVAL = 0.01
 _DIRECT_INTERVAL = 0.0001
 """Seconds after a direct write during which senders queue instead (see put_message)."""
 _STOP = object()
+_READ_SIZE = 64 * 1024
+_BEHIND_READ_SIZE = 1024
+"""Bytes a reader reads at once: while the handlers are behind, a little at a time."""
 
 
 class _Raw:
@@ -112,14 +115,23 @@ class _Reader:
         link = self.link
         machinery = link.machinery
         limit = link.max_pending_tasks
+        handle = self._handle
         try:
+            reader = wire.BatchReader(self.connection.fileno(), link.max_batch)
+            size = _READ_SIZE
             while True:
-                self._handle(self.connection.recv_bytes(link.max_batch))
+                for batch in reader.read(size):
+                    handle(batch)
                 if machinery.backlog() > limit:
                     # handlers are behind: stop reading, so the broker holds (and bounds)
-                    # what is on its way instead of this process's memory growing
+                    # what is on its way instead of this process's memory growing; then
+                    # read a little at a time while they are behind, so that the end of
+                    # the connection (cut off by the broker) is seen soon
+                    size = _BEHIND_READ_SIZE
                     while machinery.backlog() > limit and not link.closing:
                         time.sleep(0.002)
+                elif size != _READ_SIZE and machinery.backlog() <= limit // 2:
+                    size = _READ_SIZE
         except (EOFError, OSError) as exc:
             if not link.closing:
                 logger.warning('lost the connection to the broker on %s (%s); reconnecting',
@@ -141,6 +153,11 @@ class _Reader:
         received = Message.received
         seen = link.seen
         header = wire.HEADER.size
+        # consecutive messages mostly share a topic: match it once for the run of them (a
+        # channel that subscribes meanwhile gets what is read after it; schedule() skips
+        # one that unsubscribed)
+        last_topic = None
+        channels: list = []
         for frame in wire.decode_batch(batch, link.max_frame):
             kind = frame[0]
             if kind == wire.MESSAGE:
@@ -160,7 +177,9 @@ class _Reader:
                 if deadline is not None and message.is_expired():
                     message.drop()
                     continue
-                channels = match(topic)
+                if topic != last_topic:
+                    channels = match(topic)
+                    last_topic = topic
                 if channels:
                     # counted before the task exists: shutdown may never see fewer; the
                     # first channel may have the message itself: nobody else holds it

@@ -92,7 +92,7 @@ class Message:
         self.droppable = droppable
         self._id = new_message_id() if id is None else id
         self.timestamp = time.time() if timestamp is None else timestamp
-        self._origin: Message = self
+        self._origin: Message | None = None     # None: this is the message itself
         self._dropped = False
 
     @classmethod
@@ -133,7 +133,7 @@ class Message:
         message.droppable = droppable
         message._id = (_identity.prefix, next(_identity.sequence))
         message.timestamp = _time()
-        message._origin = message
+        message._origin = None
         message._dropped = False
         return message
 
@@ -153,7 +153,7 @@ class Message:
         message.droppable = False
         message._id = (_identity.prefix, next(_identity.sequence))
         message.timestamp = _time()
-        message._origin = message
+        message._origin = None
         message._dropped = False
         return message
 
@@ -171,7 +171,7 @@ class Message:
         message.droppable = droppable
         message._id = message_id
         message.timestamp = timestamp
-        message._origin = message
+        message._origin = None
         message._dropped = False
         return message
 
@@ -193,7 +193,9 @@ class Message:
         """Unique across processes: the sender's pid and nonce and a sequence number."""
         id = self._id
         if type(id) is tuple:
-            id = self._origin._id = self._id = f'{id[0]}{id[1]}'
+            id = self._id = f'{id[0]}{id[1]}'
+            if self._origin is not None:
+                self._origin._id = id
         return id
 
     @property
@@ -225,7 +227,7 @@ class Message:
         message.droppable = self.droppable
         message._id = self._id
         message.timestamp = self.timestamp
-        message._origin = self._origin
+        message._origin = self._origin or self
         message._dropped = False
         return message
 
@@ -235,11 +237,11 @@ class Message:
 
     def is_dropped(self) -> bool:
         """True if this message was dropped in this process (expired, or at shutdown)."""
-        return self._origin._dropped
+        return (self._origin or self)._dropped
 
     def drop(self) -> None:
         """Mark this message, and every copy of it in this process, as dropped."""
-        self._origin._dropped = True
+        (self._origin or self)._dropped = True
 
     def __repr__(self) -> str:
         flags = ''.join(f' {name}' for name in ('local', 'droppable') if getattr(self, name))

@@ -231,7 +231,7 @@ class Worker:
         message = task.message
         channel = task.channel
         if task.subscription is not channel._subscription \
-                or message._origin._dropped \
+                or (message._origin or message)._dropped \
                 or (message.deadline is not None and message.is_expired()) \
                 or (message.droppable and not self.running):
             if task.subscription is channel._subscription:     # not merely unsubscribed
@@ -351,7 +351,7 @@ class TaskWorker(Worker):
                     self._box = None
                     break
                 if subscription is not channel._subscription \
-                        or message._origin._dropped \
+                        or (message._origin or message)._dropped \
                         or (message.deadline is not None and message.is_expired()) \
                         or (message.droppable and not self.running):
                     if subscription is channel._subscription:

@@ -158,3 +158,25 @@ def test_a_message_larger_than_the_socket_buffer_arrives_whole_and_in_order(brok
         assert [data['n'] for _, data in received] == [
             0, 10, 11, 12, 13, 14, 1, 20, 21, 22, 23, 24, 2, 30, 31, 32, 33, 34]
         assert all(data['blob'] == big for _, data in received if 'blob' in data)
+
+
+def test_a_share_larger_than_a_batch_is_handed_out_in_batches_in_order():
+    from channels import wire
+    from channels.broker import _hand_out
+
+    class Peer:
+        def __init__(self):
+            self.writes = []
+
+        def deliver(self, data, count):
+            self.writes.append((data, count))
+
+    frames = [wire.encode_message('t', f'p-{n}', 0.0, None, False, b'x' * 10_000)
+              for n in range(100)]         # about 1 MB: four batches
+    big, small = Peer(), Peer()
+    _hand_out({big: frames, small: frames[:2]})
+    assert len(big.writes) > 1
+    assert all(len(data) <= wire.BATCH_BYTES for data, _ in big.writes)
+    assert b''.join(data for data, _ in big.writes) == b''.join(frames)
+    assert sum(count for _, count in big.writes) == 100
+    assert small.writes == [(frames[0] + frames[1], 2)]

@@ -301,3 +301,22 @@ def test_a_task_keeps_the_handler_of_the_subscription_it_was_scheduled_for():
     channel.subscribe(second)
     assert task.handler is first           # never the later subscription's handler
     assert task.subscription is not channel._subscription
+
+
+def test_a_reader_whose_connection_closed_before_it_ran_still_hands_the_link_back():
+    import socket
+    from multiprocessing.connection import Connection
+    from types import SimpleNamespace
+
+    from channels.client import _Reader
+
+    calls = []
+    link = SimpleNamespace(machinery=None, max_pending_tasks=1, max_batch=1024, closing=True,
+                           address_text='-', retire=lambda reader: calls.append('retire'),
+                           connection_lost=lambda connection: calls.append('lost'))
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    connection = Connection(ours.detach())
+    connection.close()
+    _Reader(link, connection, 1)._loop()       # in this thread: returns, never raises
+    assert calls == ['retire', 'lost']

@@ -179,3 +179,17 @@ def test_timedelta_expiry_follows_the_clock_not_local_wall_time(monkeypatch):
     message = Channel('chat').send(expiry=timedelta(seconds=30))
     assert 25 < message.deadline - time.time() <= 30
     assert not message.is_expired()
+
+
+def test_a_message_and_its_copies_form_no_reference_cycle():
+    # freed by reference counting as soon as the last handler is done with it, not left
+    # for the cycle collector (which, at 100,000 messages/s, costs about a tenth of the
+    # work of a process that receives them)
+    import gc
+    message = Message.create('chat', {'text': 'hi'}, None, False, False)
+    copy = message.copy()
+    assert message not in gc.get_referents(message)
+    assert copy not in gc.get_referents(message)
+    copy.drop()
+    assert message.is_dropped() and copy.is_dropped()
+    assert copy.id == message.id

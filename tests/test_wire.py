@@ -96,3 +96,82 @@ def test_mutated_and_truncated_valid_batches_only_ever_raise_protocol_error(fram
     for frame in decoded:                  # whatever decodes lies inside the batch
         assert 0 <= frame[1] < frame[2] <= len(batch)
         assert frame[2] - frame[1] - wire.HEADER.size <= LIMIT
+
+
+def _pair():
+    import socket
+    return socket.socketpair()
+
+
+def test_batch_reader_takes_every_batch_that_has_arrived_in_one_read():
+    from multiprocessing.connection import Connection
+    left, right = _pair()
+    with left, right:
+        sender = Connection(left.detach())
+        for batch in (b'', b'one', b'x' * 1000):
+            sender.send_bytes(batch)                    # as the senders write them
+        reader = wire.BatchReader(right.fileno(), 1 << 20)
+        assert reader.read() == [b'', b'one', b'x' * 1000]
+        batches = [bytes(range(256)) * 300, b'x' * 70_000]     # more than one read takes
+        for batch in batches:
+            sender.send_bytes(batch)
+        got = []
+        while len(got) < len(batches):
+            got.extend(reader.read())
+        assert got == batches
+        sender.send_bytes(b'tail')
+        assert reader.read() == [b'tail']
+        sender.close()
+        with pytest.raises(EOFError):
+            reader.read()
+
+
+def test_batch_reader_waits_for_the_rest_of_a_batch_split_across_reads():
+    import threading
+    left, right = _pair()
+    with left, right:
+        data = wire.connection_bytes(b'a' * 5000) + wire.connection_bytes(b'b' * 3)
+        left.sendall(data[:2])                    # not even the whole length yet
+        reader = wire.BatchReader(right.fileno(), 1 << 20)
+        writer = threading.Thread(target=lambda: [left.sendall(data[i:i + 777])
+                                                  for i in range(2, len(data), 777)])
+        writer.start()
+        got = []
+        while len(got) < 2:
+            got.extend(reader.read())
+        writer.join()
+        assert got == [b'a' * 5000, b'b' * 3]
+
+
+def test_batch_reader_reads_a_large_batch_whole():
+    import threading
+    left, right = _pair()
+    with left, right:
+        big = bytes(range(256)) * (3 * 4096)     # 3 MiB, over the large-batch threshold
+        writer = threading.Thread(target=left.sendall,
+                                  args=(wire.connection_bytes(big) + wire.connection_bytes(b'z'),))
+        writer.start()
+        reader = wire.BatchReader(right.fileno(), 4 << 20)
+        got = []
+        while len(got) < 2:
+            got.extend(reader.read())
+        writer.join()
+        assert got[0] == big and got[1] == b'z'
+
+
+@pytest.mark.parametrize('length', [-1, 1001])
+def test_batch_reader_refuses_a_length_out_of_bounds_before_reading_it(length):
+    left, right = _pair()
+    with left, right:
+        left.sendall(struct.pack('!i', length))
+        with pytest.raises(ProtocolError, match=f'batch of {length} bytes'):
+            wire.BatchReader(right.fileno(), 1000).read()
+
+
+def test_batch_reader_raises_eof_error_when_the_stream_ends_inside_a_batch():
+    left, right = _pair()
+    with left, right:
+        left.sendall(wire.connection_bytes(b'abcdef')[:-2])
+        left.shutdown(2)
+        with pytest.raises(EOFError):
+            wire.BatchReader(right.fileno(), 1000).read()
