@@ -866,6 +866,9 @@ class Broker:
         the number of messages (routed or dropped)."""
         match = self.index.match
         limit = self.max_pending
+        # past half the bound droppable messages are dropped, so that what is left of
+        # it is room for the others: only past the whole bound is a process cut off
+        soft_limit = limit // 2
         shares: dict[Peer, list[bytes]] = {}
         routed = 0
         # consecutive messages mostly share a topic: its processes are found once for
@@ -897,8 +900,8 @@ class Broker:
             for peer in peers:            # once per process, however many topics match
                 if peer.closed:
                     continue
-                if peer.bytes_put - peer.bytes_done > limit \
-                        and not self._room_for(peer, item):
+                backlog = peer.bytes_put - peer.bytes_done
+                if backlog > soft_limit and not self._room_for(peer, item, backlog > limit):
                     continue
                 share = shares.get(peer)
                 if share is None:
@@ -908,17 +911,20 @@ class Broker:
         _hand_out(shares)
         return routed
 
-    def _room_for(self, peer: Peer, message: RoutedMessage) -> bool:
-        """*peer* holds more than MAX_PENDING_BYTES unwritten: drop *message* for it if
-        droppable, else cut the process off (it is told on reconnect). False: don't add."""
+    def _room_for(self, peer: Peer, message: RoutedMessage, full: bool) -> bool:
+        """*peer* holds more than half of MAX_PENDING_BYTES unwritten (all of it if
+        *full*): drop *message* for it if droppable; if not, and *full*, cut the process
+        off (it is told on reconnect). False: don't add."""
         if message.droppable:
             peer.overflow_dropped += 1
             self.dropped += 1
             if peer.overflow_dropped == 1 or peer.overflow_dropped % 1000 == 0:
                 logger.warning('process %d is slow: %d droppable messages dropped for it so '
-                               'far (over MAX_PENDING_BYTES=%d)', peer.pid,
+                               'far (over half of MAX_PENDING_BYTES=%d)', peer.pid,
                                peer.overflow_dropped, self.max_pending)
             return False
+        if not full:
+            return True
         lost = peer.pending + 1
         self.cut_off(peer, lost, f'it fell more than MAX_PENDING_BYTES={self.max_pending} '
                                  f'bytes behind')

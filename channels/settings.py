@@ -156,8 +156,8 @@ _SETTINGS.update({
         'app processes the broker serves at once; more are refused with a notice'),
     'MAX_PENDING_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
-        'bytes the broker holds for one process that reads too slowly; past it its '
-        'droppable messages are dropped, then it is cut off'),
+        'bytes the broker holds for one process that reads too slowly; past half of it '
+        'its droppable messages are dropped, past all of it it is cut off'),
     'MAX_PENDING_TASKS': _Setting(
         100_000, _positive_int,
         'tasks a process holds before its reader stops reading from the broker '
