@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from brokers import ROOT
 from support import wait_until
-from test_servers import Launched, free_port, http_get
+from servers import Launched, free_port, http_get
 
 from channels.cli import fetch_stats
 from channels.errors import ChannelsError

@@ -1,0 +1,195 @@
+"""Real servers launched by ``channels-broker --address A -- COMMAND`` for the tests:
+starting them, waiting for them, and always stopping their whole process tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+from brokers import BROKER_SCRIPT, ROOT
+from support import wait_until
+
+from channels.cli import fetch_stats
+from channels.errors import ChannelsError
+
+SUBSCRIPTION = 'chat.*'
+"""The topic the test apps subscribe to in every worker."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> str:
+    """The body of ``GET path`` on a new connection (``Connection: close``)."""
+    request = urllib.request.Request(f'http://127.0.0.1:{port}{path}',
+                                     headers={'Connection': 'close'})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        assert response.status == 200, (path, response.status)
+        return response.read().decode()
+
+
+class Launched:
+    """``channels-broker --address A -- COMMAND`` running, with its output in files."""
+
+    def __init__(self, address: str, command: list[str], port: int, workers: int,
+                 out_dir: Path, log_dir: Path) -> None:
+        self.address = address
+        self.port = port
+        self.workers = workers
+        self.out_dir = out_dir
+        self.stdout_path = log_dir / 'launcher.stdout'
+        self.stderr_path = log_dir / 'launcher.stderr'
+        self.known: dict[int, psutil.Process] = {}    # every process seen in the tree
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith('CHANNELS_')}
+        env['MPCH_OUT_DIR'] = str(out_dir)
+        env['PYTHONUNBUFFERED'] = '1'
+        with open(self.stdout_path, 'wb') as stdout, open(self.stderr_path, 'wb') as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(BROKER_SCRIPT), '--address', address, '--', *command],
+                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
+                cwd=ROOT)
+        self._remember(psutil.Process(self.process.pid))
+
+    # what it says ---------------------------------------------------------------------
+
+    @property
+    def log(self) -> str:
+        """Its stdout and stderr so far (the launcher's, the broker's and the server's)."""
+        parts = []
+        for path in (self.stdout_path, self.stderr_path):
+            text = path.read_text(errors='replace') if path.exists() else ''
+            parts.append(f'--- {path.name} ---\n{text[-6000:]}')
+        return '\n'.join(parts)
+
+    def _remember(self, process: psutil.Process) -> None:
+        self.known.setdefault(process.pid, process)
+
+    def tree(self) -> list[psutil.Process]:
+        """The launcher and its descendants now (remembered for the final clean-up)."""
+        try:
+            launcher = psutil.Process(self.process.pid)
+            processes = [launcher, *launcher.children(recursive=True)]
+        except psutil.Error:
+            return []
+        for process in processes:
+            self._remember(process)
+        return processes
+
+    def server(self) -> psutil.Process:
+        """The server's master process: the launcher's one child."""
+        children = psutil.Process(self.process.pid).children()
+        assert len(children) == 1, f'the launcher has children {children}\n{self.log}'
+        self._remember(children[0])
+        return children[0]
+
+    # waiting --------------------------------------------------------------------------
+
+    def _alive(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f'the launcher exited with status {self.process.returncode}'
+                                 f'\n{self.log}')
+        return True
+
+    def wait_listening(self, timeout: float = 15.0) -> None:
+        """Wait for the launcher's readiness line."""
+        expected = f'channels-broker: listening on {self.address}\n'
+
+        def said() -> bool:
+            self._alive()
+            return self.stdout_path.read_text().startswith(expected)
+        wait_until(said, timeout, what=f'{expected!r} from the launcher', interval=0.02)
+
+    def wait_http(self, timeout: float = 20.0) -> None:
+        """Wait until the server answers ``GET /pid``."""
+        def answers() -> bool:
+            self._alive()
+            try:
+                http_get(self.port, '/pid', timeout=1.0)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                return False
+            return True
+        try:
+            wait_until(answers, timeout, what=f'the server to answer on port {self.port}',
+                       interval=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f'{exc}\n{self.log}') from None
+
+    def subscribed_workers(self) -> set[int]:
+        """The server's worker processes that the broker lists as subscribed to chat.*."""
+        self.tree()
+        workers = {child.pid for child in self.server().children()}
+        try:
+            stats = fetch_stats(self.address)
+        except ChannelsError:
+            return set()
+        return {line['pid'] for line in stats['processes']
+                if line['pid'] in workers and SUBSCRIPTION in line['subscriptions']}
+
+    def wait_workers(self, timeout: float = 20.0) -> set[int]:
+        """Wait until ``self.workers`` workers are connected and subscribed; their pids."""
+        found: set[int] = set()
+
+        def ready() -> bool:
+            nonlocal found
+            self._alive()
+            found = self.subscribed_workers()
+            return len(found) >= self.workers
+        try:
+            wait_until(ready, timeout, interval=0.05,
+                       what=f'{self.workers} workers subscribed to {SUBSCRIPTION!r} at the '
+                            f'broker')
+        except AssertionError as exc:
+            raise AssertionError(f'{exc}; subscribed workers: {sorted(found)}; broker: '
+                                 f'{stats_or_error(self.address)}\n{self.log}') from None
+        assert len(found) == self.workers, (found, self.log)
+        return found
+
+    # stopping -------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM to the launcher (it forwards it to the server) and wait; then kill
+        whatever is left of the process tree. The launcher's exit status (None if it had
+        to be killed)."""
+        self.tree()
+        status = self.process.poll()
+        if status is None:
+            try:
+                self.process.send_signal(signal.SIGTERM)
+                status = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                status = None
+        self.tree()
+        rest = [p for p in self.known.values() if p.pid != self.process.pid]
+        _, alive = psutil.wait_procs(rest, timeout=5 if status is not None else 0)
+        if status is None:
+            alive.append(self.known[self.process.pid])
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        if self.process.poll() is None:
+            self.process.wait(10)
+        self.left_behind = [p.pid for p in alive if p.pid != self.process.pid]
+        return status
+
+
+def stats_or_error(address: str) -> object:
+    """The broker's stats, or the error that fetching them raised (for failure messages)."""
+    try:
+        return fetch_stats(address)
+    except ChannelsError as exc:
+        return exc
