@@ -9,7 +9,10 @@
           v                                                                 schedule_task
     result queue (outbox) per process --> writer thread --conn--> app process
 
-* A reader authenticates its connection, reads batches, decodes frame headers (never the
+* The gate (:mod:`channels.gate`, one thread) accepts connections and runs every
+  handshake without blocking; a connection gets its reader and writer threads only once
+  it has authenticated and said HELLO as an app process (and is admitted).
+* A reader reads batches, decodes frame headers (never the
   payload: the broker does not unpickle application data) and puts each batch on the
   inbound queue as one item: MESSAGE frames become :class:`RoutedMessage`, and SUB,
   UNSUB, PING and the end of the connection travel the same queue, so each process's
@@ -22,7 +25,8 @@
 * A writer drains its outbox and writes batches. A process that disconnects, even by
   SIGKILL, is noticed by its reader at once (end of file) and its subscriptions go.
 
-Shutdown (``stop()``, on SIGTERM/SIGINT in the CLI): stop accepting -> stop reading ->
+Shutdown (``stop()``, on SIGTERM/SIGINT in the CLI): stop accepting (the gate is woken,
+not waited for) -> stop reading ->
 route what the inbound queue holds -> let every writer write its outbox -> close.
 """
 
@@ -36,16 +40,15 @@ import socket
 import threading
 import time
 from collections import deque
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection
 from queue import Empty, SimpleQueue
 from typing import Any
 
 import psutil
 
 from . import wire
-from .connection import Address, format_address, listen, server_handshake
+from .connection import Address, format_address, listen
 from .errors import ChannelsError, ProtocolError
+from .gate import Gate
 from .runtime import _Sequencer, runtime
 from .topics import TopicIndex
 from .workers import STOP, MessageBroker, Worker
@@ -54,14 +57,7 @@ __all__ = ['Broker', 'BatchRouter', 'RemoteChannel', 'RoutedMessage', 'Peer']
 
 logger = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 5.0
-"""Seconds a new connection has to authenticate and say HELLO."""
-
 _SUB, _UNSUB, _PING, _GONE = 'sub', 'unsub', 'ping', 'gone'
-
-
-class _Refused(Exception):
-    """A connection the broker has no room for (told, logged, closed)."""
 
 
 class RoutedMessage:
@@ -145,7 +141,6 @@ class Peer:
         self.broker = broker
         self.sock = sock
         self.number = number
-        self.connection = Connection(os.dup(sock.fileno()))
         self.pid = 0
         self.name = ''
         self.role = ''
@@ -174,6 +169,7 @@ class Peer:
         self.closed = False
         self.last: RoutedMessage | None = None   # the message last scheduled here
         self.connected_at = time.time()
+        self._first = b''                   # the frames that came with HELLO
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                        name=f'channels-peer-{number}-reader')
         self.writer = threading.Thread(target=self._write_loop, daemon=True,
@@ -237,57 +233,13 @@ class Peer:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.connection.close()
         self.sock.close()
 
-    # the reader thread -----------------------------------------------------------------
+    # the gate's thread, then the reader thread ---------------------------------------
 
-    def _read_loop(self) -> None:
-        broker = self.broker
-        registered = False
-        try:
-            self._handshake()
-            if self.role == 'stats':
-                self._serve_stats()
-                return
-            registered = True
-            self.writer.start()
-            logger.info('process %d connected (%s)', self.pid, self.name or 'no name')
-            limit = broker.max_frame
-            reader = wire.BatchReader(self.connection.fileno(), broker.max_batch)
-            while True:
-                self._hand_over(self._read(reader, limit))
-        except _Refused:
-            pass
-        except AuthenticationError as exc:
-            logger.warning('refused a connection: wrong authkey (%s)', exc)
-        except ProtocolError as exc:
-            logger.warning('dropped the connection of process %s: %s', self.pid or '?', exc)
-        except (EOFError, OSError) as exc:
-            if not broker.stopping and not self.role:
-                logger.warning('a connection ended before its handshake: %r', exc)
-        except Exception:
-            logger.exception('reader of process %s failed; its connection is dropped',
-                             self.pid or '?')
-        finally:
-            if registered:
-                if not broker.stopping:     # else the broker closes all once delivered
-                    self.queue([(_GONE, self, None)])
-            else:
-                broker.forget(self)
-                self.close()
-
-    def _handshake(self) -> None:
-        watchdog = threading.Timer(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
-        watchdog.daemon = True
-        watchdog.name = f'channels-peer-{self.number}-handshake'
-        watchdog.start()
-        try:
-            server_handshake(self.connection, self.broker.authkey)
-            batch = self.connection.recv_bytes(self.broker.max_batch)
-        finally:
-            watchdog.cancel()
-            watchdog.join()
+    def take_hello(self, batch: bytes) -> bytes:
+        """Read the HELLO that begins *batch*, the connection's first; returns the frames
+        that follow it in the batch. Called by the gate."""
         frames = list(wire.iter_frames(batch, self.broker.max_frame))
         if not frames or frames[0][0] != wire.HELLO:
             raise ProtocolError('the first frame of a connection must be HELLO')
@@ -301,35 +253,52 @@ class Peer:
         self.role = hello['role']
         announced = hello.get('subscriptions', 0)
         self.subscriptions_announced = announced if isinstance(announced, int) else 0
-        if self.role == 'app':
-            broker = self.broker
-            if not broker.admit(self):
-                limit = self.broker.max_connections
-                logger.warning('refused process %d: %d processes are connected, and '
-                               'MAX_CONNECTIONS is %d', self.pid, limit, limit)
-                self.connection.send_bytes(wire.encode_json(wire.NOTICE, {
-                    'error': f'the broker refused this process: it serves {limit} '
-                             f'processes, its MAX_CONNECTIONS; raise it (channels-broker '
-                             f'--max-connections N) or connect fewer processes'}))
-                raise _Refused()
-            lost = broker.lost.pop(self.pid, 0)
-            if lost:
-                with broker.route_lock:
-                    self.deliver(wire.encode_json(wire.NOTICE, {
-                        'lost': lost, 'reason': 'this process was cut off: it fell more '
-                        f'than MAX_PENDING_BYTES={broker.max_pending} bytes behind'}), 0)
-            if broker.holding and self.pid in broker._awaited \
-                    and not self.subscriptions_announced:
-                with broker.route_lock:
-                    broker._rejoined(self)
-            rest = batch[end:]
-            if rest:
-                self.queue(self._decode(rest, self.broker.max_frame))
+        return batch[end:]
 
-    def _handshake_timed_out(self) -> None:
-        logger.warning('a connection did not finish its handshake within %.3gs; dropped',
-                       HANDSHAKE_TIMEOUT)
-        self.shutdown_reading()
+    def start(self, first: bytes) -> None:
+        """Start the writer and the reader of an admitted process; *first*: the frames
+        that came with its HELLO."""
+        self._first = first
+        self.writer.start()
+        self.reader.start()
+
+    def _read_loop(self) -> None:
+        broker = self.broker
+        try:
+            self._welcome()
+            logger.info('process %d connected (%s)', self.pid, self.name or 'no name')
+            limit = broker.max_frame
+            reader = wire.BatchReader(self.sock.fileno(), broker.max_batch,
+                                      broker.partial_frame_timeout)
+            while True:
+                self._hand_over(self._read(reader, limit))
+        except ProtocolError as exc:
+            logger.warning('dropped the connection of process %s: %s', self.pid or '?', exc)
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            logger.exception('reader of process %s failed; its connection is dropped',
+                             self.pid or '?')
+        finally:
+            if not broker.stopping:     # else the broker closes all once delivered
+                self.queue([(_GONE, self, None)])
+
+    def _welcome(self) -> None:
+        """What an admitted process is told first, and the frames that came with HELLO."""
+        broker = self.broker
+        lost = broker.lost.pop(self.pid, 0)
+        if lost:
+            with broker.route_lock:
+                self.deliver(wire.encode_json(wire.NOTICE, {
+                    'lost': lost, 'reason': 'this process was cut off: it fell more '
+                    f'than MAX_PENDING_BYTES={broker.max_pending} bytes behind'}), 0)
+        if broker.holding and self.pid in broker._awaited \
+                and not self.subscriptions_announced:
+            with broker.route_lock:
+                broker._rejoined(self)
+        first, self._first = self._first, b''
+        if first:
+            self.queue(self._decode(first, broker.max_frame))
 
     def queue(self, items: list[Any]) -> None:
         """Put decoded *items* on the inbound queue, for the routing threads."""
@@ -382,14 +351,6 @@ class Peer:
                                     f'process')
         self.messages_in += messages
         return items
-
-    def _serve_stats(self) -> None:
-        while True:
-            batch = self.connection.recv_bytes(64 * 1024)
-            for kind, _, _ in wire.iter_frames(batch, 64 * 1024):
-                if kind != wire.STATS:
-                    raise ProtocolError('a stats connection may only send STATS')
-                self.connection.send_bytes(wire.encode_json(wire.STATS, self.broker.stats()))
 
     # the writer thread -------------------------------------------------------------------
 
@@ -574,7 +535,9 @@ class Broker:
                  broker_threads: int = 1, broker_class: type[Worker] = MessageBroker,
                  max_frame: int = 64 * 1024 * 1024, max_connections: int = 1024,
                  rejoin_timeout: float = 5.0, max_pending: int = 64 * 1024 * 1024,
-                 worker_timeout: float = 0.5) -> None:
+                 worker_timeout: float = 0.5, max_handshakes: int = 256,
+                 handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0
+                 ) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -589,6 +552,9 @@ class Broker:
         self.broker_class = broker_class
         self.max_frame = max_frame
         self.max_connections = max_connections
+        self.max_handshakes = max_handshakes            # connections in the gate, at most
+        self.handshake_timeout = handshake_timeout
+        self.partial_frame_timeout = partial_frame_timeout
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
         self.worker_timeout = worker_timeout
         self.index: TopicIndex[RemoteChannel] = TopicIndex()
@@ -611,9 +577,8 @@ class Broker:
         self._held: list[Any] = []        # messages and PINGs, in order
         self._awaited: set[int] = set()
         self.workers: list[Worker] = []
-        self._connecting: dict[int, Peer] = {}
         self._listener: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
+        self._gate: Gate | None = None
         self._numbers = itertools.count(1)
         self._peers_lock = threading.Lock()
         self._state = 'new'
@@ -663,9 +628,10 @@ class Broker:
                         for n in range(self.broker_threads)]
         for worker in self.workers:
             worker.start()
-        self._acceptor = threading.Thread(target=self._accept_loop, name='channels-accept',
-                                          daemon=True)
-        self._acceptor.start()
+        self._gate = Gate(self._listener, self.authkey, max_pending=self.max_handshakes,
+                          timeout=self.handshake_timeout, on_hello=self._arrived,
+                          on_stats=self.stats)
+        self._gate.start()
         logger.info('listening on %s', self.address_text)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -675,17 +641,10 @@ class Broker:
         self._state = 'stopping'
         deadline = time.monotonic() + timeout
         self.stopping = True
-        listener = self._listener
-        if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            listener.close()
-        if self._acceptor is not None:
-            self._acceptor.join(max(deadline - time.monotonic(), 0.05))
+        if self._gate is not None:      # no connection comes in, nor out of the gate
+            self._gate.stop(max(deadline - time.monotonic(), 0.05))
         with self._peers_lock:
-            peers = list(self.peers.values()) + list(self._connecting.values())
+            peers = list(self.peers.values())
         for peer in peers:
             peer.shutdown_reading()
         for peer in peers:
@@ -708,7 +667,7 @@ class Broker:
                 os.unlink(self.address)
             except OSError:
                 pass
-        threads = [self._acceptor, *(w.thread for w in self.workers),
+        threads = [self._gate and self._gate.thread, *(w.thread for w in self.workers),
                    *(p.reader for p in peers), *(p.writer for p in peers)]
         alive = [t.name for t in threads if t is not None and t.is_alive()]
         self._state = 'stopped'
@@ -717,42 +676,41 @@ class Broker:
         logger.info('stopped')
         return not alive
 
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        while not self.stopping:
+    def _arrived(self, sock: socket.socket, batch: bytes) -> bool:
+        """The gate's hand-over of an authenticated connection and its first batch:
+        True if it is an app process (started, or refused for want of room), False for
+        a stats client (the gate serves it)."""
+        peer = Peer(self, sock, next(self._numbers))
+        first = peer.take_hello(batch)
+        if peer.role == 'stats':
+            return False
+        if not self.admit(peer):
+            limit = self.max_connections
+            logger.warning('refused process %d: %d processes are connected, and '
+                           'MAX_CONNECTIONS is %d', peer.pid, limit, limit)
             try:
-                sock, _ = listener.accept()
+                sock.send(wire.connection_bytes(wire.encode_json(wire.NOTICE, {
+                    'error': f'the broker refused this process: it serves {limit} '
+                             f'processes, its MAX_CONNECTIONS; raise it (channels-broker '
+                             f'--max-connections N) or connect fewer processes'})),
+                    socket.MSG_DONTWAIT)
             except OSError:
-                if self.stopping:
-                    break
-                logger.exception('accept() failed; the broker goes on')
-                time.sleep(0.1)
-                continue
-            if isinstance(self.address, tuple):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = Peer(self, sock, next(self._numbers))
-            with self._peers_lock:
-                self._connecting[peer.number] = peer
-            peer.reader.start()
+                pass
+            sock.close()
+            return True
+        peer.start(first)
+        return True
 
     # called by readers and by the routing threads ---------------------------------------
 
     def admit(self, peer: Peer) -> bool:
         """A peer finished its handshake as an app process: False if there is no room."""
         with self._peers_lock:
-            self._connecting.pop(peer.number, None)
             if len(self.peers) >= self.max_connections:
                 return False
             self.peers[peer.number] = peer
         self._save_peers()
         return True
-
-    def forget(self, peer: Peer) -> None:
-        """A connection that ended before it became a working app process."""
-        with self._peers_lock:
-            self._connecting.pop(peer.number, None)
-            self.peers.pop(peer.number, None)
 
     def apply(self, kind: str, peer: Peer, value: Any) -> None:
         """Apply a control item from the inbound queue (routing, under ``route_lock``)."""

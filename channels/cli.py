@@ -116,6 +116,9 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         max_connections=settings.get('MAX_CONNECTIONS'),
                         rejoin_timeout=settings.get('REJOIN_TIMEOUT'),
                         max_pending=settings.get('MAX_PENDING_BYTES'),
+                        max_handshakes=settings.get('MAX_HANDSHAKES'),
+                        handshake_timeout=settings.get('HANDSHAKE_TIMEOUT'),
+                        partial_frame_timeout=settings.get('PARTIAL_FRAME_TIMEOUT'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)
@@ -204,11 +207,15 @@ def _stats(args: argparse.Namespace) -> int:
 
 def fetch_stats(address: str, authkey: bytes | None = None, timeout: float = 5.0
                 ) -> dict[str, Any]:
-    """The live state of the broker on *address* (what ``stats --json`` prints)."""
-    from . import wire
+    """The live state of the broker on *address* (what ``stats --json`` prints).
+
+    The handshake takes at most ``HANDSHAKE_TIMEOUT`` seconds, the reply at most
+    *timeout*; raises :class:`~channels.errors.BrokerUnavailableError` saying why.
+    """
+    from . import settings, wire
     from .connection import connect, parse_address
-    from .errors import BrokerUnavailableError
-    connection = connect(parse_address(address), authkey, timeout)
+    from .errors import BrokerUnavailableError, ProtocolError
+    connection = connect(parse_address(address), authkey, settings.get('HANDSHAKE_TIMEOUT'))
     try:
         connection.send_bytes(wire.encode_json(wire.HELLO, {'pid': os.getpid(),
                                                            'role': 'stats'}))
@@ -216,10 +223,15 @@ def fetch_stats(address: str, authkey: bytes | None = None, timeout: float = 5.0
         if not connection.poll(timeout):
             raise BrokerUnavailableError(f'the broker on {address} did not answer within '
                                          f'{timeout}s')
-        reply = connection.recv_bytes(64 * 1024 * 1024)
-    except (OSError, EOFError) as exc:
+        batch = wire.BatchReader(connection.fileno(), 1 << 30, stall_timeout=timeout).read()[0]
+        kind, start, end = next(wire.iter_frames(batch, 1 << 30))
+    except (OSError, EOFError, ProtocolError, StopIteration) as exc:
         raise BrokerUnavailableError(f'the broker on {address} closed the connection: '
-                                     f'{exc}') from exc
+                                     f'{exc or type(exc).__name__}') from exc
     finally:
         connection.close()
-    return wire.decode_json(reply[wire.HEADER.size:])
+    body = wire.decode_json(batch[start + wire.HEADER.size:end])
+    if kind != wire.STATS:
+        raise BrokerUnavailableError(f'the broker on {address} did not give its stats: '
+                                     f'{body!r:.300}')
+    return body

@@ -206,7 +206,8 @@ class BrokerLink:
     """The connection of this process's machinery to the broker, and its two threads."""
 
     def __init__(self, machinery: Machinery, address: Address, authkey: bytes | None, *,
-                 max_buffer: int, max_frame: int, max_pending_tasks: int = 100_000) -> None:
+                 max_buffer: int, max_frame: int, max_pending_tasks: int = 100_000,
+                 handshake_timeout: float = 5.0) -> None:
         self.machinery = machinery
         self.address = address
         self.address_text = format_address(address)
@@ -214,6 +215,8 @@ class BrokerLink:
         self.max_buffer = max_buffer
         self.max_frame = max_frame
         self.max_pending_tasks = max_pending_tasks
+        self.handshake_timeout = handshake_timeout
+        self._connecting: socket.socket | None = None  # the socket of a connect() under way
         self.max_frame_size = max_frame + wire.HEADER.size
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
         # Frames to write, appended under the machinery's send_lock; the sender thread
@@ -434,6 +437,12 @@ class BrokerLink:
         self.closing = True
         self._stop.set()
         self.doorbell.put(_STOP)
+        connecting = self._connecting
+        if connecting is not None:        # a handshake under way ends now, not at its timeout
+            try:
+                connecting.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         sender = self._sender
         if sender is not None:
             sender.join(max(deadline - time.monotonic(), 0.05))
@@ -564,7 +573,11 @@ class BrokerLink:
         """Connect, register every subscription, then send again what the broker has not
         confirmed, then the PINGs still queued (*pending*: what the sender had taken and
         not written)."""
-        connection = connect(self.address, self.authkey)
+        try:
+            connection = connect(self.address, self.authkey, self.handshake_timeout,
+                                 opened=self._opened)
+        finally:
+            self._connecting = None
         runtime = self.machinery.runtime
         try:
             # The subscriptions and the frames to send are taken in one step (the locks
@@ -618,6 +631,21 @@ class BrokerLink:
         self.connected.set()
         logger.debug('connected to the broker on %s with %d subscriptions',
                      self.address_text, len(topics))
+
+    def _opened(self, sock: socket.socket) -> None:
+        self._connecting = sock
+        if self.closing:
+            self._connecting = None
+            raise ChannelsError('the link is closing')
+
+    @property
+    def state(self) -> str:
+        """What the link is doing, for a shutdown that waits for it."""
+        if self._connecting is not None:
+            return f'connecting to the broker on {self.address_text} (handshake under way)'
+        if self.connected.is_set():
+            return f'connected to the broker on {self.address_text}'
+        return f'not connected to the broker on {self.address_text}'
 
     def _drop_connection(self) -> None:
         with self.write_claim:          # no direct write is under way, nor starts

@@ -155,7 +155,8 @@ class Machinery:
             self.link = BrokerLink(self, parsed, authkey,
                                    max_buffer=settings.get('MAX_BUFFER_BYTES'),
                                    max_frame=settings.get('MAX_FRAME_BYTES'),
-                                   max_pending_tasks=settings.get('MAX_PENDING_TASKS'))
+                                   max_pending_tasks=settings.get('MAX_PENDING_TASKS'),
+                                   handshake_timeout=settings.get('HANDSHAKE_TIMEOUT'))
         elif not Runtime.told_embedded:
             Runtime.told_embedded = True
             logger.info('no broker is configured (CHANNELS_BROKER_ADDRESS is unset): messages '
@@ -273,7 +274,10 @@ class Machinery:
         stuck = [worker.name for worker in self.workers
                  if not worker.join(max(deadline - time.monotonic(), 0.05))]
         if link is not None and not link.close(deadline):
-            stuck.extend(thread.name for thread in link.threads if thread.is_alive())
+            drained = False
+            logger.warning('shutdown: threads %s did not stop within %.3gs; the link is %s',
+                           [t.name for t in link.threads if t.is_alive()], timeout,
+                           link.state)
         if stuck:
             logger.warning('shutdown: threads %s did not stop within %.3gs (a handler that '
                            'does not return?); each ends once its handler returns',

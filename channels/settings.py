@@ -169,6 +169,18 @@ _SETTINGS.update({
     'MAX_FRAME_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         'the largest message, in bytes on the wire; larger ones raise at send()'),
+    'HANDSHAKE_TIMEOUT': _Setting(
+        5.0, _positive_float,
+        'seconds either side gives a new connection to authenticate and say HELLO; the '
+        'broker also closes a stats connection idle that long'),
+    'MAX_HANDSHAKES': _Setting(
+        256, _positive_int,
+        '(broker) connections in their handshake (or stats connections) at once; a new '
+        'one past it makes the broker drop the oldest of them'),
+    'PARTIAL_FRAME_TIMEOUT': _Setting(
+        10.0, _positive_float,
+        '(broker) seconds a process may leave a frame half-sent before the broker drops '
+        'its connection'),
 })
 
 _overrides: dict[str, Any] = {}

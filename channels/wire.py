@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -269,29 +270,38 @@ class BatchReader:
     reader that fell behind catches up with one system call (and one wake-up) for many
     batches instead of two for each, as ``Connection.recv_bytes()`` makes.
 
-    Nothing is read ahead of what the peer sent; the caller owns *fd*.
+    Memory follows the bytes that have arrived, never the length a batch announces: a
+    large batch's buffer grows (doubling) as it fills. With *stall_timeout*, a batch
+    begun and not continued for that many seconds raises :class:`ProtocolError`, so
+    that a peer cannot hold a reader mid-batch for ever (between batches it may be
+    silent as long as it likes). Nothing is read ahead of what the peer sent; the caller
+    owns *fd*.
     """
 
-    __slots__ = ('fd', 'max_batch', '_rest', '_view')
+    __slots__ = ('fd', 'max_batch', 'stall_timeout', '_rest', '_view', '_poll')
 
-    def __init__(self, fd: int, max_batch: int) -> None:
+    def __init__(self, fd: int, max_batch: int, stall_timeout: float | None = None) -> None:
         self.fd = fd
         self.max_batch = max_batch
+        self.stall_timeout = stall_timeout
         self._rest = b''
         # read into one buffer, then copy out what came: a fresh 64 KiB bytes object
         # per read, shrunk to size, fragments the heap of a process with many readers
         self._view = memoryview(bytearray(_READ_SIZE))
+        self._poll: Any = None
 
     def read(self, size: int = _READ_SIZE) -> list[bytes]:
         """The next whole batches (at least one); blocks until one has arrived. Each
         system call reads at most *size* bytes (at most 64 KiB).
 
         Raises ``EOFError`` at the end of the stream and :class:`ProtocolError` for a
-        batch length that is negative or over *max_batch*.
+        batch length that is negative or over *max_batch*, or for a batch that stalled
+        (see *stall_timeout*).
         """
         readv, fd, view = os.readv, self.fd, self._view
         buffers = [view if size >= _READ_SIZE else view[:size]]
         data = self._rest
+        stall = self.stall_timeout
         while True:
             if len(data) >= 4:
                 length = _CONNECTION_LENGTH.unpack_from(data)[0]
@@ -302,6 +312,8 @@ class BatchReader:
                     data = self._read_large(data, length)
                 if len(data) - 4 >= length:
                     break
+            if data and stall is not None:      # inside a batch: it must go on
+                self._wait_for_more(len(data))
             count = readv(fd, buffers)
             if not count:
                 self._rest = b''
@@ -323,22 +335,41 @@ class BatchReader:
         self._rest = data[offset:]
         return batches
 
+    def _wait_for_more(self, have: int) -> None:
+        """Wait until more bytes of the batch begun can be read (*have* arrived so far)."""
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.fd, select.POLLIN)
+        timeout = self.stall_timeout
+        assert timeout is not None
+        if not self._poll.poll(timeout * 1000):
+            raise ProtocolError(f'a batch was begun ({have} bytes arrived) and nothing more '
+                                f'came for {timeout:.3g}s (PARTIAL_FRAME_TIMEOUT)')
+
     def _read_large(self, data: bytes, length: int) -> bytes:
         """Read the rest of a large batch straight into its buffer (appending chunks
-        to bytes would copy it over and over)."""
-        buffer = bytearray(4 + length)
+        to bytes would copy it over and over). The buffer starts at twice what has
+        arrived and doubles as it fills, up to the batch's length: the length alone,
+        a few bytes from anyone, reserves nothing."""
+        total = 4 + length
+        buffer = bytearray(min(total, max(2 * len(data), _READ_SIZE)))
         buffer[:len(data)] = data
-        view = memoryview(buffer)
         filled = len(data)
-        try:
-            while filled < len(buffer):
-                count = os.readv(self.fd, [view[filled:]])
-                if not count:
-                    self._rest = b''
-                    raise EOFError('the connection was closed')
-                filled += count
-        finally:
-            view.release()
+        readv, fd = os.readv, self.fd
+        stall = self.stall_timeout
+        while filled < total:
+            if filled == len(buffer):
+                grown = bytearray(min(total, 2 * len(buffer)))
+                grown[:filled] = buffer
+                buffer = grown
+            if stall is not None:
+                self._wait_for_more(filled)
+            with memoryview(buffer) as view:
+                count = readv(fd, [view[filled:]])
+            if not count:
+                self._rest = b''
+                raise EOFError('the connection was closed')
+            filled += count
         return bytes(buffer)
 
 
