@@ -207,6 +207,9 @@ class Gate:
                         self._read(pending)
                 except (ProtocolError, AuthenticationError, OSError) as exc:
                     self._failed(pending, exc)
+                except Exception:
+                    logger.exception('a connection in its handshake failed; it is closed')
+                    self._close(pending)
         now = time.monotonic()
         while self._pending:
             pending = next(iter(self._pending.values()))
