@@ -25,8 +25,8 @@
 * A writer drains its outbox and writes batches. A process that disconnects, even by
   SIGKILL, is noticed by its reader at once (end of file) and its subscriptions go.
 
-Shutdown (``stop()``, on SIGTERM/SIGINT in the CLI): stop accepting (the gate is woken,
-not waited for) -> stop reading ->
+Shutdown (``stop()``, on SIGTERM/SIGINT in the CLI): stop accepting (the gate is woken
+through its pipe, no poll waited out) -> stop reading ->
 route what the inbound queue holds -> let every writer write its outbox -> close.
 """
 

@@ -508,7 +508,7 @@ class BrokerLink:
                     pending = []
                 except ChannelsError as exc:
                     failures += 1
-                    if failures == 1:
+                    if failures == 1 and not self.closing:
                         logger.warning('%s; buffering up to %d bytes of messages and retrying',
                                        exc, self.max_buffer)
                     if self._stop.wait(backoff):
