@@ -185,3 +185,24 @@ def test_listen_raises_when_the_broker_does_not_confirm_in_time(broker_address):
                 pass
     asyncio.run(main())
     assert Channel.get_channels('chat') == []        # it unsubscribed again
+
+
+def test_a_flush_waiting_when_shutdown_closes_the_link_returns_false(broker):
+    channels.configure(BROKER_ADDRESS=broker.address)
+    assert channels.flush(10)
+    broker.process.send_signal(signal.SIGSTOP)         # no answer will come
+    result: list[tuple[bool, float]] = []
+
+    def flush() -> None:
+        started = time.monotonic()
+        result.append((channels.flush(60), time.monotonic() - started))
+    try:
+        Channel('chat', Recorder())
+        flusher = threading.Thread(target=flush)
+        flusher.start()
+        time.sleep(0.1)
+        channels.shutdown(timeout=0.5)
+        flusher.join(30)
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+    assert result and result[0][0] is False and result[0][1] < 30, result
