@@ -629,7 +629,8 @@ class BrokerLink:
                 ping = self._confirmation() if again else None
                 # fences not answered yet, whether queued, taken or written to the last
                 # connection: sent again last, so that they cover all of the above
-                fences = [wire.encode_ping(wire.FENCE, token) for token in self._fences]
+                fences = [wire.encode_ping(wire.FENCE, token)     # tuple(): taken at once,
+                          for token in tuple(self._fences)]     # waiters pop unlocked
                 first = self._connections == 0
             connection.send_bytes(wire.encode_json(
                 wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name(),

@@ -258,8 +258,9 @@ class Machinery:
         except RuntimeError as exc:          # closed between the check and the fence
             raise ShutdownError(f'cannot flush: channels is shutting down ({exc})') from None
 
-    def _routed_up_to(self, mark: int) -> bool:
-        return sum(broker.routed for broker in self.brokers) >= mark
+    def _unrouted(self, mark: int) -> int:
+        """How many of the first *mark* local messages are not routed yet (about)."""
+        return max(mark - sum(broker.routed for broker in self.brokers), 0)
 
     def _not_answered(self, what: str, timeout: float) -> None:
         link = self.link
@@ -289,9 +290,9 @@ class Machinery:
             answer.set()
         token = self._fence(answered)
         try:
-            if not _poll(lambda: self._routed_up_to(mark), deadline):
-                self._not_answered(f'{mark - sum(b.routed for b in self.brokers)} local '
-                                   f'messages were not routed', timeout)
+            if not _poll(lambda: not self._unrouted(mark), deadline):
+                self._not_answered(f'{self._unrouted(mark)} local messages were not '
+                                   f'routed', timeout)
                 return False
             if token is None:
                 return True
@@ -320,10 +321,10 @@ class Machinery:
         try:
             if local:
                 delay = 0.0002
-                while not self._routed_up_to(mark):
+                while self._unrouted(mark):
                     if time.monotonic() >= deadline:
-                        self._not_answered(f'{mark - sum(b.routed for b in self.brokers)} '
-                                           f'local messages were not routed', timeout)
+                        self._not_answered(f'{self._unrouted(mark)} local messages were '
+                                           f'not routed', timeout)
                         return False
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.01)

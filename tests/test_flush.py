@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -133,8 +134,7 @@ def test_a_fence_outstanding_when_the_broker_dies_is_answered_by_the_next_one(br
     broker.start()
     flusher.join(25)
     assert result == [True]
-    pid = multiprocessing.current_process().pid
-    assert 'chat' in broker.process_stats(pid)['subscriptions']
+    assert 'chat' in broker.process_stats(os.getpid())['subscriptions']
 
 
 def test_flush_from_a_handler_raises_instead_of_holding_up_delivery():
@@ -168,7 +168,7 @@ def test_flush_async_awaits_the_broker_without_blocking_the_event_loop(broker):
             Channel('chat', Recorder())
             flushed = asyncio.ensure_future(channels.flush_async(10))
             await asyncio.sleep(0.3)
-            assert not flushed.done() and ticks > 10
+            assert not flushed.done() and ticks >= 3      # the loop ran meanwhile
         finally:
             broker.process.send_signal(signal.SIGCONT)
         assert await flushed is True
