@@ -13,6 +13,8 @@
     async with channels.listen('chat.rooms.*') as inbox:   # or consume in async code
         async for message in inbox: ...
 
+    Channel('chat.rooms.*', on_message); channels.flush()  # in force for all processes
+
 The machinery starts on first use; :func:`shutdown` drains and stops it.
 """
 
@@ -26,14 +28,14 @@ from .errors import (BrokerUnavailableError, BufferFullError, ChannelsError,
 from .inbox import Inbox, listen
 from .message import Message
 from .scope import Scope
-from .runtime import SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
+from .runtime import FLUSH_TIMEOUT, SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
 from .settings import configure
 from .workers import MessageBroker, Task, TaskWorker, Worker
 
 __all__ = [
     'Channel', 'Message', 'Worker', 'MessageBroker', 'TaskWorker', 'Task',
     'listen', 'Inbox', 'Scope',
-    'configure', 'settings', 'shutdown', 'is_running',
+    'configure', 'settings', 'shutdown', 'is_running', 'flush', 'flush_async',
     'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC',
     'ChannelsError', 'ConfigurationError', 'SerializationError', 'ShutdownError',
     'BufferFullError', 'ProtocolError', 'BrokerUnavailableError', 'MessageTooLargeError',
@@ -53,6 +55,32 @@ def shutdown(timeout: float = 5.0) -> bool:
     Also runs at interpreter exit, with ``CHANNEL_SHUTDOWN_TIMEOUT``.
     """
     return _runtime.shutdown(timeout)
+
+
+def flush(timeout: float = FLUSH_TIMEOUT) -> bool:
+    """Wait until every subscription change and message of this process made before the
+    call has been applied: routed by the broker (a fence behind them, answered without
+    waiting for other processes), and, for ``local`` messages (every message, without a
+    broker), by this process's message broker threads.
+
+    Once it returns True, every message that any process sends afterwards reaches the
+    channels this process subscribed before the call. Without a broker that holds at once, and only the local routing is
+    waited for. False if *timeout* seconds passed first (the broker is unreachable,
+    restarting or busy; the reason is logged as a warning): the subscriptions then
+    take effect later, as the broker gets them.
+
+    Works from any thread. Raises ``RuntimeError`` on a channels worker thread (a
+    plain handler), where waiting would hold up delivery, and
+    :class:`ShutdownError` while :func:`shutdown` drains. In async code, ``await``
+    :func:`flush_async` instead, which does not block the event loop.
+    """
+    return _runtime.flush(timeout)
+
+
+async def flush_async(timeout: float = FLUSH_TIMEOUT) -> bool:
+    """:func:`flush` for coroutines: awaits the broker's answer without blocking the event
+    loop (a coroutine handler may await it too)."""
+    return await _runtime.fence_async(timeout, local=True)
 
 
 def is_running() -> bool:

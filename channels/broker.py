@@ -58,6 +58,7 @@ __all__ = ['Broker', 'BatchRouter', 'RemoteChannel', 'RoutedMessage', 'Peer']
 logger = logging.getLogger(__name__)
 
 _SUB, _UNSUB, _PING, _GONE = 'sub', 'unsub', 'ping', 'gone'
+_FENCE = 'fence'
 
 
 class RoutedMessage:
@@ -346,6 +347,8 @@ class Peer:
                 append((_UNSUB, self, wire.decode_topic(batch[start + header:end])))
             elif kind == wire.PING:
                 append((_PING, self, wire.decode_ping(batch[start + header:end])))
+            elif kind == wire.FENCE:
+                append((_FENCE, self, wire.decode_ping(batch[start + header:end])))
             else:
                 raise ProtocolError(f'unexpected {wire.KIND_NAMES[kind]} frame from an app '
                                     f'process')
@@ -738,6 +741,11 @@ class Broker:
                 self._check_barriers()     # a writer may have finished meanwhile
             else:
                 peer.deliver(wire.encode_ping(wire.PONG, value), 0)
+        elif kind == _FENCE:
+            # everything the process sent before the FENCE is applied (its SUBs are in
+            # the index, its messages are in their receivers' shares): answer at once,
+            # behind what was routed to it, whatever other processes' writers do
+            peer.deliver(wire.encode_ping(wire.FENCE, value), 0)
         elif kind == _GONE:
             with self.index_lock:
                 for topic, channel in peer.topics.items():
@@ -835,8 +843,9 @@ class Broker:
         peers: list[Peer] = []
         for item in items:
             if type(item) is not RoutedMessage:
-                if self.holding and item[0] == _PING:
-                    self._held.append(item)    # a PONG now would confirm held messages
+                if self.holding and (item[0] == _PING or item[0] == _FENCE):
+                    # a PONG now would confirm held messages; a FENCE would claim them routed
+                    self._held.append(item)
                     continue
                 _hand_out(shares)          # what came before a control item goes first
                 shares = {}

@@ -15,6 +15,12 @@ retries with backoff, logging a warning. Every (re)connection first sends HELLO 
 one SUB per topic this process subscribes to, then the messages; the subscriptions and
 the queue are taken together (see ``BrokerLink._connect``), so no message goes before
 the SUB of a channel that subscribed before sending it.
+
+``fence()`` (behind ``channels.flush()`` and ``listen()``) puts a FENCE frame in the
+same stream; the broker sends it back once it has applied everything before it. Fences
+that are not answered when a connection ends are sent again on the next one, after its
+SUBs and the messages sent again, so the answer always comes from a broker that holds
+this process's current subscriptions.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from queue import Empty, SimpleQueue
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import wire
@@ -189,6 +196,8 @@ class _Reader:
                         self.scheduled -= not schedule(channel, message)
             elif kind == wire.PONG:
                 link.pong(wire.decode_ping(batch[frame[1] + header:frame[2]]))
+            elif kind == wire.FENCE:
+                link.fenced(wire.decode_ping(batch[frame[1] + header:frame[2]]))
             elif kind == wire.NOTICE:
                 notice = wire.decode_json(batch[frame[1] + header:frame[2]])
                 if isinstance(notice, dict) and isinstance(notice.get('lost'), int):
@@ -259,6 +268,9 @@ class BrokerLink:
         self._lost: Connection | None = None
         self._stop = threading.Event()
         self._pongs: dict[int, threading.Event] = {}
+        # FENCE token -> called with True when the broker answers it (reader thread), or
+        # with False when the link closes; added and taken out under send_lock
+        self._fences: dict[int, Callable[[bool], None]] = {}
         self._tokens = itertools.count(1)
         self._sender: threading.Thread | None = None
         self._pid = os.getpid()
@@ -421,6 +433,35 @@ class BrokerLink:
         finally:
             self._pongs.pop(token, None)
 
+    def fence(self, callback: Callable[[bool], None]) -> int:
+        """Ask the broker to confirm that it applied everything sent so far: a FENCE
+        after every SUB, UNSUB and message queued before it. *callback(True)* runs on
+        the reader thread when the answer comes (it must be quick), *callback(False)*
+        if the link closes first. Returns the token for :meth:`forget_fence`."""
+        with self.machinery.send_lock:
+            if self.closing:
+                raise RuntimeError('the broker link is closed')
+            token = next(self._tokens)
+            # registered and queued in one step: _connect either sees it registered (and
+            # sends it again itself) or finds its frame queued after its snapshot
+            self._fences[token] = callback
+            self.items_put += 1
+            frames = self._frames
+            frames.append(wire.encode_ping(wire.FENCE, token))
+            if len(frames) == 1:
+                self.doorbell.put(None)
+        return token
+
+    def forget_fence(self, token: int) -> None:
+        """Stop waiting for the answer to *token* (it timed out, or the waiter left)."""
+        self._fences.pop(token, None)
+
+    def fenced(self, token: int) -> None:
+        """The broker answered the FENCE with *token* (reader thread)."""
+        callback = self._fences.pop(token, None)
+        if callback is not None:
+            callback(True)
+
     def pong(self, token: int) -> None:
         """The broker answered the PING with *token*: all before it was written."""
         self._confirm(token)
@@ -435,6 +476,10 @@ class BrokerLink:
     def close(self, deadline: float) -> bool:
         """Stop both threads and close the connection; True if they ended in time."""
         self.closing = True
+        with self.machinery.send_lock:
+            fences, self._fences = self._fences, {}
+        for callback in fences.values():        # nobody will answer them now
+            callback(False)
         self._stop.set()
         self.doorbell.put(_STOP)
         connecting = self._connecting
@@ -595,6 +640,11 @@ class BrokerLink:
                 self._marks = {}
                 self._confirming = 0.0
                 ping = self._confirmation() if again else None
+                # fences not answered yet, whether queued, taken or written to the last
+                # connection: sent again last, so that they cover all of the above
+                fences = [wire.encode_ping(wire.FENCE, token)     # tuple(): taken at once,
+                          for token in tuple(self._fences)]     # waiters pop unlocked
+                first = self._connections == 0
             connection.send_bytes(wire.encode_json(
                 wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name(),
                              'subscriptions': len(topics)}))
@@ -607,10 +657,15 @@ class BrokerLink:
             waiting = [wire.encode_ping(wire.PING, token) for token in list(self._pongs)]
             for token in list(self._pongs):       # shutdown's barrier, whose PONG was lost
                 self._marks.setdefault(token, self._retained_in)
-            frames = again + controls + waiting + ([ping] if ping else [])
+            frames = again + controls + waiting + ([ping] if ping else []) + fences
             for group in wire.group_frames(frames):
                 connection.send_bytes(b''.join(group))
-            if again:
+            if again and first:
+                logger.warning('connected to the broker on %s for the first time and sent '
+                               'it %d messages buffered before: they reach only the '
+                               'processes that are connected and subscribed by now, not '
+                               'those that connect later', self.address_text, len(again))
+            elif again:
                 logger.info('sent %d unconfirmed messages again to the broker on %s',
                             len(again), self.address_text)
         except OSError as exc:

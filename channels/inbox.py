@@ -8,7 +8,10 @@
 
 An :class:`Inbox` subscribes one channel per topic when its ``async with`` block starts
 and unsubscribes them when it ends, also when the block is left by an exception or by
-cancellation of the task that runs it. The channels' handler runs on a task worker
+cancellation of the task that runs it. The block is entered only once the broker has
+applied the subscriptions (a fence, see :func:`channels.flush`; at once without a
+broker): from then on, every message that any process sends to those topics reaches
+the inbox. The channels' handler runs on a task worker
 thread and only appends to the inbox's bounded queue; the consumer awaits on its own
 event loop.
 
@@ -47,7 +50,9 @@ from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .errors import InboxOverflowError
+from .errors import BrokerUnavailableError, InboxOverflowError
+
+from .runtime import FLUSH_TIMEOUT, runtime as _runtime
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -63,17 +68,22 @@ OVERFLOW_POLICIES = ('error', 'drop-oldest', 'drop-newest')
 """The values of ``listen(overflow=...)``; see the module's documentation."""
 
 
-def listen(*topics: str, maxsize: int = 1000, overflow: str = 'error') -> Inbox:
+def listen(*topics: str, maxsize: int = 1000, overflow: str = 'error',
+           ready_timeout: float = FLUSH_TIMEOUT) -> Inbox:
     """An inbox for the messages of *topics* (wildcards allowed), for ``async with``.
 
     :maxsize: how many messages the inbox holds for a consumer that is behind (>= 1).
     :overflow: what to do when it is full: ``'error'``, ``'drop-oldest'`` or
         ``'drop-newest'`` (see :mod:`channels.inbox`).
+    :ready_timeout: seconds entering the block may wait for the broker to apply the
+        subscriptions; past it, entering unsubscribes and raises
+        :class:`~channels.errors.BrokerUnavailableError`.
 
     Raises ``TypeError``/``ValueError`` here for bad arguments. Subscribes on entering
-    the ``async with`` block, on the running event loop.
+    the ``async with`` block, on the running event loop, and enters once the
+    subscriptions are in force (awaiting the broker without blocking the loop).
     """
-    return Inbox(topics, maxsize=maxsize, overflow=overflow)
+    return Inbox(topics, maxsize=maxsize, overflow=overflow, ready_timeout=ready_timeout)
 
 
 class Inbox:
@@ -85,7 +95,7 @@ class Inbox:
     """
 
     def __init__(self, topics: tuple[str, ...], *, maxsize: int = 1000,
-                 overflow: str = 'error') -> None:
+                 overflow: str = 'error', ready_timeout: float = FLUSH_TIMEOUT) -> None:
         from .topics import validate_topic
         if not topics:
             raise TypeError("listen() needs at least one topic, e.g. listen('chat.rooms.*')")
@@ -95,8 +105,13 @@ class Inbox:
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f'overflow must be one of {", ".join(map(repr, OVERFLOW_POLICIES))}'
                              f', got {overflow!r}')
+        if isinstance(ready_timeout, bool) or not isinstance(ready_timeout, (int, float)) \
+                or not 0 <= ready_timeout < float('inf'):
+            raise ValueError(f'ready_timeout must be a finite number of seconds >= 0, got '
+                             f'{ready_timeout!r}')
         self.maxsize = maxsize
         self.overflow = overflow
+        self.ready_timeout = ready_timeout
         self.dropped = 0
         self._queue: deque[Message] = deque()
         self._lock = threading.Lock()
@@ -133,7 +148,15 @@ class Inbox:
         try:
             for topic in self.topics:
                 self._channels.append(Channel(topic, self._put))
-        except BaseException:
+            if not await _runtime.fence_async(self.ready_timeout, local=False):
+                link = _runtime.machinery and _runtime.machinery.link
+                where = f' on {link.address_text}' if link is not None else ''
+                raise BrokerUnavailableError(
+                    f'listen({", ".join(map(repr, self.topics))}): the broker{where} did not '
+                    f'confirm the subscriptions within {self.ready_timeout:.3g}s, so '
+                    f'messages sent now might not reach the inbox. Is the broker running? '
+                    f'Retry, or raise ready_timeout.')
+        except BaseException:           # also cancellation while awaiting the broker
             self.close()
             raise
         return self

@@ -19,10 +19,17 @@ not even with a thread that a handler which never returns still holds.
 Shutdown is an ordered protocol: refuse new sends -> mark workers not running (so
 droppable work is dropped) -> wait until every message and task is settled or the
 timeout passes -> one sentinel per thread -> join with the time left -> release.
+
+``flush()`` is a fence: it waits until this process's brokers have routed the local
+messages sent before it and, with a broker, until the broker has applied (routed)
+every SUB, UNSUB and message this process sent before it (a FENCE frame behind them,
+see :mod:`channels.client`). ``fence_async()`` is its form for event loops, which
+``listen()`` awaits (for the subscriptions only).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -38,6 +45,7 @@ from .errors import ConfigurationError, ShutdownError
 from .handlers import (CoroutineRunner, backlog as handler_backlog, busy_coroutine_runners,
                        coroutine_runners_idle, make_runner)
 from .message import Message
+from .prefork import prefork_server
 from .topics import TopicIndex
 
 if TYPE_CHECKING:
@@ -45,7 +53,8 @@ if TYPE_CHECKING:
     from .client import BrokerLink
     from .workers import Worker
 
-__all__ = ['Runtime', 'Machinery', 'runtime', 'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC']
+__all__ = ['Runtime', 'Machinery', 'runtime', 'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC',
+           'FLUSH_TIMEOUT']
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,10 @@ SUBSCRIBE_TOPIC = 'lona.channels.subscribe'
 UNSUBSCRIBE_TOPIC = 'lona.channels.unsubscribe'
 
 RUNNING, DRAINING, STOPPING = 'running', 'draining', 'stopping'
+
+FLUSH_TIMEOUT = 10.0
+"""Seconds ``flush()`` and entering ``listen()`` wait by default: enough for a broker
+restart, including its hold of ``REJOIN_TIMEOUT`` (5 s by default)."""
 
 
 class _Sequencer:
@@ -157,11 +170,21 @@ class Machinery:
                                    max_frame=settings.get('MAX_FRAME_BYTES'),
                                    max_pending_tasks=settings.get('MAX_PENDING_TASKS'),
                                    handshake_timeout=settings.get('HANDSHAKE_TIMEOUT'))
-        elif not Runtime.told_embedded:
-            Runtime.told_embedded = True
-            logger.info('no broker is configured (CHANNELS_BROKER_ADDRESS is unset): messages '
-                        'reach the channels of this process only. To reach every worker '
-                        "process, run the server under 'channels-broker -- <command>'.")
+        elif Runtime.told_embedded != os.getpid():
+            Runtime.told_embedded = os.getpid()     # a forked child tells on its own
+            server = prefork_server()
+            if server is not None:
+                logger.warning(
+                    'no broker is configured (CHANNELS_BROKER_ADDRESS is unset), and this '
+                    'process (pid %d) is a worker of %s: every worker has channels of its '
+                    'own, and a message reaches only the channels of the worker that sent '
+                    "it. Run the server under 'channels-broker -- <command>' to reach "
+                    'every worker.', os.getpid(), server)
+            else:
+                logger.info('no broker is configured (CHANNELS_BROKER_ADDRESS is unset): '
+                            'messages reach the channels of this process only. To reach '
+                            "every worker process, run the server under 'channels-broker "
+                            "-- <command>'.")
         for worker in self.workers:
             worker.start()
         if self.link is not None:
@@ -177,12 +200,17 @@ class Machinery:
     # the hot path ----------------------------------------------------------------------
 
     def submit(self, message: Message) -> None:
-        """Accept *message*: local ones go to this process's brokers, others to the broker."""
+        """Accept *message*: local ones go to this process's brokers, others to the broker.
+        One that has expired already is dropped here, in either mode."""
         with self.send_lock:
             if self.state is not RUNNING:
                 raise ShutdownError(
                     f'cannot send {message!r}: channels is shutting down. Messages are '
                     f'accepted again once channels.shutdown() has returned.')
+            if message.deadline is not None and message.is_expired():
+                message.drop()
+                logger.debug('dropped %r at send(): it had expired', message)
+                return
             if self.link is None or message.local:
                 self.submitted += 1
                 self.messages.put(message)
@@ -209,6 +237,110 @@ class Machinery:
             if box is None or box.machinery is not self:
                 box = channel._mailbox = self._mailbox_class(self, channel)
             return box
+
+    # flush -----------------------------------------------------------------------------
+
+    def _check_flush_thread(self) -> None:
+        if threading.current_thread() in {w.thread for w in self.workers}:
+            raise RuntimeError('channels.flush() was called from a channels worker thread '
+                               '(a handler); it would hold up the delivery it waits for. '
+                               'Call it from another thread, or in a coroutine handler '
+                               'await channels.flush_async().')
+
+    def _fence(self, callback: Callable[[bool], None]) -> int | None:
+        """Ask the broker for a fence (None without one); ShutdownError while stopping."""
+        if self.state is not RUNNING:
+            raise ShutdownError('cannot flush: channels is shutting down (shutdown() waits '
+                                'for the broker itself)')
+        if self.link is None:
+            return None
+        try:
+            return self.link.fence(callback)
+        except RuntimeError as exc:          # closed between the check and the fence
+            raise ShutdownError(f'cannot flush: channels is shutting down ({exc})') from None
+
+    def _unrouted(self, mark: int) -> int:
+        """How many of the first *mark* local messages are not routed yet (about)."""
+        return max(mark - sum(broker.routed for broker in self.brokers), 0)
+
+    def _not_answered(self, what: str, timeout: float) -> None:
+        link = self.link
+        if link is None:
+            logger.warning('channels.flush(): %s within %.3gs', what, timeout)
+        elif link.closing:
+            logger.warning('channels.flush(): channels shut down before the broker on %s '
+                           'answered', link.address_text)
+        elif not link.connected.is_set():
+            logger.warning('channels.flush(): not connected to the broker on %s (is it '
+                           'running?); no answer within %.3gs', link.address_text, timeout)
+        else:
+            logger.warning('channels.flush(): the broker on %s did not answer within %.3gs '
+                           '(it is busy, or holds messages back after a restart for up to '
+                           'REJOIN_TIMEOUT)', link.address_text, timeout)
+
+    def flush(self, timeout: float) -> bool:
+        """See :func:`channels.flush`."""
+        self._check_flush_thread()
+        deadline = time.monotonic() + timeout
+        mark = self.submitted
+        answer = threading.Event()
+        results: list[bool] = []
+
+        def answered(ok: bool) -> None:
+            results.append(ok)
+            answer.set()
+        token = self._fence(answered)
+        try:
+            if not _poll(lambda: not self._unrouted(mark), deadline):
+                self._not_answered(f'{self._unrouted(mark)} local messages were not '
+                                   f'routed', timeout)
+                return False
+            if token is None:
+                return True
+            if answer.wait(max(deadline - time.monotonic(), 0)) and results[0]:
+                return True
+        finally:
+            if token is not None:
+                self.link.forget_fence(token)
+        self._not_answered('the fence was not answered', timeout)
+        return False
+
+    async def fence_async(self, timeout: float, local: bool) -> bool:
+        """See :func:`channels.flush_async`; with *local* False, only the broker's part
+        (no broker: True at once, without yielding to the loop)."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        mark = self.submitted
+        future = loop.create_future()
+
+        def answered(ok: bool) -> None:
+            try:
+                loop.call_soon_threadsafe(_resolve, future, ok)
+            except RuntimeError:             # the loop has closed: nobody waits
+                pass
+        token = self._fence(answered)
+        try:
+            if local:
+                delay = 0.0002
+                while self._unrouted(mark):
+                    if time.monotonic() >= deadline:
+                        self._not_answered(f'{self._unrouted(mark)} local messages were '
+                                           f'not routed', timeout)
+                        return False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.01)
+            if token is None:
+                return True
+            try:
+                if await asyncio.wait_for(future, max(deadline - time.monotonic(), 0)):
+                    return True
+            except TimeoutError:
+                pass
+        finally:
+            if token is not None:
+                self.link.forget_fence(token)
+        self._not_answered('the fence was not answered', timeout)
+        return False
 
     # shutdown --------------------------------------------------------------------------
 
@@ -285,6 +417,17 @@ class Machinery:
         return drained and not stuck
 
 
+def _resolve(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _check_timeout(timeout: object) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 <= timeout < float('inf'):
+        raise ValueError(f'timeout must be a finite number of seconds >= 0, got {timeout!r}')
+
+
 def _poll(predicate: Callable[[], bool], deadline: float) -> bool:
     """Wait until *predicate()* or *deadline*; polls, as the counters have no waiters."""
     delay = 0.0002
@@ -300,7 +443,8 @@ def _poll(predicate: Callable[[], bool], deadline: float) -> bool:
 class Runtime:
     """The channels machinery of this process: registry, lazy start, shutdown."""
 
-    told_embedded = False   # the INFO line about the embedded default is logged once
+    told_embedded: int | bool = False
+    """The pid that logged the line about the embedded default (once per process)."""
 
     def __init__(self) -> None:
         self.registry: TopicIndex[Channel] = TopicIndex()
@@ -350,10 +494,7 @@ class Runtime:
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Drain and stop; True if everything was handled and every thread stopped in time."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-                or not 0 <= timeout < float('inf'):
-            raise ValueError(f'timeout must be a finite number of seconds >= 0, got '
-                             f'{timeout!r}')
+        _check_timeout(timeout)
         with self.state_lock:
             machinery = self.machinery
             if machinery is None:
@@ -366,6 +507,26 @@ class Runtime:
                 return machinery.stop(timeout)
             finally:
                 self.machinery = None
+
+    def _flushable(self) -> Machinery | None:
+        """The machinery to flush; None if there is nothing to flush (it never ran, or
+        it stopped and no channel is subscribed: nothing is sent nor subscribed)."""
+        machinery = self.machinery
+        if machinery is None and len(self.registry):
+            machinery = self.ensure_running()     # their SUBs go out as it connects
+        return machinery
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """See :func:`channels.flush`."""
+        _check_timeout(timeout)
+        machinery = self._flushable()
+        return True if machinery is None else machinery.flush(timeout)
+
+    async def fence_async(self, timeout: float = FLUSH_TIMEOUT, local: bool = True) -> bool:
+        """See :func:`channels.flush_async` (*local*: also wait for local routing)."""
+        _check_timeout(timeout)
+        machinery = self._flushable()
+        return True if machinery is None else await machinery.fence_async(timeout, local)
 
     def _shutdown_at_exit(self) -> None:
         # Also in a forked child, for its own machinery. multiprocessing's children end

@@ -24,6 +24,9 @@ MESSAGE    ``!BddHH`` flags (bit 0 droppable, bit 1 has deadline), deadline,
 PING       ``!Q`` token; the broker answers PONG with the token after everything the
            process sent before it was routed (a barrier, used at shutdown)
 PONG       ``!Q`` token
+FENCE      ``!Q`` token; the broker sends the same frame back once it has applied (routed)
+           everything the process sent before it, without waiting for any process's
+           writes (``channels.flush()``: a subscription is in force once it returns)
 STATS      empty (request) or JSON (reply)
 NOTICE     JSON: something the broker tells a process (``{"error": ...}``)
 =========  ========================================================================
@@ -47,15 +50,17 @@ from typing import Any
 from .errors import ProtocolError
 
 __all__ = ['VERSION', 'HELLO', 'SUB', 'UNSUB', 'MESSAGE', 'PING', 'PONG', 'STATS', 'NOTICE',
+           'FENCE',
            'HEADER', 'MESSAGE_HEADER', 'BATCH_BYTES', 'encode', 'encode_json',
            'encode_message', 'decode_message', 'decode_json', 'decode_ping', 'iter_frames',
            'group_frames', 'connection_bytes', 'encode_ping', 'decode_topic', 'BatchReader']
 
 VERSION = 1
 HELLO, SUB, UNSUB, MESSAGE, PING, PONG, STATS, NOTICE = range(1, 9)
-KINDS = frozenset(range(1, 9))
+FENCE = 9
+KINDS = frozenset(range(1, 10))
 KIND_NAMES = {HELLO: 'HELLO', SUB: 'SUB', UNSUB: 'UNSUB', MESSAGE: 'MESSAGE', PING: 'PING',
-              PONG: 'PONG', STATS: 'STATS', NOTICE: 'NOTICE'}
+              PONG: 'PONG', STATS: 'STATS', NOTICE: 'NOTICE', FENCE: 'FENCE'}
 
 HEADER = struct.Struct('!IBB')
 MESSAGE_HEADER = struct.Struct('!BddHH')
@@ -81,7 +86,7 @@ def encode_json(kind: int, obj: Any) -> bytes:
 
 
 def encode_ping(kind: int, token: int) -> bytes:
-    """A PING or PONG frame carrying *token*."""
+    """A PING, PONG or FENCE frame carrying *token*."""
     return encode(kind, _TOKEN.pack(token))
 
 
@@ -160,7 +165,7 @@ def decode_topic(body: bytes | memoryview) -> str:
 
 
 def decode_ping(body: bytes | memoryview) -> int:
-    """The token of a PING or PONG body."""
+    """The token of a PING, PONG or FENCE body."""
     if len(body) != _TOKEN.size:
         raise ProtocolError(f'PING/PONG body is {len(body)} bytes, expected {_TOKEN.size}')
     return _TOKEN.unpack(body)[0]

@@ -7,9 +7,26 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from brokers import BrokerProcess
 from support import Recorder, wait_until
 
+import channels
 from channels import Channel, Message, SerializationError
+
+
+@pytest.fixture(params=['embedded', 'broker'])
+def mode(request, broker_address):
+    """Run the test within one process, and again through a real broker."""
+    if request.param == 'embedded':
+        yield request.param
+        return
+    broker = BrokerProcess(broker_address)
+    try:
+        broker.start()
+        channels.configure(BROKER_ADDRESS=broker_address)
+        yield request.param
+    finally:
+        broker.stop()
 
 
 def test_send_returns_a_message_with_the_spec_attributes():
@@ -142,6 +159,29 @@ def test_expired_message_is_dropped_before_routing():
     Channel('chat').send({'n': 1})
     received.wait_for(1)
     wait_until(expired.is_dropped, what='the expired message to be dropped')
+    assert received.data == [{'n': 1}]
+
+
+def test_message_expiry_as_lona_tests_it(mode):
+    # lona's tests/test_channels.py::test_message_expiry, in both modes
+    messages = Recorder()
+    channel = Channel('channel.1', messages)
+    message_1 = channel.send(message_data={'message': 'test1'}, expiry=datetime(1970, 1, 1))
+    wait_until(message_1.is_dropped, what='the expired message to say it was dropped')
+    assert len(messages) == 0
+    message_2 = channel.send(message_data={'message': 'test2'}, expiry=timedelta(hours=1))
+    messages.wait_for(1)
+    assert messages.data == [{'message': 'test2'}]
+    assert not message_2.is_dropped()
+
+
+def test_a_message_expired_at_send_is_dropped_there_and_never_routed(mode):
+    received = Recorder()
+    Channel('chat', received)
+    expired = Channel('chat').send({'n': 0}, expiry=datetime(1970, 1, 1))
+    assert expired.is_dropped()                     # at once: send() dropped it
+    Channel('chat').send({'n': 1})
+    received.wait_for(1)
     assert received.data == [{'n': 1}]
 
 

@@ -15,7 +15,8 @@ Routes:
 
 - ``GET /?room=R``: the page (room ``lobby`` by default).
 - ``GET /events?room=R``: the stream: an ``event: hello`` with this worker's pid once it
-  listens, then an ``event: message`` per chat message (JSON: ``id``, ``room``, ``name``,
+  listens (``listen()`` enters only once the broker has applied the stream's
+  subscription, so whatever any worker sends after ``hello`` reaches it), then an ``event: message`` per chat message (JSON: ``id``, ``room``, ``name``,
   ``text``, ``pid`` of the worker that took the POST, ``timestamp``), and a comment line
   every ``KEEPALIVE`` seconds. A tab that falls ``INBOX_SIZE`` messages behind gets an
   ``event: lagged`` with the count it missed, and its stream ends (``EventSource``
@@ -25,7 +26,8 @@ Routes:
 - ``GET /stats``: this worker's pid, open streams and messages seen per room.
 
 Per worker, a :class:`channels.Scope` opened at lifespan startup and closed at lifespan
-shutdown counts the messages of every room (the "seen" figure on the page).
+shutdown counts the messages of every room (the "seen" figure on the page). The
+streams do not rely on it: each has its own subscription, in force before ``hello``.
 
 Streams never hold up a shutdown: ``http.disconnect`` ends a stream, and so does the
 worker's stop signal. uvicorn waits for open responses to finish *before* it sends the
@@ -239,7 +241,8 @@ async def _events(scope: ASGIScope, receive: Receive, send: Send) -> None:
     worker.streams += 1
     try:
         async with channels.listen(TOPIC_PREFIX + room, maxsize=INBOX_SIZE) as inbox:
-            # "hello" only once listening: what is sent after the page sees it reaches it
+            # "hello" only now: listen() entered once the broker had applied the
+            # subscription, so what any worker sends after the page sees it reaches it
             await stream.write('retry: 2000\n\n')
             await stream.event('hello', {'pid': worker.pid, 'room': room})
 
@@ -276,6 +279,9 @@ async def _events(scope: ASGIScope, receive: Receive, send: Send) -> None:
             for name in ('forward', 'keepalive'):
                 if tasks[name] in done and tasks[name].exception() is not None:
                     raise tasks[name].exception()
+    except channels.BrokerUnavailableError as exc:
+        # the subscription is not in force: end the stream; EventSource reconnects
+        logger.warning('stream of room %s not started: %s', room, exc)
     except OSError as exc:         # the client went away mid-write
         logger.debug('stream of room %s ended: %r', room, exc)
         disconnected = True
