@@ -33,17 +33,23 @@ __all__ = ['main', 'fetch_stats']
 logger = logging.getLogger('channels.cli')
 
 
+_USAGE = '''%(prog)s [--address ADDR] [--authkey-file F] [--broker-threads N]
+                       [--broker-class DOTTED] [--max-connections N] [--log-level L]
+                       [--stop-timeout S] [--state-file PATH] [-- COMMAND ARGS...]
+       %(prog)s stats [--address ADDR] [--authkey-file F] [--json]'''
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--address', help='socket path or host:port (default: '
+    parser.add_argument('--address', metavar='ADDR', help='socket path or host:port (default: '
                         '$CHANNELS_BROKER_ADDRESS, else a socket in a private directory)')
-    parser.add_argument('--authkey-file', help='file holding the shared secret '
+    parser.add_argument('--authkey-file', metavar='F', help='file holding the shared secret '
                         '(default: $CHANNELS_AUTHKEY_FILE or $CHANNELS_AUTHKEY); required '
                         'for a TCP address')
 
 
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='channels-broker',
+        prog='channels-broker', usage=_USAGE,
         description='Route mpchannels messages between the processes of one machine.',
         epilog='channels-broker [options] -- COMMAND runs COMMAND (e.g. gunicorn -w 4 '
                'app:app) with CHANNELS_BROKER_ADDRESS set, and stops when it exits. '
@@ -56,8 +62,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument('--max-connections', type=int, metavar='N',
                         help='app processes served at once; more are refused with a '
                              'notice (default: $CHANNELS_MAX_CONNECTIONS or 1024)')
-    parser.add_argument('--log-level', default='INFO',
-                        choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
+    parser.add_argument('--log-level', default='INFO', type=str.upper,
+                        choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
+                        help='DEBUG, INFO, WARNING or ERROR, in any case (default INFO)')
     parser.add_argument('--stop-timeout', type=float, default=10.0, metavar='S',
                         help='seconds a graceful stop may take (default 10)')
     return parser
@@ -76,7 +83,10 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, bytes | None]:
     from .connection import default_address, load_authkey, parse_address
     if args.authkey_file:
         settings.configure(AUTHKEY_FILE=args.authkey_file, AUTHKEY=None)
-    address_text = args.address or settings.get('BROKER_ADDRESS') or default_address()
+    # an --address given explicitly is used as given: --address '' is an error, not
+    # the default
+    address_text = args.address if args.address is not None else \
+        settings.get('BROKER_ADDRESS') or default_address()
     return parse_address(address_text), load_authkey()
 
 

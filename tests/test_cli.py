@@ -251,3 +251,78 @@ def test_a_graceful_stop_delivers_everything_the_broker_had_read(broker_address,
                 list(range(1000))
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize('kind', ['regular file', 'directory', 'symlink to a file',
+                                  'symlink to a stale socket'])
+def test_only_a_stale_socket_is_replaced_at_the_address(broker_address, kind):
+    target = broker_address + '.target'
+    if kind == 'regular file':
+        Path(broker_address).write_text('precious')
+    elif kind == 'directory':
+        os.mkdir(broker_address)
+    elif kind == 'symlink to a file':
+        Path(target).write_text('precious')
+        os.symlink(target, broker_address)
+    else:
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(target)
+        stale.close()
+        os.symlink(target, broker_address)
+    before = os.lstat(broker_address)
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker_address],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f'{broker_address} exists and is a' in result.stderr
+    assert 'not a socket' in result.stderr
+    after = os.lstat(broker_address)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    if kind in ('regular file', 'symlink to a file'):
+        assert Path(broker_address).read_text() == 'precious'
+
+
+@pytest.mark.parametrize('address, problem', [
+    ('localhost:abc', "the port 'abc' is not a number"),
+    (':9999', 'there is no host before the ":"'),
+    ('localhost:', 'there is no port after the ":"'),
+    ('::1:9999', 'an IPv6 host must be in brackets'),
+    ('', 'the broker address is empty'),
+])
+@pytest.mark.parametrize('subcommand', [[], ['stats']], ids=['serve', 'stats'])
+def test_a_malformed_address_is_refused_saying_what_an_address_looks_like(
+        tmp_path, address, problem, subcommand):
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), *subcommand, '--address',
+                             address], capture_output=True, text=True, timeout=30,
+                            cwd=tmp_path)
+    assert result.returncode == (1 if subcommand else 2)
+    assert problem in result.stderr
+    assert 'host:port, e.g. 127.0.0.1:5555' in result.stderr
+    assert list(tmp_path.iterdir()) == []           # no socket file in the working directory
+
+
+def test_a_path_with_a_colon_is_a_socket_path_when_it_has_a_slash(tmp_path, monkeypatch):
+    from channels.connection import parse_address
+    monkeypatch.chdir(tmp_path)
+    assert parse_address('./a:b.sock') == str(tmp_path / 'a:b.sock')
+    assert parse_address('b.sock') == str(tmp_path / 'b.sock')
+    assert parse_address('127.0.0.1:5555') == ('127.0.0.1', 5555)
+    assert parse_address('[::1]:5555') == ('::1', 5555)
+
+
+def test_the_log_level_is_accepted_in_any_case(broker_address):
+    broker = BrokerProcess(broker_address, '--log-level', 'info')
+    try:
+        broker.start()
+        assert fetch_stats(broker_address)['processes'] == []
+    finally:
+        assert broker.stop() == 0
+
+
+def test_the_usage_line_shows_serving_launching_and_stats():
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--no-such-option'],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    usage = result.stderr.split('channels-broker: error:')[0]
+    assert 'channels-broker [--address ADDR]' in usage
+    assert '[-- COMMAND ARGS...]' in usage
+    assert 'channels-broker stats [--address ADDR]' in usage
