@@ -4,7 +4,7 @@
 
     channels-broker [--address ADDR] [--authkey-file F] [--broker-threads N]
                     [--broker-class DOTTED] [--max-connections N]
-                    [--log-level L] [--stop-timeout S]                   # serve
+                    [--log-level L] [--stop-timeout S] [--state-file PATH]  # serve
     channels-broker [options] -- COMMAND ARGS...                         # launcher
     channels-broker stats [--address ADDR] [--authkey-file F] [--json]   # live state
 
@@ -67,6 +67,10 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help='DEBUG, INFO, WARNING or ERROR, in any case (default INFO)')
     parser.add_argument('--stop-timeout', type=float, default=10.0, metavar='S',
                         help='seconds a graceful stop may take (default 10)')
+    parser.add_argument('--state-file', metavar='PATH',
+                        help='the file of the connected pids that a restart reads '
+                             '(default: $CHANNELS_BROKER_STATE_FILE, else ADDR.peers next '
+                             'to a socket, else one in the per-user private directory)')
     return parser
 
 
@@ -88,6 +92,17 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, bytes | None]:
     address_text = args.address if args.address is not None else \
         settings.get('BROKER_ADDRESS') or default_address()
     return parse_address(address_text), load_authkey()
+
+
+def _state_file(args: argparse.Namespace) -> str | None:
+    from . import settings
+    from .errors import ConfigurationError
+    path = args.state_file if args.state_file is not None else \
+        settings.get('BROKER_STATE_FILE')
+    if path is not None and not path.strip():
+        raise ConfigurationError("--state-file '' names no file; give a path or leave it "
+                                 "out for the default")
+    return os.path.abspath(os.path.expanduser(path)) if path is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,6 +141,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         max_connections=settings.get('MAX_CONNECTIONS'),
                         rejoin_timeout=settings.get('REJOIN_TIMEOUT'),
                         max_pending=settings.get('MAX_PENDING_BYTES'),
+                        state_file=_state_file(args),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

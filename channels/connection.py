@@ -22,7 +22,8 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from . import settings
 from .errors import BrokerUnavailableError, ConfigurationError
 
-__all__ = ['Address', 'parse_address', 'format_address', 'default_address', 'load_authkey',
+__all__ = ['Address', 'parse_address', 'format_address', 'default_address',
+           'private_directory', 'load_authkey',
            'connect', 'listen', 'server_handshake', 'AuthenticationError']
 
 logger = logging.getLogger(__name__)
@@ -80,16 +81,24 @@ def format_address(address: Address) -> str:
     return address
 
 
-def default_address() -> str:
-    """A socket in a per-user private directory (created 0700 if missing)."""
+def private_directory() -> str:
+    """The per-user private directory (``$XDG_RUNTIME_DIR/mpchannels-UID``, else
+    ``/tmp/mpchannels-UID``; created 0700 if missing) for the default socket and the
+    state files of TCP brokers. Raises :class:`ConfigurationError` if it is not private."""
     base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
     directory = os.path.join(base, f'mpchannels-{os.getuid()}')
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
-    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise ConfigurationError(f'{directory} must be owned by you and private (0700) to '
-                                 f'hold the broker socket; fix it or pass --address')
-    return os.path.join(directory, 'broker.sock')
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+            or stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigurationError(f'{directory} must be a directory owned by you and private '
+                                 f'(0700) to hold the broker socket; fix it or pass --address')
+    return directory
+
+
+def default_address() -> str:
+    """A socket in the per-user private directory (see :func:`private_directory`)."""
+    return os.path.join(private_directory(), 'broker.sock')
 
 
 def load_authkey() -> bytes | None:

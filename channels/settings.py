@@ -169,6 +169,11 @@ _SETTINGS.update({
     'MAX_FRAME_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         'the largest message, in bytes on the wire; larger ones raise at send()'),
+    'BROKER_STATE_FILE': _Setting(
+        None, _optional_text,
+        "(broker) the file of the pids connected to it, read after a restart; None: "
+        "ADDR.peers next to a Unix socket, tcp-HOST-PORT.peers in the per-user private "
+        "directory for TCP"),
 })
 
 _overrides: dict[str, Any] = {}
