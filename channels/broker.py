@@ -29,7 +29,6 @@ route what the inbound queue holds -> let every writer write its outbox -> close
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import socket
