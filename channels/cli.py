@@ -97,6 +97,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, bytes | None]:
 
 
 def _state_file(args: argparse.Namespace) -> str | None:
+    """--state-file, else BROKER_STATE_FILE, as an absolute path; None: the default."""
     from . import settings
     from .errors import ConfigurationError
     path = args.state_file if args.state_file is not None else \
@@ -186,10 +187,10 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
 
 # The command must not outlive the launcher: the broker runs in the launcher, so a
 # server left behind would buffer for a broker that is gone and keep its port. On Linux
-# the kernel tells it: this runs in the child between fork and exec (a separate tiny
-# Python, not preexec_fn, which is unsafe while the broker's threads run), sets
-# PR_SET_PDEATHSIG to SIGTERM, which survives the exec, and gives up if the launcher
-# already died before that. The signal fires when the forking *thread* ends: _launch
+# the kernel tells it: the child first runs this tiny Python (not a preexec_fn, which is
+# unsafe while the broker's threads run), which sets PR_SET_PDEATHSIG to SIGTERM, gives
+# up if the launcher already died before that, and execs the command in its place (the
+# same pid; the setting survives exec). The signal fires when the forking *thread* ends: _launch
 # runs in the main thread, which lives as long as the launcher.
 _CHILD_GUARD = r"""
 import ctypes, os, signal, sys
