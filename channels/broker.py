@@ -33,7 +33,6 @@ route what the inbound queue holds -> let every writer write its outbox -> close
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import socket
@@ -45,7 +44,7 @@ from typing import Any
 
 import psutil
 
-from . import wire
+from . import statefile, wire
 from .connection import Address, format_address, listen
 from .errors import ChannelsError, ProtocolError
 from .gate import Gate
@@ -539,8 +538,8 @@ class Broker:
                  max_frame: int = 64 * 1024 * 1024, max_connections: int = 1024,
                  rejoin_timeout: float = 5.0, max_pending: int = 64 * 1024 * 1024,
                  worker_timeout: float = 0.5, max_handshakes: int = 256,
-                 handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0
-                 ) -> None:
+                 handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0,
+                 state_file: str | None = None) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -579,6 +578,10 @@ class Broker:
         self.hold_deadline = 0.0
         self._held: list[Any] = []        # messages and PINGs, in order
         self._awaited: set[int] = set()
+        self.state_file = state_file    # None: statefile.default_path(address) at start()
+        self._statefile_lock = threading.Lock()
+        self._statefile_owned = False   # True while this broker owns the state file
+        self._statefile_warned = False
         self.workers: list[Worker] = []
         self._listener: socket.socket | None = None
         self._gate: Gate | None = None
@@ -613,6 +616,7 @@ class Broker:
             self.address = self._listener.getsockname()[:2]
         self._state = 'running'
         self.started_at = time.time()
+        self._find_state_file()
         if self.fast_routing:
             self._awaited = self._load_awaited()
             if self._awaited:
@@ -670,6 +674,7 @@ class Broker:
                 os.unlink(self.address)
             except OSError:
                 pass
+        self._remove_state_file()
         threads = [self._gate and self._gate.thread, *(w.thread for w in self.workers),
                    *(p.reader for p in peers), *(p.writer for p in peers)]
         alive = [t.name for t in threads if t is not None and t.is_alive()]
@@ -778,35 +783,54 @@ class Broker:
     # reconnect and subscribe again before anything is routed, so that what their
     # peers send again after the restart reaches them
 
-    def _peers_file(self) -> str | None:
-        return self.address + '.peers' if isinstance(self.address, str) else None
+    def _find_state_file(self) -> None:
+        if self.state_file is None:
+            try:
+                self.state_file = statefile.default_path(self.address)
+            except (ChannelsError, OSError) as exc:
+                logger.warning('no state file, so a restart cannot wait for the processes '
+                               'connected before: %s', exc)
+                return
+        self._statefile_owned = True
 
     def _save_peers(self) -> None:
-        path = self._peers_file()
-        if path is None:
-            return
-        # the processes still awaited after a restart stay listed: if this broker dies
-        # before they are back, the next one waits for them too
-        pids = sorted({p.pid for p in list(self.peers.values())} | self._awaited)
-        try:
-            with open(path + '.tmp', 'w') as file:
-                json.dump(pids, file)
-            os.replace(path + '.tmp', path)
-        except OSError as exc:
-            logger.debug('cannot save the list of processes to %s: %s', path, exc)
+        with self._statefile_lock:
+            if not self._statefile_owned:
+                return
+            # the processes still awaited after a restart stay listed: if this broker
+            # dies before they are back, the next one waits for them too
+            pids = sorted({p.pid for p in list(self.peers.values())} | self._awaited)
+            try:
+                statefile.write_pids(self.state_file, pids)
+            except OSError as exc:
+                if not self._statefile_warned:
+                    self._statefile_warned = True
+                    logger.warning('cannot write the state file %s (%s): a restart will not '
+                                   'wait for the processes connected now', self.state_file,
+                                   exc)
+
+    def _remove_state_file(self) -> None:
+        """A graceful stop leaves no state file: the next start waits for nobody."""
+        with self._statefile_lock:
+            if self._statefile_owned:
+                self._statefile_owned = False
+                try:
+                    os.unlink(self.state_file)
+                except OSError:
+                    pass
 
     def _load_awaited(self) -> set[int]:
-        path = self._peers_file()
-        if path is None or not os.path.exists(path):
+        path = self.state_file
+        if not self._statefile_owned:
             return set()
         try:
-            with open(path) as file:
-                pids = json.load(file)
-        except (OSError, ValueError) as exc:
-            logger.warning('ignoring %s: %s', path, exc)
+            pids = statefile.read_pids(path)
+        except FileNotFoundError:
             return set()
-        return {pid for pid in pids if isinstance(pid, int) and pid != os.getpid()
-                and psutil.pid_exists(pid)}
+        except (OSError, statefile.StateFileError) as exc:
+            logger.warning('ignoring the state file %s: %s', path, exc)
+            return set()
+        return {pid for pid in pids if pid != os.getpid() and psutil.pid_exists(pid)}
 
     def _rejoined(self, peer: Peer) -> None:
         self._awaited.discard(peer.pid)

@@ -4,7 +4,7 @@
 
     channels-broker [--address ADDR] [--authkey-file F] [--broker-threads N]
                     [--broker-class DOTTED] [--max-connections N]
-                    [--log-level L] [--stop-timeout S]                   # serve
+                    [--log-level L] [--stop-timeout S] [--state-file PATH]  # serve
     channels-broker [options] -- COMMAND ARGS...                         # launcher
     channels-broker stats [--address ADDR] [--authkey-file F] [--json]   # live state
 
@@ -13,6 +13,8 @@ once it listens (after its signal handlers are installed), and exits 0 after a
 graceful stop on SIGTERM or SIGINT. The launcher runs COMMAND with
 ``CHANNELS_BROKER_ADDRESS`` (and the authkey file, if any) in its environment,
 forwards SIGTERM/SIGINT to it, stops the broker once it exits and exits with its status.
+If the launcher dies, even by SIGKILL, the command gets SIGTERM (PR_SET_PDEATHSIG on
+Linux, a watchdog process elsewhere), and the broker, which runs in the launcher, is gone.
 """
 
 from __future__ import annotations
@@ -33,17 +35,23 @@ __all__ = ['main', 'fetch_stats']
 logger = logging.getLogger('channels.cli')
 
 
+_USAGE = '''%(prog)s [--address ADDR] [--authkey-file F] [--broker-threads N]
+                       [--broker-class DOTTED] [--max-connections N] [--log-level L]
+                       [--stop-timeout S] [--state-file PATH] [-- COMMAND ARGS...]
+       %(prog)s stats [--address ADDR] [--authkey-file F] [--json]'''
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--address', help='socket path or host:port (default: '
+    parser.add_argument('--address', metavar='ADDR', help='socket path or host:port (default: '
                         '$CHANNELS_BROKER_ADDRESS, else a socket in a private directory)')
-    parser.add_argument('--authkey-file', help='file holding the shared secret '
+    parser.add_argument('--authkey-file', metavar='F', help='file holding the shared secret '
                         '(default: $CHANNELS_AUTHKEY_FILE or $CHANNELS_AUTHKEY); required '
                         'for a TCP address')
 
 
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='channels-broker',
+        prog='channels-broker', usage=_USAGE,
         description='Route mpchannels messages between the processes of one machine.',
         epilog='channels-broker [options] -- COMMAND runs COMMAND (e.g. gunicorn -w 4 '
                'app:app) with CHANNELS_BROKER_ADDRESS set, and stops when it exits. '
@@ -56,10 +64,15 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument('--max-connections', type=int, metavar='N',
                         help='app processes served at once; more are refused with a '
                              'notice (default: $CHANNELS_MAX_CONNECTIONS or 1024)')
-    parser.add_argument('--log-level', default='INFO',
-                        choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
+    parser.add_argument('--log-level', default='INFO', type=str.upper,
+                        choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
+                        help='DEBUG, INFO, WARNING or ERROR, in any case (default INFO)')
     parser.add_argument('--stop-timeout', type=float, default=10.0, metavar='S',
                         help='seconds a graceful stop may take (default 10)')
+    parser.add_argument('--state-file', metavar='PATH',
+                        help='the file of the connected pids that a restart reads '
+                             '(default: $CHANNELS_BROKER_STATE_FILE, else ADDR.peers next '
+                             'to a socket, else one in the per-user private directory)')
     return parser
 
 
@@ -76,8 +89,23 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, bytes | None]:
     from .connection import default_address, load_authkey, parse_address
     if args.authkey_file:
         settings.configure(AUTHKEY_FILE=args.authkey_file, AUTHKEY=None)
-    address_text = args.address or settings.get('BROKER_ADDRESS') or default_address()
+    # an --address given explicitly is used as given: --address '' is an error, not
+    # the default
+    address_text = args.address if args.address is not None else \
+        settings.get('BROKER_ADDRESS') or default_address()
     return parse_address(address_text), load_authkey()
+
+
+def _state_file(args: argparse.Namespace) -> str | None:
+    """--state-file, else BROKER_STATE_FILE, as an absolute path; None: the default."""
+    from . import settings
+    from .errors import ConfigurationError
+    path = args.state_file if args.state_file is not None else \
+        settings.get('BROKER_STATE_FILE')
+    if path is not None and not path.strip():
+        raise ConfigurationError("--state-file '' names no file; give a path or leave it "
+                                 "out for the default")
+    return os.path.abspath(os.path.expanduser(path)) if path is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +147,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         max_handshakes=settings.get('MAX_HANDSHAKES'),
                         handshake_timeout=settings.get('HANDSHAKE_TIMEOUT'),
                         partial_frame_timeout=settings.get('PARTIAL_FRAME_TIMEOUT'),
+                        state_file=_state_file(args),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)
@@ -159,6 +188,47 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
     return status if command else (0 if clean else 1)
 
 
+# The command must not outlive the launcher: the broker runs in the launcher, so a
+# server left behind would buffer for a broker that is gone and keep its port. On Linux
+# the kernel tells it: the child first runs this tiny Python (not a preexec_fn, which is
+# unsafe while the broker's threads run), which sets PR_SET_PDEATHSIG to SIGTERM, gives
+# up if the launcher already died before that, and execs the command in its place (the
+# same pid; the setting survives exec). The signal fires when the forking *thread* ends: _launch
+# runs in the main thread, which lives as long as the launcher.
+_CHILD_GUARD = r"""
+import ctypes, os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+launcher, command = int(sys.argv[1]), sys.argv[2:]
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:         # PR_SET_PDEATHSIG
+    sys.stderr.write('channels-broker: cannot tie the command to the launcher: '
+                     'prctl(PR_SET_PDEATHSIG): %s\n' % os.strerror(ctypes.get_errno()))
+    sys.exit(126)
+if os.getppid() != launcher:              # it died before prctl: no signal will come
+    sys.exit(128 + signal.SIGTERM)
+try:
+    os.execvp(command[0], command)
+except OSError as exc:
+    sys.stderr.write('channels-broker: cannot run %r: %s\n' % (command[0], exc.strerror or exc))
+    sys.exit(127)
+"""
+
+# Elsewhere a watchdog process reads a pipe whose write end only the launcher holds:
+# end of file without the launcher's "done" byte means the launcher died, and the
+# watchdog sends the command SIGTERM.
+_WATCHDOG = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)        # a terminal's ^C is the launcher's
+if not os.read(0, 1):
+    try:
+        os.kill(int(sys.argv[1]), signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+"""
+
+_PDEATHSIG = sys.platform.startswith('linux')
+
+
 def _launch(command: list[str], broker: Any, args: argparse.Namespace,
             child: list[subprocess.Popen], stop: threading.Event, stop_signal: list[int]
             ) -> int:
@@ -166,17 +236,57 @@ def _launch(command: list[str], broker: Any, args: argparse.Namespace,
     if args.authkey_file:
         env['CHANNELS_AUTHKEY_FILE'] = os.path.abspath(args.authkey_file)
         env.pop('CHANNELS_AUTHKEY', None)
+    argv = [sys.executable, '-I', '-S', '-c', _CHILD_GUARD, str(os.getpid()), *command] \
+        if _PDEATHSIG else command
     try:
-        process = subprocess.Popen(command, env=env)
+        process = subprocess.Popen(argv, env=env)
     except OSError as exc:
         print(f'channels-broker: cannot run {command[0]!r}: {exc.strerror or exc}',
               file=sys.stderr)
         return 127
     child.append(process)
+    watchdog = None if _PDEATHSIG else _start_watchdog(process.pid)
     if stop.is_set():                        # a signal came before the command existed
         process.send_signal(stop_signal[0])
+    if watchdog is not None:
+        try:
+            # learn of the exit without reaping it, so that its pid cannot be reused
+            # before the watchdog is told to stand down
+            if hasattr(os, 'waitid'):
+                os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        finally:
+            _stop_watchdog(*watchdog)
     status = process.wait()
     return 128 - status if status < 0 else status
+
+
+def _start_watchdog(pid: int) -> tuple[subprocess.Popen, int] | None:
+    """A process that SIGTERMs *pid* if this one dies; (it, the pipe's write end)."""
+    read_end, write_end = os.pipe()
+    try:
+        watchdog = subprocess.Popen([sys.executable, '-I', '-S', '-c', _WATCHDOG, str(pid)],
+                                    stdin=read_end)
+    except OSError as exc:
+        os.close(write_end)
+        logger.warning('cannot start the watchdog that stops the command if the launcher '
+                       'dies: %s', exc)
+        return None
+    finally:
+        os.close(read_end)
+    return watchdog, write_end
+
+
+def _stop_watchdog(watchdog: subprocess.Popen, write_end: int) -> None:
+    try:
+        os.write(write_end, b'.')               # done: the command ended by itself
+    except OSError:
+        pass
+    os.close(write_end)
+    try:
+        watchdog.wait(5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _stats(args: argparse.Namespace) -> int:

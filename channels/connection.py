@@ -44,30 +44,55 @@ from multiprocessing.connection import Connection
 from . import settings
 from .errors import BrokerUnavailableError, ConfigurationError
 
-__all__ = ['Address', 'parse_address', 'format_address', 'default_address', 'load_authkey',
-           'connect', 'listen', 'ServerHandshake', 'ANSWER_BYTES', 'REFUSAL',
-           'AuthenticationError']
+__all__ = ['Address', 'parse_address', 'format_address', 'default_address',
+           'private_directory', 'load_authkey', 'connect', 'listen', 'ServerHandshake',
+           'ANSWER_BYTES', 'REFUSAL', 'AuthenticationError']
 
 logger = logging.getLogger(__name__)
 
 Address = str | tuple[str, int]
 
 _TCP = re.compile(r'^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$')
+_ADDRESS_FORMS = ('an address is a Unix socket path (one that contains ":" must contain '
+                  '"/" too, e.g. ./a:b.sock) or host:port, e.g. 127.0.0.1:5555 or '
+                  '[::1]:5555')
 
 
 def parse_address(text: str) -> Address:
-    """``'host:port'`` -> ``(host, port)``; anything else is a Unix socket path."""
+    """``'host:port'`` -> ``(host, port)``; a path -> its absolute form.
+
+    Text that contains ``/``, or no ``:``, is a Unix socket path; anything else must be
+    ``host:port`` (an IPv6 host in brackets). Raises :class:`ConfigurationError` for
+    empty text and for a malformed ``host:port``, saying what a valid address looks like.
+    """
     if not isinstance(text, str) or not text.strip():
-        raise ConfigurationError(f'broker address must be a socket path or host:port, '
-                                 f'got {text!r}')
+        raise ConfigurationError(f'the broker address is empty ({text!r}); {_ADDRESS_FORMS}')
     text = text.strip()
+    if '/' in text or ':' not in text:
+        return os.path.abspath(os.path.expanduser(text))
     found = _TCP.match(text)
-    if found and '/' not in text:
-        port = int(found['port'])
-        if not 0 < port < 65536:
-            raise ConfigurationError(f'port must be 1..65535 in broker address {text!r}')
-        return found['host'].strip('[]'), port
-    return os.path.abspath(os.path.expanduser(text))
+    if found is None:
+        raise ConfigurationError(f'broker address {text!r} is not valid: '
+                                 f'{_tcp_problem(text)}; {_ADDRESS_FORMS}')
+    port = int(found['port'])
+    if not 0 < port < 65536:
+        raise ConfigurationError(f'port must be 1..65535 in broker address {text!r}; '
+                                 f'{_ADDRESS_FORMS}')
+    return found['host'].strip('[]'), port
+
+
+def _tcp_problem(text: str) -> str:
+    """What is wrong with *text* as ``host:port`` (which ``_TCP`` did not match)."""
+    host, _, port = text.rpartition(':')
+    if not host:
+        return 'there is no host before the ":"'
+    if not port:
+        return 'there is no port after the ":"'
+    if not port.isdigit() or len(port) > 5:
+        return f'the port {port!r} is not a number 1..65535'
+    if ':' in host and not host.startswith('['):
+        return 'an IPv6 host must be in brackets'
+    return f'{host!r} is not a host name or IP address'
 
 
 def format_address(address: Address) -> str:
@@ -78,16 +103,24 @@ def format_address(address: Address) -> str:
     return address
 
 
-def default_address() -> str:
-    """A socket in a per-user private directory (created 0700 if missing)."""
+def private_directory() -> str:
+    """The per-user private directory (``$XDG_RUNTIME_DIR/mpchannels-UID``, else
+    ``/tmp/mpchannels-UID``; created 0700 if missing) for the default socket and the
+    state files of TCP brokers. Raises :class:`ConfigurationError` if it is not private."""
     base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
     directory = os.path.join(base, f'mpchannels-{os.getuid()}')
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
-    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise ConfigurationError(f'{directory} must be owned by you and private (0700) to '
-                                 f'hold the broker socket; fix it or pass --address')
-    return os.path.join(directory, 'broker.sock')
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+            or stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigurationError(f'{directory} must be a directory owned by you and private '
+                                 f'(0700) to hold the broker socket; fix it or pass --address')
+    return directory
+
+
+def default_address() -> str:
+    """A socket in the per-user private directory (see :func:`private_directory`)."""
+    return os.path.join(private_directory(), 'broker.sock')
 
 
 def load_authkey() -> bytes | None:
@@ -288,22 +321,12 @@ class ServerHandshake:
 def listen(address: Address, backlog: int = 128) -> socket.socket:
     """A listening socket on *address*; a stale Unix socket file is replaced.
 
-    Raises :class:`OSError` with ``EADDRINUSE`` if a live broker listens there already.
+    Raises :class:`OSError`: ``EADDRINUSE`` if a live broker listens there already,
+    ``EEXIST`` if the path is anything but a socket (a file, a directory, a symlink):
+    only a socket is ever replaced.
     """
     if isinstance(address, str):
-        if os.path.exists(address):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(address)
-            except ConnectionRefusedError:
-                os.unlink(address)              # stale: its broker is gone
-            except OSError as exc:
-                raise OSError(exc.errno, f'{address} exists and is not a broker socket: '
-                              f'{exc.strerror}') from exc
-            else:
-                raise OSError(errno.EADDRINUSE, f'a broker is already listening on {address}')
-            finally:
-                probe.close()
+        _replace_stale_socket(address)
     sock = _socket_for(address)
     try:
         if isinstance(address, tuple):
@@ -320,3 +343,30 @@ def listen(address: Address, backlog: int = 128) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _replace_stale_socket(path: str) -> None:
+    """Remove *path* if it is a socket nobody listens on; refuse anything else there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        kind = ('a symbolic link' if stat.S_ISLNK(info.st_mode) else
+                'a directory' if stat.S_ISDIR(info.st_mode) else
+                'a regular file' if stat.S_ISREG(info.st_mode) else 'a special file')
+        raise OSError(errno.EEXIST, f'{path} exists and is {kind}, not a socket; only a '
+                      f"stale broker socket is replaced: remove it or choose another "
+                      f"--address", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)                          # stale: its broker is gone
+    except OSError as exc:
+        raise OSError(exc.errno, f'{path} exists and is not a broker socket: '
+                      f'{exc.strerror}', path) from exc
+    else:
+        raise OSError(errno.EADDRINUSE, f'a broker is already listening on {path}', path)
+    finally:
+        probe.close()

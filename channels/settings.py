@@ -181,6 +181,11 @@ _SETTINGS.update({
         10.0, _positive_float,
         '(broker) seconds a process may leave a frame half-sent before the broker drops '
         'its connection'),
+    'BROKER_STATE_FILE': _Setting(
+        None, _optional_text,
+        "(broker) the file of the pids connected to it, read after a restart; None: "
+        "ADDR.peers next to a Unix socket, tcp-HOST-PORT.peers in the per-user private "
+        "directory for TCP"),
 })
 
 _overrides: dict[str, Any] = {}

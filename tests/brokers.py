@@ -69,6 +69,7 @@ class BrokerProcess:
         self.env = env
         self.process: subprocess.Popen | None = None
         self.stderr_path = Path(address + '.stderr') if not ':' in address else None
+        self.authkey: bytes | None = None      # for stats()
 
     def start(self, timeout: float = 15.0) -> BrokerProcess:
         """Start it and wait for its readiness line."""
@@ -86,6 +87,7 @@ class BrokerProcess:
 
     def stats(self, **kwargs: Any) -> dict[str, Any]:
         """The broker's live state."""
+        kwargs.setdefault('authkey', self.authkey)
         return fetch_stats(self.address, **kwargs)
 
     def process_stats(self, pid: int) -> dict[str, Any] | None:
@@ -125,6 +127,27 @@ class BrokerProcess:
                 self.process.wait(10)
             if self.process.stdout is not None:
                 self.process.stdout.close()
+
+
+def tcp_broker_process(tmp_path: Path, *extra: str) -> BrokerProcess:
+    """A TCP broker (not started) on a free port, with an authkey file (``key_file``) and
+    its per-user private directory under *tmp_path* (``runtime_dir``)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    key_file = tmp_path / 'authkey'
+    key_file.write_bytes(b'sesame\n')
+    runtime_dir = tmp_path / 'run'
+    runtime_dir.mkdir(mode=0o700, exist_ok=True)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime_dir))
+    broker = BrokerProcess(f'127.0.0.1:{port}', '--authkey-file', str(key_file), *extra,
+                           env=env)
+    broker.stderr_path = tmp_path / 'broker.stderr'
+    broker.key_file = key_file
+    broker.authkey = b'sesame'
+    broker.runtime_dir = runtime_dir
+    return broker
 
 
 class AppProcess:

@@ -7,7 +7,7 @@ import logging
 import threading
 
 import pytest
-from brokers import BrokerProcess, app_processes
+from brokers import BrokerProcess, app_processes, tcp_broker_process
 from support import Recorder, wait_until
 
 import channels
@@ -207,11 +207,22 @@ def test_a_bad_broker_address_is_refused_by_configure():
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize('kind', ['unix', 'tcp'])
 def test_nothing_is_lost_or_repeated_when_the_broker_is_killed_and_restarted_twice(
-        broker_address):
-    broker = BrokerProcess(broker_address).start()
+        broker_address, tmp_path, kind):
+    first = BrokerProcess(broker_address) if kind == 'unix' else tcp_broker_process(tmp_path)
+    address, settings = first.address, {}
+    if kind == 'tcp':
+        settings['AUTHKEY_FILE'] = str(first.key_file)
+
+    def restarted() -> BrokerProcess:
+        again = BrokerProcess(address, *first.extra, env=first.env)
+        again.stderr_path = first.stderr_path
+        again.authkey = first.authkey
+        return again.start()
+    broker = first.start()
     try:
-        with app_processes(broker_address, 4) as apps:
+        with app_processes(address, 4, **settings) as apps:
             for app in apps:
                 app.subscribe('chat.*')
             for app in apps:
@@ -223,7 +234,7 @@ def test_nothing_is_lost_or_repeated_when_the_broker_is_killed_and_restarted_twi
                 wait_until(lambda: len(watcher.received('chat.*')) > threshold, timeout=60,
                            what=f'{threshold} messages before killing the broker')
                 broker.kill()
-                broker = BrokerProcess(broker_address).start()
+                broker = restarted()
             for sender in senders:
                 assert sender.conn.poll(60), 'a sender did not finish'
                 assert sender.conn.recv()[0] == 'ok'

@@ -12,11 +12,13 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
-from brokers import BROKER_SCRIPT, BrokerProcess, _read_line, stop_process
+from brokers import BROKER_SCRIPT, ROOT, BrokerProcess, _read_line, stop_process
 from support import wait_until
 
 from channels.cli import fetch_stats
+from channels.errors import ChannelsError
 
 CONSOLE_SCRIPT = Path(sysconfig.get_path('scripts')) / 'channels-broker'
 
@@ -251,3 +253,161 @@ def test_a_graceful_stop_delivers_everything_the_broker_had_read(broker_address,
                 list(range(1000))
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize('kind', ['regular file', 'directory', 'symlink to a file',
+                                  'symlink to a stale socket'])
+def test_only_a_stale_socket_is_replaced_at_the_address(broker_address, kind):
+    target = broker_address + '.target'
+    if kind == 'regular file':
+        Path(broker_address).write_text('precious')
+    elif kind == 'directory':
+        os.mkdir(broker_address)
+    elif kind == 'symlink to a file':
+        Path(target).write_text('precious')
+        os.symlink(target, broker_address)
+    else:
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(target)
+        stale.close()
+        os.symlink(target, broker_address)
+    before = os.lstat(broker_address)
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker_address],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f'{broker_address} exists and is a' in result.stderr
+    assert 'not a socket' in result.stderr
+    after = os.lstat(broker_address)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    if kind in ('regular file', 'symlink to a file'):
+        assert Path(broker_address).read_text() == 'precious'
+
+
+@pytest.mark.parametrize('address, problem', [
+    ('localhost:abc', "the port 'abc' is not a number"),
+    (':9999', 'there is no host before the ":"'),
+    ('localhost:', 'there is no port after the ":"'),
+    ('::1:9999', 'an IPv6 host must be in brackets'),
+    ('', 'the broker address is empty'),
+])
+@pytest.mark.parametrize('subcommand', [[], ['stats']], ids=['serve', 'stats'])
+def test_a_malformed_address_is_refused_saying_what_an_address_looks_like(
+        tmp_path, address, problem, subcommand):
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), *subcommand, '--address',
+                             address], capture_output=True, text=True, timeout=30,
+                            cwd=tmp_path)
+    assert result.returncode == (1 if subcommand else 2)
+    assert problem in result.stderr
+    assert 'host:port, e.g. 127.0.0.1:5555' in result.stderr
+    assert list(tmp_path.iterdir()) == []           # no socket file in the working directory
+
+
+def test_a_path_with_a_colon_is_a_socket_path_when_it_has_a_slash(tmp_path, monkeypatch):
+    from channels.connection import parse_address
+    monkeypatch.chdir(tmp_path)
+    assert parse_address('./a:b.sock') == str(tmp_path / 'a:b.sock')
+    assert parse_address('b.sock') == str(tmp_path / 'b.sock')
+    assert parse_address('127.0.0.1:5555') == ('127.0.0.1', 5555)
+    assert parse_address('[::1]:5555') == ('::1', 5555)
+
+
+def test_the_log_level_is_accepted_in_any_case(broker_address):
+    broker = BrokerProcess(broker_address, '--log-level', 'info')
+    try:
+        broker.start()
+        assert fetch_stats(broker_address)['processes'] == []
+    finally:
+        assert broker.stop() == 0
+
+
+def test_the_usage_line_shows_serving_launching_and_stats():
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--no-such-option'],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    usage = result.stderr.split('channels-broker: error:')[0]
+    assert 'channels-broker [--address ADDR]' in usage
+    assert '[-- COMMAND ARGS...]' in usage
+    assert 'channels-broker stats [--address ADDR]' in usage
+
+
+def _gone(process: psutil.Process) -> bool:
+    """It exited (a zombie that its new parent has not reaped yet counts as gone)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(120)
+def test_killing_the_launcher_stops_the_server_and_its_workers(broker_address, tmp_path):
+    from servers import Launched, free_port
+    from test_servers import APPS
+    port = free_port()
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    command = [sys.executable, '-m', 'uvicorn', 'asgi_chat:app', '--workers', '2',
+               '--host', '127.0.0.1', '--port', str(port), '--app-dir', str(APPS),
+               '--no-access-log']
+    server = Launched(broker_address, command, port, 2, out_dir, tmp_path)
+    try:
+        server.wait_listening()
+        server.wait_http()
+        server.wait_workers()
+        tree = server.tree()
+        assert len(tree) >= 4, tree          # launcher, uvicorn, its 2 workers
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+        wait_until(lambda: all(_gone(p) for p in tree), timeout=30,
+                   what=f'the server and its workers to stop after the launcher died: '
+                        f'{[p for p in tree if not _gone(p)]}')
+        with pytest.raises(ChannelsError):      # the broker went with the launcher
+            fetch_stats(broker_address)
+    finally:
+        server.stop()
+
+
+def test_without_pdeathsig_a_watchdog_stops_the_command_when_the_launcher_dies(
+        broker_address, tmp_path):
+    launcher = ('import sys; import channels.cli as cli; cli._PDEATHSIG = False; '
+                'sys.exit(cli.main(sys.argv[1:]))')
+    script = 'import time; print("child ready", flush=True); time.sleep(60)'
+    process = subprocess.Popen([sys.executable, '-c', launcher, '--address', broker_address,
+                                '--', sys.executable, '-c', script], stdout=subprocess.PIPE,
+                               cwd=ROOT)
+    tree: list[psutil.Process] = []
+    try:
+        assert _read_line(process, 15).startswith('channels-broker: listening on')
+        assert _read_line(process, 15) == 'child ready\n'
+        tree = psutil.Process(process.pid).children(recursive=True)
+        assert len(tree) == 2, tree          # the command and its watchdog
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        wait_until(lambda: all(_gone(p) for p in tree), timeout=20,
+                   what='the command and the watchdog to stop after the launcher died')
+    finally:
+        stop_process(process)
+        process.stdout.close()
+        for left in tree:
+            if not _gone(left):
+                left.kill()
+
+
+def test_the_watchdog_leaves_a_command_that_ended_by_itself_alone(broker_address):
+    launcher = ('import sys; import channels.cli as cli; cli._PDEATHSIG = False; '
+                'sys.exit(cli.main(sys.argv[1:]))')
+    result = subprocess.run([sys.executable, '-c', launcher, '--address', broker_address,
+                             '--', sys.executable, '-c', 'import sys; sys.exit(5)'],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 5, result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux')
+def test_a_command_whose_launcher_died_before_it_was_tied_to_it_does_not_run(tmp_path):
+    from channels.cli import _CHILD_GUARD
+    marker = tmp_path / 'ran'
+    not_my_parent = os.getppid()
+    result = subprocess.run([sys.executable, '-I', '-S', '-c', _CHILD_GUARD,
+                             str(not_my_parent), 'touch', str(marker)], timeout=30)
+    assert result.returncode == 128 + signal.SIGTERM
+    assert not marker.exists()

@@ -89,3 +89,30 @@ def test_restart_after_shutdown_uses_the_new_settings():
     Channel('chat').send({'n': 1})
     received.wait_for(1)
     assert len(runtime.machinery.task_workers) == 2
+
+
+def _readme_settings_table() -> list[tuple[str, str]]:
+    """(name, default) of each row of the README's settings table."""
+    from pathlib import Path
+    lines = (Path(__file__).resolve().parent.parent / 'README.md').read_text().splitlines()
+    start = lines.index('| setting | default | meaning |') + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith('|'):
+            break
+        name, default = [cell.strip().strip('`') for cell in line.split('|')[1:3]]
+        rows.append((name, default))
+    return rows
+
+
+def test_the_readme_settings_table_gives_what_reading_each_setting_returns():
+    import importlib
+    rows = _readme_settings_table()
+    assert sorted(name for name, _ in rows) == sorted(settings.names())
+    for name, default in rows:
+        value = settings.get(name)
+        if isinstance(value, type):
+            module, _, attribute = default.rpartition('.')
+            assert getattr(importlib.import_module(module), attribute) is value, name
+        else:
+            assert default == repr(value), name

@@ -1,0 +1,105 @@
+"""The broker's state file: the pids of the app processes connected to it.
+
+A restarted broker reads it to know which processes to wait for before it routes again
+(see ``Broker`` in :mod:`channels.broker`). It lives next to a Unix socket
+(``ADDR.peers``), in the per-user private directory for a TCP address
+(``tcp-HOST-PORT.peers``), or where ``--state-file`` / ``BROKER_STATE_FILE`` says.
+
+It is written as a new 0600 file in the same directory (``mkstemp``: ``O_EXCL``, so no
+planted link is followed) renamed over the old one, and read only if it is a regular
+file of this user that others cannot write, no larger than :data:`MAX_BYTES`, holding a
+JSON list of process ids. Anything else raises :class:`StateFileError`, which the broker
+logs and ignores: a bad state file costs the rejoin hold of one start, never the start.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+import tempfile
+
+from .connection import Address, private_directory
+
+__all__ = ['StateFileError', 'MAX_BYTES', 'default_path', 'read_pids', 'write_pids']
+
+MAX_BYTES = 1024 * 1024
+"""The largest state file read (about 100,000 pids)."""
+
+_MAX_PID = 2 ** 31 - 1      # pid_t is a signed 32-bit int
+
+
+class StateFileError(ValueError):
+    """A state file that is not one a broker of this user wrote."""
+
+
+def default_path(address: Address) -> str:
+    """Where the broker on *address* keeps its state file by default.
+
+    Raises :class:`~channels.errors.ConfigurationError` if a TCP address's per-user
+    directory is not private.
+    """
+    if isinstance(address, str):
+        return address + '.peers'
+    host, port = address
+    return os.path.join(private_directory(),
+                        f"tcp-{re.sub(r'[^A-Za-z0-9_.-]', '_', host)}-{port}.peers")
+
+
+def read_pids(path: str) -> list[int]:
+    """The pids in the state file *path*.
+
+    Raises :class:`FileNotFoundError` if there is none, :class:`StateFileError` saying
+    what is wrong with one that is not trustworthy, and :class:`OSError` if it cannot
+    be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise StateFileError('it is a symbolic link') from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StateFileError('it is not a regular file')
+        if info.st_uid != os.geteuid():
+            raise StateFileError(f'it belongs to uid {info.st_uid}, not to this user '
+                                 f'(uid {os.geteuid()})')
+        if info.st_mode & 0o022:
+            raise StateFileError(f'others may write it (mode {stat.S_IMODE(info.st_mode):o})')
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, 'rb') as file:
+        data = file.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise StateFileError(f'it is larger than {MAX_BYTES} bytes')
+    try:
+        pids = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise StateFileError(f'it is not JSON: {exc}') from None
+    if not isinstance(pids, list):
+        raise StateFileError(f'it holds a {type(pids).__name__}, not a list of process ids')
+    for pid in pids:
+        if type(pid) is not int or not 0 < pid <= _MAX_PID:
+            raise StateFileError(f'{pid!r} is not a process id')
+    return pids
+
+
+def write_pids(path: str, pids: list[int]) -> None:
+    """Replace the state file *path* by one (0600) listing *pids*; raises ``OSError``."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'w') as file:
+            json.dump(pids, file)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
