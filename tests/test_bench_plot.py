@@ -28,7 +28,8 @@ def _load(name: str) -> ModuleType:
 
 
 benchplot = _load('benchplot')
-bench = _load('bench')
+bench = _load('bench')          # puts scripts/ on sys.path, as running it does
+from benchmarks import cases, report  # noqa: E402  (scripts/benchmarks/, found through it)
 
 
 def _assert_png(path: Path, min_size: tuple[int, int] = (800, 400)) -> Image.Image:
@@ -99,19 +100,19 @@ def test_plot_data_takes_the_successful_runs_of_each_system():
                                     {'samples_us': [200.0, 300.0, 400.0]}],
         ('queue', 'cross_latency'): [{'error': 'exit 1: boom'}],
     }
-    throughput, latency = bench.plot_data(results, (1, 2))
+    throughput, latency = report.plot_data(results, (1, 2))
     assert throughput['mpchannels'] == {1: [100.0, 120.0], 2: [180.0]}
     assert throughput['ZeroMQ proxy'] == {1: [150.0], 2: []}
     assert throughput['Queue relay'] == {1: [], 2: []}
     assert latency == {'mpchannels': [[100.0, 200.0, 300.0], [200.0, 300.0, 400.0]],
                        'Queue relay': [], 'ZeroMQ proxy': []}
-    rows, header, notes = bench.build_sweep_rows(results, bench.QUICK, (1, 2))
+    rows, header, notes = report.build_sweep_rows(results, cases.QUICK, (1, 2))
     assert header == ['system', '1 -> 1', '1 -> 2', 'latency p50', 'latency p99']
     assert rows[0] == ['mpchannels', '110', '180', '250 µs', '348 µs']   # medians of runs
     assert rows[1] == ['Queue relay', '-', '-', '-', '-']
-    assert bench.fanout_of('cross_1to8') == 8 and bench.fanout_of('cross_latency') is None
-    assert bench.cross_systems('cross_1to8') == ('ours', 'queue', 'zmq')
-    assert bench.cross_systems('cross_1toX') == ()
+    assert cases.fanout_of('cross_1to8') == 8 and cases.fanout_of('cross_latency') is None
+    assert cases.cross_systems('cross_1to8') == ('ours', 'queue', 'zmq')
+    assert cases.cross_systems('cross_1toX') == ()
 
 
 @pytest.mark.slow
