@@ -30,9 +30,10 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from .cases import BROKER_SCRIPT, CROSS_TOPIC, ROOT
+from .cases import BROKER_SCRIPT, ROOT
 
 BENCH_SCRIPT = ROOT / 'scripts' / 'bench.py'
 """The command that measures one run: ``bench.py --one LIB.CASE`` prints its result."""
@@ -46,11 +47,44 @@ def child_main(role: Any, conn: Connection, *args: Any) -> None:
         role(conn, *args)
     except BaseException as exc:
         try:
-            conn.send(('error', f'{role.__name__}: {type(exc).__name__}: {exc}'))
+            conn.send(('error', f'{role.__module__}.{role.__name__}: {type(exc).__name__}: '
+                                f'{exc}'))
         except (OSError, ValueError):
             pass
         raise
 
+
+def serve_publisher(conn: Connection, send: Callable[[int], None],
+                    pace: Callable[[int, float, float], None], end: Callable[[], bool],
+                    hello: Callable[[Connection], None] | None = None) -> None:
+    """The command loop of every system's publisher process; the loops are the system's.
+
+    ('send', n): ``send(n)`` sends n messages in a loop; answers ('sent', t0, t1).
+    ('pace', n, rate): ``pace(n, rate, t0)`` sends them to a schedule that starts at
+    t0, each with its send time; answers ('sent', t0, t1). ('hello',) (ZeroMQ):
+    ``hello(conn)`` sends hellos until the next command arrives. ('end',): ``end()``
+    ends the stream (ours: ``shutdown()``, which flushes to the broker; Queue: None;
+    ZeroMQ: END) and returns whether it drained; answers ('ended', drained). ('exit',)
+    returns.
+    """
+    conn.send(('ready', os.getpid()))
+    while True:
+        command = conn.recv()
+        kind = command[0]
+        if kind == 'send':
+            started = time.time()
+            send(command[1])
+            conn.send(('sent', started, time.time()))
+        elif kind == 'pace':
+            started = time.time() + 0.001
+            pace(command[1], command[2], started)
+            conn.send(('sent', started, time.time()))
+        elif kind == 'hello' and hello is not None:
+            hello(conn)
+        elif kind == 'end':
+            conn.send(('ended', end()))
+        elif kind == 'exit':
+            return
 
 
 class Child:
@@ -164,24 +198,6 @@ class Cluster:
         self.children.append(child)
         child.expect('ready', self.timeout)
         return child
-
-    def wait_subscribed(self, subs: list[Child]) -> None:
-        """Wait until the broker knows that every one of *subs* subscribes."""
-        from channels.cli import fetch_stats
-        deadline = time.monotonic() + self.timeout
-        pids = [sub.pid for sub in subs]
-        while True:
-            known = {p['pid'] for p in fetch_stats(self.address)['processes']
-                     if CROSS_TOPIC in p['subscriptions']}
-            if known >= set(pids):
-                return
-            for sub in subs:
-                if sub.conn.poll():                 # it reports something: an error?
-                    sub.expect('nothing yet', 0)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f'the broker knows the subscriptions of {sorted(known)}, '
-                                   f'not of all of {sorted(pids)}')
-            time.sleep(0.02)
 
     def cpu(self, pids: list[int]) -> dict[int, float]:
         """CPU seconds (user + system) each process in *pids* has used so far."""
