@@ -23,6 +23,7 @@ FULL = {
     'subscriptions': 100_000,     # case 3, ours
     'lona_subscriptions': 1_000,  # case 3, Lona: O(N^2), see the module docstring
     'wildcards': (10, 10_000),    # case 4: wildcard subscriptions, none matching
+    'star_seconds': 3.0,          # case 4, empty prefix: ours times what fits in this
     'timeout': 60.0,              # seconds one run (one subprocess) may take
     'cross_runs': 3,              # cross-process: measured runs per case and system
     'cross_warmup': 2_000,        # cross-process: messages sent and handled before timing
@@ -46,6 +47,7 @@ QUICK = {
     'subscriptions': 20_000,
     'lona_subscriptions': 300,
     'wildcards': (10, 10_000),
+    'star_seconds': 0.5,
     'timeout': 15.0,
     'cross_runs': 1,
     'cross_warmup': 500,
@@ -60,7 +62,8 @@ QUICK = {
 }
 
 LIBS = ('ours', 'lona')
-CASES = ('single', 'many', 'subscribe', 'subscribe_routed', 'wild_few', 'wild_many')
+CASES = ('single', 'many', 'subscribe', 'subscribe_routed', 'wild_few', 'wild_many',
+         'wild_star_few', 'wild_star_many')
 CROSS_LIBS = {                    # cross-process cases, and the systems each one measures
     'cross_1to1': ('ours', 'queue', 'zmq'),
     'cross_1to4': ('ours', 'queue', 'zmq'),
@@ -77,6 +80,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 """The project's root: its ``channels`` is the one measured."""
 BROKER_SCRIPT = ROOT / 'scripts' / 'channels-broker'
 SENTINEL_TOPIC = 'bench.sentinel'
+WILD_TARGET = 'room.target'
+"""The plain topic the wildcard cases send to; none of their patterns matches it."""
 SUBSCRIBE_TOPIC = 'lona.channels.subscribe'
 
 
@@ -109,3 +114,12 @@ def plot_cases(sweep: tuple[int, ...]) -> list[str]:
     """The cross-process cases the picture needs: a throughput case per count, latency."""
     return [fanout_case(n) for n in sweep] + ['cross_latency']
 
+
+def wildcard(i: int, star: bool) -> str:
+    """The *i*-th pattern of a wildcard case: all distinct, none matching ``WILD_TARGET``.
+
+    ``room.<i>.*`` has a literal prefix of its own; with *star*, ``*a*a*a*b<i>`` (the
+    shape of issue 10's item 9) starts with a wildcard: its literal prefix is empty,
+    so grouping patterns by prefix cannot skip it.
+    """
+    return f'*a*a*a*b{i}' if star else f'room.{i}.*'

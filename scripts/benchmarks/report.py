@@ -11,7 +11,7 @@ import os
 import statistics
 
 from .cases import CASES, CROSS_CASES, CROSS_LIBS, PAYLOAD, SWEEP_SYSTEMS, SYSTEM_NAMES, \
-    cross_systems, fanout_case, fanout_of, plot_cases
+    cross_systems, fanout_case, fanout_of, plot_cases, wildcard
 from .stats import median, median_cpu, percentiles
 
 
@@ -86,6 +86,20 @@ def build_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
                  ratio(div(many_wl, few_l)), '', '<= 2x (ours)',
                  met(None if cost is None else cost <= 2.0)])
 
+    few_o, few_l = value('ours', 'wild_star_few'), value('lona', 'wild_star_few')
+    many_wo, many_wl = value('ours', 'wild_star_many'), value('lona', 'wild_star_many')
+    timed = median(results['ours', 'wild_star_many'], 'count')
+    rows.append([f'{few:,} empty-prefix wildcard subs + 1 plain: time per message', us(few_o),
+                 us(few_l), ratio(div(few_l, few_o)), '', ''])
+    rows.append([f'{many:,} empty-prefix wildcard subs + 1 plain: time per message',
+                 us(many_wo) + ('' if timed is None or timed >= sizes['messages']
+                                else f' ({timed:,.0f} msgs)'),
+                 us(many_wl) + ('' if many_wl is None else f' ({lona_scan} msgs)'),
+                 ratio(div(many_wl, many_wo)), '', ''])
+    cost = div(many_wo, few_o)
+    rows.append([f'  {many:,} vs {few:,} empty-prefix wildcard subs', ratio(cost),
+                 ratio(div(many_wl, few_l)), '', 'printed', '' if cost is None else 'yes'])
+
     notes = [
         f'Median of {sizes["runs"]} run(s), each a fresh subprocess with a warm-up; '
         f'1 broker + 4 task threads in both libraries; payload {len(PAYLOAD["text"])}-char str.',
@@ -94,6 +108,11 @@ def build_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
         f'rate is the same, the run shorter).',
         f'Lona subscribes {n_l:,} channels, not {n_o:,}: each subscription is an internal '
         f'message that scans every topic, so N subscriptions cost O(N^2).',
+        f'Wildcard subs: room.<i>.* (a literal prefix each) or, empty-prefix, '
+        f'{wildcard(0, True)[:-1]}<i>, which starts with a wildcard, so grouping patterns by '
+        f'prefix cannot skip it; none matches the topic sent to. Ours times as many '
+        f'messages as fit in {sizes["star_seconds"]:g} s with {many:,} empty-prefix subs '
+        f'(the count is shown when it is fewer).',
         '"ours vs Lona" is the speed-up (higher is better for ours).',
     ]
     if sizes['name'] == 'quick':
