@@ -28,7 +28,8 @@ def _load(name: str) -> ModuleType:
 
 
 benchplot = _load('benchplot')
-bench = _load('bench')
+bench = _load('bench')          # puts scripts/ on sys.path, as running it does
+from benchmarks import cases, report  # noqa: E402  (scripts/benchmarks/, found through it)
 
 
 def _assert_png(path: Path, min_size: tuple[int, int] = (800, 400)) -> Image.Image:
@@ -99,19 +100,19 @@ def test_plot_data_takes_the_successful_runs_of_each_system():
                                     {'samples_us': [200.0, 300.0, 400.0]}],
         ('queue', 'cross_latency'): [{'error': 'exit 1: boom'}],
     }
-    throughput, latency = bench.plot_data(results, (1, 2))
+    throughput, latency = report.plot_data(results, (1, 2))
     assert throughput['mpchannels'] == {1: [100.0, 120.0], 2: [180.0]}
     assert throughput['ZeroMQ proxy'] == {1: [150.0], 2: []}
     assert throughput['Queue relay'] == {1: [], 2: []}
     assert latency == {'mpchannels': [[100.0, 200.0, 300.0], [200.0, 300.0, 400.0]],
                        'Queue relay': [], 'ZeroMQ proxy': []}
-    rows, header, notes = bench.build_sweep_rows(results, bench.QUICK, (1, 2))
+    rows, header, notes = report.build_sweep_rows(results, cases.QUICK, (1, 2))
     assert header == ['system', '1 -> 1', '1 -> 2', 'latency p50', 'latency p99']
     assert rows[0] == ['mpchannels', '110', '180', '250 µs', '348 µs']   # medians of runs
     assert rows[1] == ['Queue relay', '-', '-', '-', '-']
-    assert bench.fanout_of('cross_1to8') == 8 and bench.fanout_of('cross_latency') is None
-    assert bench.cross_systems('cross_1to8') == ('ours', 'queue', 'zmq')
-    assert bench.cross_systems('cross_1toX') == ()
+    assert cases.fanout_of('cross_1to8') == 8 and cases.fanout_of('cross_latency') is None
+    assert cases.cross_systems('cross_1to8') == ('ours', 'queue', 'zmq')
+    assert cases.cross_systems('cross_1toX') == ()
 
 
 @pytest.mark.slow
@@ -133,3 +134,36 @@ def test_a_quick_benchmark_run_draws_the_picture(tmp_path):
         assert ' µs' in row and ' - ' not in row, row       # every figure measured
     assert 'ERROR' not in result.stdout
     _assert_png(out)
+
+
+def _local_results(star_many_count: int) -> dict:
+    """One successful made-up run of every in-process case, for both libraries."""
+    results = {(lib, case): [{'value': 1.0, 'count': cases.QUICK['messages']}]
+               for lib in cases.LIBS for case in cases.CASES}
+    results['ours', 'wild_star_few'] = [{'value': 20.0, 'count': cases.QUICK['messages']}]
+    results['ours', 'wild_star_many'] = [{'value': 9000.0, 'count': star_many_count}]
+    return results
+
+
+def test_the_table_prints_the_cost_of_empty_prefix_patterns_next_to_few():
+    few, many = cases.QUICK['wildcards']
+    rows, notes = report.build_rows(_local_results(star_many_count=42), cases.QUICK)
+    by_name = {row[0]: row for row in rows}
+    assert by_name[f'{few:,} empty-prefix wildcard subs + 1 plain: time per message'][1] \
+        == '20.0 µs/msg'
+    assert by_name[f'{many:,} empty-prefix wildcard subs + 1 plain: time per message'][1] \
+        == '9,000.0 µs/msg (42 msgs)'              # fewer than the other cases: said so
+    ratio = by_name[f'  {many:,} vs {few:,} empty-prefix wildcard subs']
+    assert ratio[1] == '450x' and ratio[4:] == ['printed', 'yes']
+    assert any('*a*a*a*b<i>' in note for note in notes)
+
+
+def test_empty_prefix_patterns_have_no_literal_prefix_and_miss_the_topic_sent_to():
+    from channels.topics import literal_prefix, matches
+    patterns = {cases.wildcard(i, star=True) for i in range(1000)}
+    assert len(patterns) == 1000
+    for pattern in patterns:
+        assert literal_prefix(pattern) == ''
+        assert not matches(pattern, cases.WILD_TARGET)
+    prefixed = cases.wildcard(7, star=False)
+    assert literal_prefix(prefixed) and not matches(prefixed, cases.WILD_TARGET)
