@@ -47,10 +47,11 @@ from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from .channel import Channel
 from .errors import InboxOverflowError
+from .topics import validate_topic
 
 if TYPE_CHECKING:
-    from .channel import Channel
     from .message import Message
 
 __all__ = ['Inbox', 'listen', 'OVERFLOW_POLICIES']
@@ -86,7 +87,6 @@ class Inbox:
 
     def __init__(self, topics: tuple[str, ...], *, maxsize: int = 1000,
                  overflow: str = 'error') -> None:
-        from .topics import validate_topic
         if not topics:
             raise TypeError("listen() needs at least one topic, e.g. listen('chat.rooms.*')")
         self.topics = tuple(validate_topic(topic) for topic in topics)
@@ -125,7 +125,6 @@ class Inbox:
     # lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Inbox:
-        from .channel import Channel
         if self._entered:
             raise RuntimeError(f'{self!r} was entered already; call listen() for a new one')
         self._entered = True
