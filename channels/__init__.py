@@ -16,6 +16,19 @@
     Channel('chat.rooms.*', on_message); channels.flush()  # in force for all processes
 
 The machinery starts on first use; :func:`shutdown` drains and stops it.
+
+Layers: a module imports only modules of its own layer or below, never in a cycle
+(imports under ``TYPE_CHECKING`` aside); ``tests/test_layers.py`` reads this table and
+checks it. The broker process (``broker``) does not import the app process's runtime:
+what both need (``registry``, ``ordering``) lies below both.
+
+    7  cli, __main__, __init__
+    6  channel, inbox, scope
+    5  runtime, broker
+    4  workers, client, handlers, gate, statefile
+    3  registry, ordering, message, wire, connection, prefork
+    2  settings
+    1  errors, topics, address
 """
 
 from __future__ import annotations

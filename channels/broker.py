@@ -48,9 +48,10 @@ from . import statefile, wire
 from .connection import Address, format_address, listen
 from .errors import ChannelsError, ProtocolError
 from .gate import Gate
-from .runtime import _Sequencer, runtime
 from .topics import TopicIndex
-from .workers import STOP, MessageBroker, Worker
+from .ordering import STOP, Sequencer
+from .registry import registry
+from .workers import MessageBroker, Worker
 
 __all__ = ['Broker', 'BatchRouter', 'RemoteChannel', 'RoutedMessage', 'Peer']
 
@@ -419,7 +420,7 @@ class _Inbound:
         self.broker = broker
         self.queue: SimpleQueue = SimpleQueue()
         self.current: deque[Any] = deque()
-        self.sequencer: _Sequencer | None = None
+        self.sequencer: Sequencer | None = None
 
     def get(self, timeout: float | None = None) -> Any:
         """The next message (or the STOP sentinel); ``queue.Empty`` after *timeout*."""
@@ -442,7 +443,7 @@ class _Inbound:
 class _BrokerMachinery:
     """What the broker process's MessageBroker threads work with (see workers.Worker)."""
 
-    def __init__(self, broker: Broker, sequencer: _Sequencer | None) -> None:
+    def __init__(self, broker: Broker, sequencer: Sequencer | None) -> None:
         self.broker = broker
         self.messages = broker.inbound
         self.sequencer = sequencer
@@ -625,8 +626,8 @@ class Broker:
                 logger.info('holding messages until the %d processes connected before '
                             'this start are back (at most %.3gs)', len(self._awaited),
                             self.rejoin_timeout)
-        runtime.use_registry(self.index, self.index_lock)
-        sequencer = _Sequencer(STOP) if self.broker_threads > 1 else None
+        registry.use(self.index, self.index_lock)
+        sequencer = Sequencer(STOP) if self.broker_threads > 1 else None
         machinery = _BrokerMachinery(self, sequencer)
         broker_class = self.broker_class
         if broker_class is MessageBroker and self.broker_threads == 1:

@@ -15,6 +15,7 @@ from typing import Any
 from . import runtime as _runtime
 from .handlers import ErrorCallback
 from .message import Message
+from .registry import registry as _registry
 from .topics import validate_topic
 
 __all__ = ['Channel']
@@ -64,7 +65,7 @@ class Channel:
         """The subscribed channels of this process whose topic matches *topic*."""
         if type(topic) is not str or not topic:
             topic = validate_topic(topic)
-        return _runtime.runtime.registry.match(topic)     # lookups take no lock
+        return _registry.index.match(topic)     # lookups take no lock
 
     def subscribe(self, handler: Handler, *,
                   loop: asyncio.AbstractEventLoop | None = None,

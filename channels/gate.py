@@ -95,7 +95,7 @@ class _Reports:
     def flush(self) -> None:
         """Say what was held back."""
         for kind, (count, text, args) in self._held.items():
-            logger.warning(text + f' (%d more like it)', *args, count)
+            logger.warning(text + ' (%d more like it)', *args, count)
         self._held.clear()
 
 

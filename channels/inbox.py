@@ -50,12 +50,12 @@ from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from .channel import Channel
 from .errors import BrokerUnavailableError, InboxOverflowError
-
 from .runtime import FLUSH_TIMEOUT, runtime as _runtime
+from .topics import validate_topic
 
 if TYPE_CHECKING:
-    from .channel import Channel
     from .message import Message
 
 __all__ = ['Inbox', 'listen', 'OVERFLOW_POLICIES']
@@ -96,7 +96,6 @@ class Inbox:
 
     def __init__(self, topics: tuple[str, ...], *, maxsize: int = 1000,
                  overflow: str = 'error', ready_timeout: float = FLUSH_TIMEOUT) -> None:
-        from .topics import validate_topic
         if not topics:
             raise TypeError("listen() needs at least one topic, e.g. listen('chat.rooms.*')")
         self.topics = tuple(validate_topic(topic) for topic in topics)
@@ -140,7 +139,6 @@ class Inbox:
     # lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Inbox:
-        from .channel import Channel
         if self._entered:
             raise RuntimeError(f'{self!r} was entered already; call listen() for a new one')
         self._entered = True

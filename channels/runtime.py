@@ -37,20 +37,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 from . import settings
+from .client import BrokerLink
+from .connection import load_authkey, parse_address
 from .errors import ConfigurationError, ShutdownError
 from .handlers import (CoroutineRunner, backlog as handler_backlog, busy_coroutine_runners,
                        coroutine_runners_idle, make_runner)
 from .message import Message
+from .ordering import STOP, Mailbox, Sequencer
 from .prefork import prefork_server
+from .registry import registry as _registry
 from .topics import TopicIndex
 
 if TYPE_CHECKING:
     from .channel import Channel
-    from .client import BrokerLink
     from .workers import Worker
 
 __all__ = ['Runtime', 'Machinery', 'runtime', 'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC',
@@ -66,51 +69,6 @@ RUNNING, DRAINING, STOPPING = 'running', 'draining', 'stopping'
 FLUSH_TIMEOUT = 10.0
 """Seconds ``flush()`` and entering ``listen()`` wait by default: enough for a broker
 restart, including its hold of ``REJOIN_TIMEOUT`` (5 s by default)."""
-
-
-class _Sequencer:
-    """Keeps the scheduling order of several broker threads equal to the sending order."""
-
-    def __init__(self, stop_token: object) -> None:
-        self._stop_token = stop_token
-        self._take_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._turn = 0
-        self._done: set[int] = set()
-
-    def take(self, messages: SimpleQueue, timeout: float, worker: Worker) -> Any:
-        """The next item of *messages*, and (for a message) its ticket for *worker*."""
-        # taking the message and its ticket is one step, so tickets follow queue order
-        if not self._take_lock.acquire(timeout=timeout):
-            raise Empty
-        try:
-            item = messages.get(timeout=timeout)
-            if item is not self._stop_token:
-                worker._ticket = self._next_ticket
-                self._next_ticket += 1
-            return item
-        finally:
-            self._take_lock.release()
-
-    def wait_all_done(self) -> None:
-        """Wait until every message taken so far was scheduled (the caller holds the
-        take lock, inside ``messages.get()``)."""
-        self.wait_turn(self._next_ticket)
-
-    def wait_turn(self, ticket: int) -> None:
-        """Wait until every message with an earlier ticket was scheduled."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._turn == ticket)
-
-    def done(self, ticket: int) -> None:
-        """The message with *ticket* is scheduled: let the next one go."""
-        with self._cond:
-            self._done.add(ticket)
-            while self._turn in self._done:
-                self._done.discard(self._turn)
-                self._turn += 1
-            self._cond.notify_all()
 
 
 class Machinery:
@@ -134,7 +92,7 @@ class Machinery:
         self.brokers: list[Worker] = []
         self.task_workers: list[Worker] = []
         self.schedulers: list[Any] = []       # objects with a `scheduled` count: brokers, ...
-        self.sequencer: _Sequencer | None = None
+        self.sequencer: Sequencer | None = None
         self.link: BrokerLink | None = None   # the broker connection, in broker mode
 
     def __repr__(self) -> str:
@@ -143,23 +101,18 @@ class Machinery:
 
     def start(self) -> None:
         """Read the settings, then create and start the worker threads (and the link)."""
-        from . import workers    # imported here: workers imports channel, which imports us
         broker_class = settings.get('CHANNEL_MESSAGE_BROKER_CLASS')
         task_class = settings.get('CHANNEL_TASK_WORKER_CLASS')
         brokers = settings.get('MAX_CHANNEL_MESSAGE_BROKER_THREADS')
         tasks = settings.get('MAX_CHANNEL_TASK_WORKER_THREADS')
         timeout = settings.get('CHANNEL_WORKER_TIMEOUT')
         if brokers > 1:
-            self.sequencer = _Sequencer(workers.STOP)
-        self._stop_token = workers.STOP
-        self._mailbox_class = workers.Mailbox
+            self.sequencer = Sequencer(STOP)
         self.brokers = [broker_class(self, n, timeout) for n in range(brokers)]
         self.task_workers = [task_class(self, n, timeout) for n in range(tasks)]
         self.schedulers = list(self.brokers)
         address = settings.get('BROKER_ADDRESS')
         if address is not None:
-            from .client import BrokerLink
-            from .connection import load_authkey, parse_address
             parsed, authkey = parse_address(address), load_authkey()
             if isinstance(parsed, tuple) and authkey is None:
                 raise ConfigurationError(
@@ -235,7 +188,7 @@ class Machinery:
         with self.box_lock:
             box = channel._mailbox
             if box is None or box.machinery is not self:
-                box = channel._mailbox = self._mailbox_class(self, channel)
+                box = channel._mailbox = Mailbox(self, channel)
             return box
 
     # flush -----------------------------------------------------------------------------
@@ -400,9 +353,9 @@ class Machinery:
         for worker in self.workers:
             worker.stop()
         for _ in self.brokers:
-            self.messages.put(self._stop_token)
+            self.messages.put(STOP)
         for _ in self.task_workers:
-            self.ready.put(self._stop_token)
+            self.ready.put(STOP)
         stuck = [worker.name for worker in self.workers
                  if not worker.join(max(deadline - time.monotonic(), 0.05))]
         if link is not None and not link.close(deadline):
@@ -447,8 +400,6 @@ class Runtime:
     """The pid that logged the line about the embedded default (once per process)."""
 
     def __init__(self) -> None:
-        self.registry: TopicIndex[Channel] = TopicIndex()
-        self.registry_lock = threading.Lock()
         self.state_lock = threading.RLock()
         self.machinery: Machinery | None = None
         self._atexit_registered = False
@@ -457,6 +408,16 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f'<Runtime pid={self._pid} channels={len(self.registry)} {self.machinery!r}>'
+
+    @property
+    def registry(self) -> TopicIndex[Channel]:
+        """The subscribed channels of this process (``channels.registry``'s index)."""
+        return _registry.index
+
+    @property
+    def registry_lock(self) -> Any:
+        """Held while a subscription changes."""
+        return _registry.lock
 
     def is_running(self) -> bool:
         """True from the first use until ``shutdown()`` returns."""
@@ -545,7 +506,7 @@ class Runtime:
         # connection: it closes its copy of the parent's socket (the parent's stays open)
         # and, in broker mode, connects on its own at once, so that inherited
         # subscriptions (gunicorn --preload) reach the broker without waiting for a send.
-        self.registry_lock = threading.Lock()
+        _registry.reset_lock()
         self.state_lock = threading.RLock()
         inherited, self.machinery = self.machinery, None
         self._pid = os.getpid()
@@ -593,11 +554,6 @@ class Runtime:
                 machinery.link.unsubscribe(channel.topic)
         if machinery is not None:
             self._send_event(machinery, UNSUBSCRIBE_TOPIC, channel.topic)
-
-    def use_registry(self, registry: TopicIndex, lock: Any) -> None:
-        """Make ``Channel.get_channels()`` search *registry* (the broker process does
-        this: its "channels" are the subscriptions of every connected process)."""
-        self.registry, self.registry_lock = registry, lock
 
     def send_event(self, event_topic: str, data: dict) -> None:
         """Send a local internal event (no-op while not running or shutting down)."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .address import parse_address
 from .errors import ConfigurationError
 
 __all__ = ['configure', 'reset', 'names', 'ENV_PREFIX']
@@ -83,12 +84,22 @@ def _import_string(name: str, value: Any) -> type:
     return cls
 
 
+_required_bases: dict[str, type] = {}
+"""Setting name -> the class its value must subclass; filled by the module that defines
+the base class (``channels.workers``), so that this module imports nothing of ours."""
+
+
+def require_subclass(name: str, base: type) -> None:
+    """Make setting *name* accept only subclasses of *base* (called by the module that
+    defines *base*, when it is imported)."""
+    _required_bases[name] = base
+
+
 def _worker_class(base_name: str) -> Callable[[str, Any], type]:
     def parse(name: str, value: Any) -> type:
         """A class (or import string) naming a subclass of channels.<base_name>."""
-        from . import workers   # imported late: workers reads these settings
         cls = _import_string(name, value)
-        base = getattr(workers, base_name)
+        base = _required_bases[name]     # registered: the package imports channels.workers
         if not issubclass(cls, base):
             raise ConfigurationError(
                 f'{name} must name a subclass of channels.{base_name}, got {cls!r}')
@@ -134,7 +145,6 @@ def _authkey(name: str, value: Any) -> bytes | None:
 def _broker_address(name: str, value: Any) -> str | None:
     value = _optional_text(name, value)
     if value is not None:
-        from .connection import parse_address     # late: connection reads settings
         try:
             parse_address(value)
         except ConfigurationError as exc:

@@ -28,23 +28,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from queue import Empty
 from typing import TYPE_CHECKING, Any
 
-from .channel import Channel
+from . import settings
 from .handlers import unawaited
 from .message import Message
+from .ordering import STOP, Mailbox
+from .registry import get_channels
 
 if TYPE_CHECKING:
+    from .channel import Channel
     from .runtime import Machinery
 
 __all__ = ['Task', 'Worker', 'MessageBroker', 'TaskWorker', 'Mailbox', 'STOP']
 
 logger = logging.getLogger(__name__)
-
-STOP = object()
-"""The sentinel that stops one worker thread when it comes out of its queue."""
 
 _STREAK = 16
 """Tasks of one channel a task worker runs in a row before it lets other waiting channels
@@ -259,32 +258,6 @@ class Worker:
             self.machinery.ready.put(box)   # others wait: to the back of the line, claimed
 
 
-class Mailbox:
-    """The pending tasks of one channel in one run of the machinery.
-
-    ``claim`` is held while the mailbox is in the ready queue or held by a task worker,
-    so at most one worker runs the channel's tasks. Whoever takes the claim puts the
-    mailbox in the ready queue. Only non-blocking acquires are used: no thread ever
-    waits for another here.
-    """
-
-    __slots__ = ('machinery', 'channel', 'tasks', 'claim')
-
-    def __init__(self, machinery: Machinery, channel: Channel) -> None:
-        self.machinery = machinery
-        self.channel = channel
-        self.tasks: deque[tuple[Message, tuple]] = deque()   # (message, subscription)
-        self.claim = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f'<Mailbox {self.channel!r} tasks={len(self.tasks)}>'
-
-    def release(self) -> bool:
-        """Let the channel go; True if a task arrived meanwhile and the claim was retaken."""
-        self.claim.release()
-        return bool(self.tasks) and self.claim.acquire(False)
-
-
 class MessageBroker(Worker):
     """Routes each message to the channels subscribed to a matching topic (the spec's)."""
 
@@ -293,7 +266,7 @@ class MessageBroker(Worker):
     def run(self) -> None:
         """Take a message, find its channels, schedule a task for each."""
         message = self.get_message()
-        channels = Channel.get_channels(topic=message.topic)
+        channels = get_channels(message.topic)
         for channel in channels:
             self.schedule_task(channel=channel, message=message)
 
@@ -371,3 +344,7 @@ class TaskWorker(Worker):
                     self._box = None
                     ready.put(box)   # others wait: to the back of the line, still claimed
                     break
+
+
+settings.require_subclass('CHANNEL_MESSAGE_BROKER_CLASS', MessageBroker)
+settings.require_subclass('CHANNEL_TASK_WORKER_CLASS', TaskWorker)
