@@ -30,6 +30,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from . import settings, wire
+from .broker import Broker
+from .connection import connect, default_address, format_address, load_authkey, parse_address
+from .errors import BrokerUnavailableError, ChannelsError, ConfigurationError, ProtocolError
+from .settings import _worker_class
+
 __all__ = ['main', 'fetch_stats']
 
 logger = logging.getLogger('channels.cli')
@@ -85,8 +91,6 @@ def _stats_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Any, bytes | None]:
-    from . import settings
-    from .connection import default_address, load_authkey, parse_address
     if args.authkey_file:
         settings.configure(AUTHKEY_FILE=args.authkey_file, AUTHKEY=None)
     # an --address given explicitly is used as given: --address '' is an error, not
@@ -98,8 +102,6 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, bytes | None]:
 
 def _state_file(args: argparse.Namespace) -> str | None:
     """--state-file, else BROKER_STATE_FILE, as an absolute path; None: the default."""
-    from . import settings
-    from .errors import ConfigurationError
     path = args.state_file if args.state_file is not None else \
         settings.get('BROKER_STATE_FILE')
     if path is not None and not path.strip():
@@ -126,9 +128,6 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format='channels-broker[%(process)d] %(levelname)s %(name)s: '
                                '%(message)s')
-    from .broker import Broker
-    from .errors import ChannelsError
-    from .settings import _worker_class
     if args.broker_threads < 1:
         print('channels-broker: --broker-threads must be >= 1', file=sys.stderr)
         return 2
@@ -136,7 +135,6 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
         address, authkey = _resolve(args)
         broker_class = _worker_class('MessageBroker')('--broker-class', args.broker_class) \
             if args.broker_class else None
-        from . import settings
         if args.max_connections is not None:
             settings.configure(MAX_CONNECTIONS=args.max_connections)
         broker = Broker(address, authkey, broker_threads=args.broker_threads,
@@ -290,8 +288,6 @@ def _stop_watchdog(watchdog: subprocess.Popen, write_end: int) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .connection import format_address
-    from .errors import ChannelsError
     try:
         address, authkey = _resolve(args)
         stats = fetch_stats(format_address(address), authkey)
@@ -322,9 +318,6 @@ def fetch_stats(address: str, authkey: bytes | None = None, timeout: float = 5.0
     The handshake takes at most ``HANDSHAKE_TIMEOUT`` seconds, the reply at most
     *timeout*; raises :class:`~channels.errors.BrokerUnavailableError` saying why.
     """
-    from . import settings, wire
-    from .connection import connect, parse_address
-    from .errors import BrokerUnavailableError, ProtocolError
     connection = connect(parse_address(address), authkey, settings.get('HANDSHAKE_TIMEOUT'))
     try:
         connection.send_bytes(wire.encode_json(wire.HELLO, {'pid': os.getpid(),

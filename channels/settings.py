@@ -85,21 +85,21 @@ def _import_string(name: str, value: Any) -> type:
 
 
 _required_bases: dict[str, type] = {}
-"""Setting name -> the class its value must subclass; filled by the module that defines
-the base class (``channels.workers``), so that this module imports nothing of ours."""
+"""Base class name (``'MessageBroker'``) -> the class; filled by the module that defines
+the base classes (``channels.workers``), so that this module imports nothing of ours."""
 
 
-def require_subclass(name: str, base: type) -> None:
-    """Make setting *name* accept only subclasses of *base* (called by the module that
-    defines *base*, when it is imported)."""
-    _required_bases[name] = base
+def require_subclass(base: type) -> None:
+    """Make the class settings that name *base* accept only its subclasses (called by
+    the module that defines *base*, when it is imported)."""
+    _required_bases[base.__name__] = base
 
 
 def _worker_class(base_name: str) -> Callable[[str, Any], type]:
     def parse(name: str, value: Any) -> type:
         """A class (or import string) naming a subclass of channels.<base_name>."""
         cls = _import_string(name, value)
-        base = _required_bases[name]     # registered: the package imports channels.workers
+        base = _required_bases[base_name]   # registered: the package imports workers
         if not issubclass(cls, base):
             raise ConfigurationError(
                 f'{name} must name a subclass of channels.{base_name}, got {cls!r}')

@@ -346,5 +346,5 @@ class TaskWorker(Worker):
                     break
 
 
-settings.require_subclass('CHANNEL_MESSAGE_BROKER_CLASS', MessageBroker)
-settings.require_subclass('CHANNEL_TASK_WORKER_CLASS', TaskWorker)
+settings.require_subclass(MessageBroker)
+settings.require_subclass(TaskWorker)
