@@ -116,6 +116,8 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         max_connections=settings.get('MAX_CONNECTIONS'),
                         rejoin_timeout=settings.get('REJOIN_TIMEOUT'),
                         max_pending=settings.get('MAX_PENDING_BYTES'),
+                        max_topic=settings.get('MAX_TOPIC_LENGTH'),
+                        max_subscriptions=settings.get('MAX_SUBSCRIPTIONS'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

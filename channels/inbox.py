@@ -86,10 +86,12 @@ class Inbox:
 
     def __init__(self, topics: tuple[str, ...], *, maxsize: int = 1000,
                  overflow: str = 'error') -> None:
+        from .runtime import runtime
         from .topics import validate_topic
         if not topics:
             raise TypeError("listen() needs at least one topic, e.g. listen('chat.rooms.*')")
-        self.topics = tuple(validate_topic(topic) for topic in topics)
+        limit = runtime.max_topic_length()
+        self.topics = tuple(validate_topic(topic, max_length=limit) for topic in topics)
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ValueError(f'maxsize must be an int >= 1, got {maxsize!r}')
         if overflow not in OVERFLOW_POLICIES:

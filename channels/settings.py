@@ -142,6 +142,14 @@ def _broker_address(name: str, value: Any) -> str | None:
     return value
 
 
+def _topic_length(name: str, value: Any) -> int:
+    value = _positive_int(name, value)
+    if value > 0xFFFF:
+        raise ConfigurationError(f'{name} must be at most 65535 (bytes: the wire format '
+                                 f'carries no longer topic), got {value!r}')
+    return value
+
+
 _SETTINGS.update({
     'BROKER_ADDRESS': _Setting(
         None, _broker_address,
@@ -169,6 +177,14 @@ _SETTINGS.update({
     'MAX_FRAME_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         'the largest message, in bytes on the wire; larger ones raise at send()'),
+    'MAX_TOPIC_LENGTH': _Setting(
+        4096, _topic_length,
+        'the longest topic, in UTF-8 bytes: a longer one raises ValueError at Channel(), '
+        'listen(), subscribe() and send(), and the broker drops a process that uses one'),
+    'MAX_SUBSCRIPTIONS': _Setting(
+        250_000, _positive_int,
+        'distinct topics one process may subscribe: past it subscribe() raises '
+        'SubscriptionLimitError, and the broker drops a process that subscribes more'),
 })
 
 _overrides: dict[str, Any] = {}
