@@ -13,12 +13,14 @@ with none of ``*?[`` is a plain topic. Wildcard against wildcard is the same str
 test, so ``chat.*`` and ``chat.rooms.*`` match each other.
 
 Patterns are matched by :func:`pattern_matcher`, which gives ``fnmatchcase``'s answers
-in bounded time: it translates a pattern in one pass (``fnmatch.translate`` takes time
-quadratic in the number of ``[``), and its regular expression never backtracks into a
-``*`` it has placed, so a match costs at most O(len(topic) * len(pattern)) steps of the
-regular expression engine, and O(len(topic) + len(pattern)) for most patterns. With
-topics bounded in length (the ``MAX_TOPIC_LENGTH`` setting, which the callers pass to
-:func:`validate_topic`) both are bounded.
+in bounded time. A pattern of literal text and ``*`` only (most of them) needs no
+regular expression: ``startswith``, ``endswith`` and ``find``, linear in the lengths of
+topic and pattern. Other patterns are translated in one pass (``fnmatch.translate``
+takes time quadratic in the number of ``[``) to a regular expression that never
+backtracks into a ``*`` it has placed, so a match costs at most O(len(topic) *
+len(pattern)) steps of the regular expression engine, and O(len(topic) + len(pattern))
+for most patterns. With topics bounded in length (the ``MAX_TOPIC_LENGTH`` setting,
+which the callers pass to :func:`validate_topic`) both are bounded.
 
 :class:`TopicIndex` finds every subscription that matches a topic:
 
@@ -31,15 +33,17 @@ topics bounded in length (the ``MAX_TOPIC_LENGTH`` setting, which the callers pa
   distinct suffix length of the prefixes found) and runs the pattern only for the
   candidates found;
 * a message sent to a pattern ``t`` additionally scans the subscribed topics that start
-  with ``t``'s literal prefix, kept in sorted order as they are added (never sorted at
-  lookup), and a pattern made of ``*`` alone matches them without running a pattern.
+  with ``t``'s literal prefix, kept in sorted order as they are added once a pattern with
+  a prefix was sent (never sorted at lookup), and a pattern made of ``*`` alone matches
+  every topic without running a pattern.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from bisect import bisect_left, insort
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from fnmatch import fnmatchcase, translate
 from functools import lru_cache
 from operator import itemgetter
@@ -171,10 +175,34 @@ def _translate(pattern: str) -> str:
     return f'(?s:{"".join(parts)})'    # ends with a star: a match of a prefix will do
 
 
+def _star_matcher(pattern: str) -> Callable[[str], object]:
+    """The matcher of a pattern of literal text and ``*`` only: no regular expression,
+    ``str.startswith``, ``endswith`` and ``find`` (linear) from left to right."""
+    parts = pattern.split('*')
+    first, last = parts[0], parts[-1]
+    middles = tuple(part for part in parts[1:-1] if part)
+    need = len(first) + len(last) + sum(map(len, middles))
+
+    def match(string: str) -> bool:
+        if len(string) < need or not string.startswith(first) \
+                or not string.endswith(last):
+            return False
+        position, end = len(first), len(string) - len(last)
+        for middle in middles:
+            position = string.find(middle, position, end)
+            if position < 0:
+                return False
+            position += len(middle)
+        return True
+    return match
+
+
 @lru_cache(maxsize=4096)
 def pattern_matcher(pattern: str) -> Callable[[str], object]:
     """A function of a string, true where ``fnmatchcase(string, pattern)`` is, in time
     bounded by O(len(string) * len(pattern)) (see the module's documentation)."""
+    if '*' in pattern and '?' not in pattern and '[' not in pattern:
+        return _star_matcher(pattern)
     return re.compile(_translate(pattern)).match
 
 
@@ -207,10 +235,14 @@ class _SortedTopics:
     __slots__ = ('_chunks',)
     _SPLIT = 1024
 
-    def __init__(self) -> None:
-        self._chunks: list[list[str]] = []
+    def __init__(self, topics: list[str]) -> None:
+        # topics: sorted, without duplicates
+        half = self._SPLIT // 2
+        self._chunks: list[list[str]] = [topics[i:i + half]
+                                         for i in range(0, len(topics), half)]
 
     def add(self, topic: str) -> None:
+        """Insert *topic* (not present yet)."""
         chunks = self._chunks
         if not chunks:
             self._chunks = [[topic]]
@@ -225,6 +257,7 @@ class _SortedTopics:
             chunks[i] = chunk
 
     def remove(self, topic: str) -> None:
+        """Remove *topic* (a no-op if absent)."""
         chunks = self._chunks
         i = bisect_left(chunks, topic, key=_last)
         if i == len(chunks):
@@ -273,7 +306,7 @@ class TopicIndex(Generic[Item]):
     """
 
     __slots__ = ('_plain', '_patterns', '_by_prefix', '_prefix_lengths',
-                 '_length_counts', '_sorted')
+                 '_length_counts', '_sorted', '_sorted_wanted')
 
     def __init__(self) -> None:
         self._plain: dict[str, dict[Item, None]] = {}
@@ -281,7 +314,10 @@ class TopicIndex(Generic[Item]):
         self._by_prefix: dict[str, _Bucket] = {}
         self._length_counts: dict[int, int] = {}     # prefix length -> patterns
         self._prefix_lengths: tuple[int, ...] = ()
-        self._sorted = _SortedTopics()               # every topic, for sent patterns
+        # every topic in order, for patterns sent with a literal prefix: built by the
+        # next writer once a lookup wanted it (a writer cannot race itself), then kept
+        self._sorted: _SortedTopics | None = None
+        self._sorted_wanted = False
 
     def __len__(self) -> int:
         """The number of distinct topics subscribed."""
@@ -329,7 +365,10 @@ class TopicIndex(Generic[Item]):
             if not count:
                 self._prefix_lengths = tuple(sorted(self._length_counts))
         table[topic] = {item: None}
-        self._sorted.add(topic)
+        if self._sorted is not None:
+            self._sorted.add(topic)
+        elif self._sorted_wanted:
+            self._sorted = _SortedTopics(sorted(self.topics()))
         return True
 
     def remove(self, topic: str, item: Item) -> bool:
@@ -343,7 +382,10 @@ class TopicIndex(Generic[Item]):
         if entry:
             return False
         del table[topic]
-        self._sorted.remove(topic)
+        if self._sorted is not None:
+            self._sorted.remove(topic)
+        elif self._sorted_wanted:
+            self._sorted = _SortedTopics(sorted(self.topics()))
         if pattern:
             prefix, suffix = literal_prefix(topic), literal_suffix(topic)
             bucket = self._by_prefix[prefix]
@@ -414,10 +456,21 @@ class TopicIndex(Generic[Item]):
 
     def _matching_sent_pattern(self, topic: str) -> Iterator[dict[Item, None]]:
         # Topics that the sender's pattern matches as strings: they start with its
-        # literal prefix, so scan that range of the sorted topics.
+        # literal prefix, so scan that range of the sorted topics (or, until a writer
+        # has built them, every topic); nothing is sorted here.
         plain, patterns = self._plain, self._patterns
         match = None if _match_all(topic) else pattern_matcher(topic)
-        for candidate in self._sorted.starting_with(literal_prefix(topic)):
+        prefix = literal_prefix(topic)
+        ordered = self._sorted
+        candidates: Iterable[str]
+        if ordered is not None:
+            candidates = ordered.starting_with(prefix)
+        else:
+            candidates = itertools.chain(list(plain), list(patterns))
+            if prefix:
+                self._sorted_wanted = True
+                candidates = (c for c in candidates if c.startswith(prefix))
+        for candidate in candidates:
             if match is None or match(candidate):
                 entry = plain.get(candidate)
                 if entry is None:
