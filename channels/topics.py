@@ -33,16 +33,19 @@ which the callers pass to :func:`validate_topic`) both are bounded.
   distinct suffix length of the prefixes found) and runs the pattern only for the
   candidates found;
 * a message sent to a pattern ``t`` additionally scans the subscribed topics that start
-  with ``t``'s literal prefix, kept in sorted order as they are added once a pattern with
-  a prefix was sent (never sorted at lookup), and a pattern made of ``*`` alone matches
-  every topic without running a pattern.
+  with ``t``'s literal prefix: sorted once, when the first such pattern is sent, then
+  kept in order as they change (never sorted again); a sent pattern that starts with a
+  wildcard scans every topic, unsorted, and one made of ``*`` alone runs no pattern.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
-from bisect import bisect_left, insort
+import threading
+import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from fnmatch import fnmatchcase, translate
 from functools import lru_cache
@@ -242,14 +245,18 @@ class _SortedTopics:
                                          for i in range(0, len(topics), half)]
 
     def add(self, topic: str) -> None:
-        """Insert *topic* (not present yet)."""
+        """Insert *topic* (a no-op if present)."""
         chunks = self._chunks
         if not chunks:
             self._chunks = [[topic]]
             return
         i = min(bisect_left(chunks, topic, key=_last), len(chunks) - 1)
-        chunk = chunks[i][:]
-        insort(chunk, topic)
+        chunk = chunks[i]
+        j = bisect_left(chunk, topic)
+        if j < len(chunk) and chunk[j] == topic:
+            return
+        chunk = chunk[:]
+        chunk.insert(j, topic)
         if len(chunk) > self._SPLIT:
             half = len(chunk) // 2
             self._chunks = chunks[:i] + [chunk[:half], chunk[half:]] + chunks[i + 1:]
@@ -295,6 +302,17 @@ class _SortedTopics:
             chunk, start = chunks[i], 0
 
 
+_indexes: weakref.WeakSet[TopicIndex] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for index in list(_indexes):
+        index._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class TopicIndex(Generic[Item]):
     """Subscriptions (topic -> items) with lookups that do not test every subscription.
 
@@ -306,7 +324,8 @@ class TopicIndex(Generic[Item]):
     """
 
     __slots__ = ('_plain', '_patterns', '_by_prefix', '_prefix_lengths',
-                 '_length_counts', '_sorted', '_sorted_wanted')
+                 '_length_counts', '_sorted', '_sorted_wanted', '_sorted_lock',
+                 '__weakref__')
 
     def __init__(self) -> None:
         self._plain: dict[str, dict[Item, None]] = {}
@@ -315,9 +334,13 @@ class TopicIndex(Generic[Item]):
         self._length_counts: dict[int, int] = {}     # prefix length -> patterns
         self._prefix_lengths: tuple[int, ...] = ()
         # every topic in order, for patterns sent with a literal prefix: built by the
-        # next writer once a lookup wanted it (a writer cannot race itself), then kept
+        # first lookup that wants it, then kept by the writers. A writer changes the
+        # dicts first and then, if it is wanted, the sorted topics under the lock, so a
+        # lookup that builds them under the lock misses no change.
         self._sorted: _SortedTopics | None = None
         self._sorted_wanted = False
+        self._sorted_lock = threading.Lock()
+        _indexes.add(self)
 
     def __len__(self) -> int:
         """The number of distinct topics subscribed."""
@@ -365,10 +388,10 @@ class TopicIndex(Generic[Item]):
             if not count:
                 self._prefix_lengths = tuple(sorted(self._length_counts))
         table[topic] = {item: None}
-        if self._sorted is not None:
-            self._sorted.add(topic)
-        elif self._sorted_wanted:
-            self._sorted = _SortedTopics(sorted(self.topics()))
+        if self._sorted_wanted:
+            with self._sorted_lock:
+                if self._sorted is not None:
+                    self._sorted.add(topic)
         return True
 
     def remove(self, topic: str, item: Item) -> bool:
@@ -382,10 +405,10 @@ class TopicIndex(Generic[Item]):
         if entry:
             return False
         del table[topic]
-        if self._sorted is not None:
-            self._sorted.remove(topic)
-        elif self._sorted_wanted:
-            self._sorted = _SortedTopics(sorted(self.topics()))
+        if self._sorted_wanted:
+            with self._sorted_lock:
+                if self._sorted is not None:
+                    self._sorted.remove(topic)
         if pattern:
             prefix, suffix = literal_prefix(topic), literal_suffix(topic)
             bucket = self._by_prefix[prefix]
@@ -454,6 +477,17 @@ class TopicIndex(Generic[Item]):
         if '*' in topic or '?' in topic or '[' in topic:
             yield from self._matching_sent_pattern(topic)
 
+    def _sorted_topics(self) -> _SortedTopics:
+        # once per index, when a pattern with a literal prefix is first sent
+        self._sorted_wanted = True          # from here on writers keep them (see above)
+        with self._sorted_lock:
+            if self._sorted is None:
+                self._sorted = _SortedTopics(sorted(self.topics()))
+            return self._sorted
+
+    def _after_fork_in_child(self) -> None:
+        self._sorted_lock = threading.Lock()    # a parent's thread may have held it
+
     def _matching_sent_pattern(self, topic: str) -> Iterator[dict[Item, None]]:
         # Topics that the sender's pattern matches as strings: they start with its
         # literal prefix, so scan that range of the sorted topics (or, until a writer
@@ -463,13 +497,12 @@ class TopicIndex(Generic[Item]):
         prefix = literal_prefix(topic)
         ordered = self._sorted
         candidates: Iterable[str]
+        if ordered is None and prefix:
+            ordered = self._sorted_topics()
         if ordered is not None:
             candidates = ordered.starting_with(prefix)
-        else:
+        else:      # '*...': every topic is a candidate, in any order
             candidates = itertools.chain(list(plain), list(patterns))
-            if prefix:
-                self._sorted_wanted = True
-                candidates = (c for c in candidates if c.startswith(prefix))
         for candidate in candidates:
             if match is None or match(candidate):
                 entry = plain.get(candidate)
