@@ -37,7 +37,8 @@ from . import settings
 from .channel import Channel
 from .errors import (BrokerUnavailableError, BufferFullError, ChannelsError,
                      ConfigurationError, InboxOverflowError, MessageTooLargeError,
-                     ProtocolError, SerializationError, ShutdownError)
+                     ProtocolError, SerializationError, ShutdownError,
+                     SubscriptionLimitError)
 from .inbox import Inbox, listen
 from .message import Message
 from .scope import Scope
@@ -52,7 +53,7 @@ __all__ = [
     'SUBSCRIBE_TOPIC', 'UNSUBSCRIBE_TOPIC',
     'ChannelsError', 'ConfigurationError', 'SerializationError', 'ShutdownError',
     'BufferFullError', 'ProtocolError', 'BrokerUnavailableError', 'MessageTooLargeError',
-    'InboxOverflowError',
+    'InboxOverflowError', 'SubscriptionLimitError',
 ]
 
 __version__ = '0.1.0'

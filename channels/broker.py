@@ -48,9 +48,9 @@ from . import statefile, wire
 from .connection import Address, format_address, listen
 from .errors import ChannelsError, ProtocolError
 from .gate import Gate
-from .topics import TopicIndex
 from .ordering import STOP, Sequencer
 from .registry import registry
+from .topics import TopicIndex, is_pattern, pattern_matcher, topic_size
 from .workers import MessageBroker, Worker
 
 __all__ = ['Broker', 'BatchRouter', 'RemoteChannel', 'RoutedMessage', 'Peer']
@@ -335,16 +335,23 @@ class Peer:
         append = items.append
         header = wire.HEADER.size
         messages = 0
+        short = self.broker.short_topic
         for frame in wire.decode_batch(batch, limit):
             kind, start, end = frame[0], frame[1], frame[2]
             if kind == wire.MESSAGE:
+                if len(frame[3]) > short:
+                    self._check_topic(frame[3], 'MESSAGE')
                 append(RoutedMessage(frame[3], frame[4], frame[5], frame[6], frame[7],
                                      batch[start:end], self))
                 messages += 1
             elif kind == wire.SUB:
-                append((_SUB, self, wire.decode_topic(batch[start + header:end])))
+                topic = wire.decode_topic(batch[start + header:end])
+                self._check_topic(topic, 'SUB')
+                append((_SUB, self, topic))
             elif kind == wire.UNSUB:
-                append((_UNSUB, self, wire.decode_topic(batch[start + header:end])))
+                topic = wire.decode_topic(batch[start + header:end])
+                self._check_topic(topic, 'UNSUB')
+                append((_UNSUB, self, topic))
             elif kind == wire.PING:
                 append((_PING, self, wire.decode_ping(batch[start + header:end])))
             elif kind == wire.FENCE:
@@ -354,6 +361,17 @@ class Peer:
                                     f'process')
         self.messages_in += messages
         return items
+
+    def _check_topic(self, topic: str, kind: str) -> None:
+        """Raise ProtocolError for a topic over MAX_TOPIC_LENGTH (the app side refuses
+        those before they are sent); else compile a pattern here, in the reader, so that
+        routing finds it compiled."""
+        size = topic_size(topic)
+        if size > self.broker.max_topic:
+            raise ProtocolError(f'{kind} topic of {size} bytes, over '
+                                f'MAX_TOPIC_LENGTH={self.broker.max_topic}')
+        if kind != 'UNSUB' and is_pattern(topic):
+            pattern_matcher(topic)
 
     # the writer thread -------------------------------------------------------------------
 
@@ -540,7 +558,8 @@ class Broker:
                  rejoin_timeout: float = 5.0, max_pending: int = 64 * 1024 * 1024,
                  worker_timeout: float = 0.5, max_handshakes: int = 256,
                  handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0,
-                 state_file: str | None = None) -> None:
+                 state_file: str | None = None, max_topic: int = 4096,
+                 max_subscriptions: int = 250_000) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -558,6 +577,10 @@ class Broker:
         self.max_handshakes = max_handshakes            # connections in the gate, at most
         self.handshake_timeout = handshake_timeout
         self.partial_frame_timeout = partial_frame_timeout
+        self.max_topic = max_topic                  # MAX_TOPIC_LENGTH, in UTF-8 bytes
+        self.max_subscriptions = max_subscriptions  # MAX_SUBSCRIPTIONS, per process
+        # a topic of at most this many characters is within max_topic bytes for sure
+        self.short_topic = min(64, max_topic // 4)
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
         self.worker_timeout = worker_timeout
         self.index: TopicIndex[RemoteChannel] = TopicIndex()
@@ -725,9 +748,13 @@ class Broker:
         """Apply a control item from the inbound queue (routing, under ``route_lock``)."""
         if kind == _SUB:
             if value not in peer.topics and not peer.closed:
-                channel = peer.topics[value] = RemoteChannel(value, peer)
-                with self.index_lock:
-                    self.index.add(value, channel)
+                if len(peer.topics) >= self.max_subscriptions:
+                    self._cut_off(peer, f'it subscribed more than MAX_SUBSCRIPTIONS='
+                                        f'{self.max_subscriptions} distinct topics')
+                else:
+                    channel = peer.topics[value] = RemoteChannel(value, peer)
+                    with self.index_lock:
+                        self.index.add(value, channel)
             peer.subscriptions_applied += 1
             if self.holding and peer.pid in self._awaited \
                     and peer.subscriptions_applied >= peer.subscriptions_announced:
@@ -764,6 +791,15 @@ class Broker:
             self._save_peers()
             logger.info('process %d disconnected', peer.pid)
             self._check_barriers()
+
+    def _cut_off(self, peer: Peer, why: str) -> None:
+        """Drop *peer*'s connection for breaking a limit (routing, under ``route_lock``):
+        nothing more is routed to it or applied from it; its reader ends and says goodbye."""
+        logger.warning('dropped the connection of process %d: %s', peer.pid, why)
+        peer.deliver(wire.encode_json(wire.NOTICE, {
+            'error': f'the broker dropped this connection: {why}'}), 0)
+        peer.closed = True
+        peer.shutdown_reading()
 
     def _check_barriers(self) -> None:
         """Answer the PINGs whose messages every process has been written (or left).

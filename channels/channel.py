@@ -16,7 +16,7 @@ from . import runtime as _runtime
 from .handlers import ErrorCallback
 from .message import Message
 from .registry import registry as _registry
-from .topics import validate_topic
+from .topics import too_long, topic_size, validate_topic
 
 __all__ = ['Channel']
 
@@ -31,12 +31,13 @@ class Channel:
     ``unsubscribe()``. Thread safe.
     """
 
-    __slots__ = ('_topic', '_subscription', '_mailbox', '__weakref__')
+    __slots__ = ('_topic', '_size', '_subscription', '_mailbox', '__weakref__')
 
     def __init__(self, topic: str, handler: Handler | None = None, *,
                  loop: asyncio.AbstractEventLoop | None = None,
                  on_error: ErrorCallback | None = None) -> None:
-        self._topic = validate_topic(topic)
+        self._topic = validate_topic(topic, max_length=_runtime.runtime.max_topic_length())
+        self._size = topic_size(self._topic)     # in UTF-8 bytes, for MAX_TOPIC_LENGTH
         # (runner, handler) while subscribed: a new tuple per subscription, replaced in
         # one step, so a task can tell its own subscription from a later one by identity
         self._subscription: tuple[Handler, Handler] | None = None
@@ -81,7 +82,10 @@ class Channel:
 
         Raises ``RuntimeError`` if the channel is subscribed already, or for a coroutine
         function with no loop to run on; ``TypeError`` if *handler* or *on_error* is not
-        callable. Sends ``lona.channels.subscribe`` locally.
+        callable; :class:`~channels.errors.SubscriptionLimitError` if this process
+        subscribes ``MAX_SUBSCRIPTIONS`` distinct topics already and this one is new;
+        ``ValueError`` if the topic is longer than ``MAX_TOPIC_LENGTH``. Sends
+        ``lona.channels.subscribe`` locally.
         """
         if not callable(handler):
             raise TypeError(f'handler must be callable (it is called with a Message), got '
@@ -109,9 +113,13 @@ class Channel:
         :droppable: it may be dropped to shut down faster.
 
         Never blocks. Raises :class:`~channels.errors.ShutdownError` while
-        ``channels.shutdown()`` drains.
+        ``channels.shutdown()`` drains, and ``ValueError`` if the topic is longer than
+        ``MAX_TOPIC_LENGTH`` (which may have been lowered since ``Channel()``).
         """
         message = Message.create(self._topic, message_data, expiry, local, droppable)
         runtime = _runtime.runtime
-        (runtime.machinery or runtime.ensure_running()).submit(message)
+        machinery = runtime.machinery or runtime.ensure_running()
+        if self._size > machinery.max_topic_length:
+            raise ValueError(too_long(self._topic, machinery.max_topic_length))
+        machinery.submit(message)
         return message

@@ -146,6 +146,8 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         handshake_timeout=settings.get('HANDSHAKE_TIMEOUT'),
                         partial_frame_timeout=settings.get('PARTIAL_FRAME_TIMEOUT'),
                         state_file=_state_file(args),
+                        max_topic=settings.get('MAX_TOPIC_LENGTH'),
+                        max_subscriptions=settings.get('MAX_SUBSCRIPTIONS'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

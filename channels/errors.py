@@ -21,6 +21,7 @@ __all__ = [
     'BrokerUnavailableError',
     'MessageTooLargeError',
     'InboxOverflowError',
+    'SubscriptionLimitError',
 ]
 
 
@@ -63,3 +64,7 @@ class InboxOverflowError(ChannelsError):
     def __init__(self, text: str, dropped: int) -> None:
         super().__init__(text)
         self.dropped = dropped
+
+
+class SubscriptionLimitError(ChannelsError, RuntimeError):
+    """A process tried to subscribe more distinct topics than ``MAX_SUBSCRIPTIONS``."""

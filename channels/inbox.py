@@ -98,7 +98,8 @@ class Inbox:
                  overflow: str = 'error', ready_timeout: float = FLUSH_TIMEOUT) -> None:
         if not topics:
             raise TypeError("listen() needs at least one topic, e.g. listen('chat.rooms.*')")
-        self.topics = tuple(validate_topic(topic) for topic in topics)
+        limit = _runtime.max_topic_length()
+        self.topics = tuple(validate_topic(topic, max_length=limit) for topic in topics)
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ValueError(f'maxsize must be an int >= 1, got {maxsize!r}')
         if overflow not in OVERFLOW_POLICIES:

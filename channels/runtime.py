@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Any
 from . import settings
 from .client import BrokerLink
 from .connection import load_authkey, parse_address
-from .errors import ConfigurationError, ShutdownError
+from .errors import ConfigurationError, ShutdownError, SubscriptionLimitError
 from .handlers import (CoroutineRunner, backlog as handler_backlog, busy_coroutine_runners,
                        coroutine_runners_idle, make_runner)
 from .message import Message
 from .ordering import STOP, Mailbox, Sequencer
 from .prefork import prefork_server
 from .registry import registry as _registry
-from .topics import TopicIndex
+from .topics import TopicIndex, too_long
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -94,6 +94,8 @@ class Machinery:
         self.schedulers: list[Any] = []       # objects with a `scheduled` count: brokers, ...
         self.sequencer: Sequencer | None = None
         self.link: BrokerLink | None = None   # the broker connection, in broker mode
+        self.max_topic_length: int = settings.get('MAX_TOPIC_LENGTH')
+        self.max_subscriptions: int = settings.get('MAX_SUBSCRIPTIONS')
 
     def __repr__(self) -> str:
         return (f'<Machinery {self.state} brokers={len(self.brokers)} '
@@ -425,6 +427,12 @@ class Runtime:
 
     # lifecycle ------------------------------------------------------------------------
 
+    def max_topic_length(self) -> int:
+        """``MAX_TOPIC_LENGTH``: as the running machinery read it, else as set now."""
+        machinery = self.machinery
+        return machinery.max_topic_length if machinery is not None \
+            else settings.get('MAX_TOPIC_LENGTH')
+
     def ensure_running(self) -> Machinery:
         """The current machinery, started from the settings if it is not running."""
         machinery = self.machinery
@@ -529,10 +537,20 @@ class Runtime:
         """
         runner = make_runner(channel, handler, loop, on_error)
         machinery = self.machinery or self.ensure_running()
+        topic = channel.topic
+        if channel._size > machinery.max_topic_length:    # the limit changed since Channel()
+            raise ValueError(too_long(topic, machinery.max_topic_length))
         with self.registry_lock:
             if channel._subscription is not None:
                 raise RuntimeError(f'{channel!r} is already subscribed; call unsubscribe() '
                                    f'before subscribing it again')
+            if len(self.registry) >= machinery.max_subscriptions \
+                    and topic not in self.registry:
+                raise SubscriptionLimitError(
+                    f'cannot subscribe {channel!r}: this process subscribes '
+                    f'{len(self.registry)} distinct topics, and MAX_SUBSCRIPTIONS is '
+                    f'{machinery.max_subscriptions}. Unsubscribe channels you no longer '
+                    f'need, or raise the setting (in every process and the broker)')
             # a new tuple per subscription: tasks of an earlier one are told apart and dropped
             subscription = (runner, handler)
             if isinstance(runner, CoroutineRunner):

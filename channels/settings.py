@@ -152,6 +152,14 @@ def _broker_address(name: str, value: Any) -> str | None:
     return value
 
 
+def _topic_length(name: str, value: Any) -> int:
+    value = _positive_int(name, value)
+    if value > 0xFFFF:
+        raise ConfigurationError(f'{name} must be at most 65535 (bytes: the wire format '
+                                 f'carries no longer topic), got {value!r}')
+    return value
+
+
 _SETTINGS.update({
     'BROKER_ADDRESS': _Setting(
         None, _broker_address,
@@ -196,6 +204,14 @@ _SETTINGS.update({
         "(broker) the file of the pids connected to it, read after a restart; None: "
         "ADDR.peers next to a Unix socket, tcp-HOST-PORT.peers in the per-user private "
         "directory for TCP"),
+    'MAX_TOPIC_LENGTH': _Setting(
+        4096, _topic_length,
+        'the longest topic, in UTF-8 bytes: a longer one raises ValueError at Channel(), '
+        'listen(), subscribe() and send(), and the broker drops a process that uses one'),
+    'MAX_SUBSCRIPTIONS': _Setting(
+        250_000, _positive_int,
+        'distinct topics one process may subscribe: past it subscribe() raises '
+        'SubscriptionLimitError, and the broker drops a process that subscribes more'),
 })
 
 _overrides: dict[str, Any] = {}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+from fnmatch import fnmatchcase
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from channels.topics import TopicIndex, is_pattern, literal_prefix, matches, validate_topic
+from channels.topics import (TopicIndex, is_pattern, literal_prefix, literal_suffix, matches,
+                             pattern_matcher, validate_topic)
 
 
 @pytest.mark.parametrize('subscription, topic, expected', [
@@ -124,20 +128,86 @@ def test_index_agrees_with_the_rule_on_random_topics(subscriptions, topics, remo
         assert sorted(got) == expected, (topic, live)
 
 
-def test_a_lookup_racing_a_subscription_does_not_keep_a_stale_view(monkeypatch):
+@settings(max_examples=300, deadline=None)
+@given(first=st.lists(_topics, max_size=20), second=st.lists(_topics, max_size=20),
+       topics=st.lists(_topics, min_size=1, max_size=8),
+       removed=st.sets(st.integers(min_value=0, max_value=39)))
+def test_index_agrees_with_the_rule_while_it_changes_between_lookups(first, second, topics,
+                                                                     removed):
+    # lookups between changes: the sorted topics kept for sent patterns are built
+    # after the first lookup that wants them, and must follow every change after it
+    index = TopicIndex()
+    subscriptions = first + second
+    live: dict[int, str] = {}
+
+    def check():
+        for topic in topics + ['*', 'a*', '[ab]*', '?*']:
+            expected = sorted(n for n, s in live.items() if matches(s, topic))
+            got = index.match(topic)
+            assert len(got) == len(set(got)), 'an item came back twice'
+            assert sorted(got) == expected, (topic, live)
+
+    for number, subscription in enumerate(first):
+        index.add(subscription, number)
+        live[number] = subscription
+    check()
+    for number, subscription in enumerate(second, len(first)):
+        index.add(subscription, number)
+        live[number] = subscription
+        if number % 4 == 0:
+            check()
+    for number in sorted(removed):
+        if number in live:
+            index.remove(live.pop(number), number)
+            check()
+    check()
+
+
+_pattern_alphabet = st.sampled_from(list('ab.-!]^\\&\n') + ['*', '?', '[', 'z'])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(pattern=st.text(alphabet=_pattern_alphabet, min_size=1, max_size=10),
+       string=st.text(alphabet=_pattern_alphabet, max_size=10))
+def test_pattern_matcher_agrees_with_fnmatchcase(pattern, string):
+    assert bool(pattern_matcher(pattern)(string)) is fnmatchcase(string, pattern)
+    if fnmatchcase(string, pattern):        # what the index's buckets rely on
+        assert string.startswith(literal_prefix(pattern))
+        assert string.endswith(literal_suffix(pattern))
+        if is_pattern(pattern):
+            assert len(string) >= len(literal_prefix(pattern)) + len(literal_suffix(pattern))
+
+
+def test_a_lookup_racing_writers_finds_every_topic_that_stays_subscribed(monkeypatch):
+    # a sent pattern scans the sorted topics; writers add and remove topics (splitting
+    # and emptying chunks) between the steps of that scan, which must neither fail nor
+    # miss a topic that was subscribed all along
     from channels import topics
     index = TopicIndex()
-    index.add('room.a', 'a')
+    for n in range(3000):
+        index.add(f'room.{n:04}', n)
+    index.match('room.*')              # a sent pattern with a prefix wants the topics
+    index.add('other', 0)              # sorted: the next writer sorts them, once
+    real = topics.pattern_matcher('room.*')
+    steps = itertools.count()
 
-    def sorted_while_a_writer_adds(iterable):
-        snapshot = sorted(iterable)
-        index.add('room.b', 'b')           # a writer runs between snapshot and store
-        return snapshot
+    def matcher_while_writers_run(candidate):
+        n = next(steps)
+        if n < 3000:
+            if n % 3 == 0:
+                index.remove(f'room.{n:04}', n)       # one the scan has passed, or not
+            index.add(f'room.{n:04}x', -n - 1)       # a new topic beside it
+        return real(candidate)
 
-    monkeypatch.setattr(topics, 'sorted', sorted_while_a_writer_adds, raising=False)
-    index.match('room.*')
+    monkeypatch.setattr(topics, 'pattern_matcher', lambda pattern: matcher_while_writers_run)
+    found = index.match('room.*')
     monkeypatch.undo()
-    assert sorted(index.match('room.*')) == ['a', 'b']
+    assert len(found) == len(set(found))
+    stayed = {n for n in range(3000) if n % 3}
+    assert stayed <= set(found)
+    everything = [item for topic in index.topics() if topic.startswith('room.')
+                  for item in index.items(topic)]
+    assert sorted(index.match('room.*')) == sorted(everything)    # and it is consistent
 
 
 def test_a_topic_that_is_not_valid_utf8_text_is_refused():
