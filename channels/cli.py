@@ -116,6 +116,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         max_connections=settings.get('MAX_CONNECTIONS'),
                         rejoin_timeout=settings.get('REJOIN_TIMEOUT'),
                         max_pending=settings.get('MAX_PENDING_BYTES'),
+                        stall_timeout=settings.get('STALL_TIMEOUT'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)

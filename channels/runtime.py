@@ -39,6 +39,7 @@ from .handlers import (CoroutineRunner, backlog as handler_backlog, busy_corouti
                        coroutine_runners_idle, make_runner)
 from .message import Message
 from .topics import TopicIndex
+from .wire import INTERNAL_PREFIX as _INTERNAL
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -182,7 +183,8 @@ class Machinery:
                 raise ShutdownError(
                     f'cannot send {message!r}: channels is shutting down. Messages are '
                     f'accepted again once channels.shutdown() has returned.')
-            if self.link is None or message.local:
+            # internal topics (lona.channels.*) are local to each process in any mode
+            if self.link is None or message.local or message.topic.startswith(_INTERNAL):
                 self.submitted += 1
                 self.messages.put(message)
             else:

@@ -169,6 +169,10 @@ _SETTINGS.update({
     'MAX_FRAME_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         'the largest message, in bytes on the wire; larger ones raise at send()'),
+    'STALL_TIMEOUT': _Setting(
+        2.0, _positive_float,
+        'seconds a process may leave what was written to it unread before the broker '
+        'cuts it off (so that the confirmations of other processes do not wait for it)'),
 })
 
 _overrides: dict[str, Any] = {}
