@@ -425,18 +425,22 @@ class Peer:
         origin = self.origin
         skip = len(origin)
         longest = skip + _MAX_SEQUENCE_DIGITS
+        topic = None
+        internal = False
         for frame in wire.decode_batch(batch, limit):
             kind, start, end = frame[0], frame[1], frame[2]
             if kind == wire.MESSAGE:
                 messages += 1
+                if frame[3] != topic:       # consecutive messages mostly share a topic
+                    topic = frame[3]
+                    internal = topic.startswith(_INTERNAL)
                 message_id = frame[4]
                 if message_id.startswith(origin) and len(message_id) <= longest \
-                        and message_id[skip:].isdecimal() \
-                        and not frame[3].startswith(_INTERNAL):
-                    append(RoutedMessage(frame[3], message_id, frame[5], frame[6], frame[7],
+                        and message_id[skip:].isdecimal() and not internal:
+                    append(RoutedMessage(topic, message_id, frame[5], frame[6], frame[7],
                                          batch[start:end], self))
                 else:
-                    self._reject(frame[3], message_id)
+                    self._reject(topic, message_id)
             elif kind == wire.SUB:
                 append((_SUB, self, wire.decode_topic(batch[start + header:end])))
             elif kind == wire.UNSUB:
@@ -475,7 +479,6 @@ class Peer:
         outbox = self.outbox
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLOUT)
-        stall_ms = max(int(self.broker.stall_timeout * 1000), 1)
         stop = False
         while not stop:
             items = [outbox.get()]
@@ -495,7 +498,7 @@ class Peer:
                         for group in _group(items):
                             if not self._write(group[0][0] if len(group) == 1 else
                                                b''.join([data for data, _ in group]),
-                                               poller, stall_ms):
+                                               poller):
                                 stalled = self.pending
                                 break
                             self.messages_out += sum([count for _, count in group])
@@ -518,12 +521,16 @@ class Peer:
             self.close()      # the process is gone and its reader is done
 
 
-    def _write(self, data: bytes, poller: select.poll, stall_ms: int) -> bool:
-        """Write all of *data*; False if the process took none of it for *stall_ms*
-        milliseconds. (Non-blocking sends and a poll, not a socket timeout: that would
-        make the descriptor non-blocking for the reader thread too.)"""
+    def _write(self, data: bytes, poller: select.poll) -> bool:
+        """Write all of *data*; False if the process took none of it for the broker's
+        stall timeout. Non-blocking sends, not a socket timeout (which would make the
+        descriptor non-blocking for the reader thread too), tried again every
+        ``_STALL_POLL_MS`` even if poll() says no: a Unix socket polls writable only
+        once three quarters of its buffer are free, but takes more as soon as its
+        reader has consumed one of the (up to 36 KiB) pieces queued in the kernel."""
         sock = self.sock
         view = memoryview(data)
+        stuck_since = 0.0
         while view:
             try:
                 sent = sock.send(view, socket.MSG_DONTWAIT)
@@ -531,9 +538,19 @@ class Peer:
                 sent = 0
             if sent:
                 view = view[sent:]
-            elif not poller.poll(stall_ms):
+                stuck_since = 0.0
+                continue
+            now = time.monotonic()
+            if not stuck_since:
+                stuck_since = now
+            elif now - stuck_since >= self.broker.stall_timeout:
                 return False
+            poller.poll(_STALL_POLL_MS)
         return True
+
+
+_STALL_POLL_MS = 50
+"""Milliseconds between attempts to write to a process that takes nothing."""
 
 
 def _group(items: list[tuple[bytes, int]]) -> list[list[tuple[bytes, int]]]:
