@@ -75,7 +75,7 @@ _MAX_SEQUENCE_DIGITS = 19       # receivers parse a sequence as an int: keep it 
 _INTERNAL = wire.INTERNAL_PREFIX
 
 
-class Hello:
+class _Hello:
     """The validated fields of a connection's HELLO (unknown keys are ignored, so that a
     newer process can say more)."""
 
@@ -209,7 +209,6 @@ class Peer:
         self.role = ''
         self.origin = ''            # what the id of every MESSAGE it sends starts with
         self.rejected = 0           # MESSAGE frames dropped: not its origin, or internal
-        self.cut = False            # cut off by the broker (what is for it is lost)
         self.topics: dict[str, RemoteChannel] = {}
         self.outbox: SimpleQueue = SimpleQueue()
         self.messages_in = 0        # MESSAGE frames received (reader thread)
@@ -353,7 +352,7 @@ class Peer:
         if not frames or frames[0][0] != wire.HELLO:
             raise ProtocolError('the first frame of a connection must be HELLO')
         kind, start, end = frames[0]
-        hello = Hello(wire.decode_json(batch[start + wire.HEADER.size:end]))
+        hello = _Hello(wire.decode_json(batch[start + wire.HEADER.size:end]))
         self.pid = hello.pid
         self.name = hello.name
         self.role = hello.role
@@ -433,7 +432,7 @@ class Peer:
                 messages += 1
                 if frame[3] != topic:       # consecutive messages mostly share a topic
                     topic = frame[3]
-                    internal = topic.startswith(_INTERNAL)
+                    internal = topic.startswith(_INTERNAL)      # wire.is_internal
                 message_id = frame[4]
                 if message_id.startswith(origin) and len(message_id) <= longest \
                         and message_id[skip:].isdecimal() and not internal:
@@ -459,7 +458,7 @@ class Peer:
         self.broker.rejected += 1
         if self.rejected == 1:
             why = f'its topic {topic!r:.100} is internal (local to each process)' \
-                if topic.startswith(_INTERNAL) else \
+                if wire.is_internal(topic) else \
                 f'its id {message_id!r:.100} is not {self.origin!r} and a sequence number'
             logger.warning('dropped a message from process %d: %s; its later ones like it '
                            'are dropped and counted without a word', self.pid, why)
@@ -519,7 +518,6 @@ class Peer:
             self.broker.written()
         if not self.broker.stopping:
             self.close()      # the process is gone and its reader is done
-
 
     def _write(self, data: bytes, poller: select.poll) -> bool:
         """Write all of *data*; False if the process took none of it for the broker's
@@ -884,9 +882,10 @@ class Broker:
     def apply(self, kind: str, peer: Peer, value: Any) -> None:
         """Apply a control item from the inbound queue (routing, under ``route_lock``)."""
         if kind == _SUB:
-            # an internal topic is local to each process: counted, never routed to
+            # an internal topic is local to each process: never routed to (but counted
+            # as applied, for the hold after a restart)
             if value not in peer.topics and not peer.closed \
-                    and not value.startswith(_INTERNAL):
+                    and not wire.is_internal(value):
                 channel = peer.topics[value] = RemoteChannel(value, peer)
                 with self.index_lock:
                     self.index.add(value, channel)
@@ -1063,7 +1062,6 @@ class Broker:
         """Disconnect a process that fell behind; it learns about *lost* and *reason*
         when it connects again. The caller holds ``route_lock``."""
         peer.closed = True
-        peer.cut = True
         self.lost[peer.origin] = (self.lost.get(peer.origin, (0, ''))[0] + lost, reason)
         self.lost_total += lost
         logger.warning('cut off process %d: %s; about %d messages for it are lost',

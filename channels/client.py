@@ -54,7 +54,7 @@ LOST_TOPIC = 'lona.channels.lost'
 logger = logging.getLogger(__name__)
 
 _encode_message = wire.encode_message
-_INTERNAL = wire.INTERNAL_PREFIX
+_INTERNAL = wire.INTERNAL_PREFIX      # the reader tests it inline: wire.is_internal
 _monotonic = time.monotonic
 _PING_INTERVAL = 0.01
 """Seconds between confirming PINGs while messages flow (shutdown's flush pings at once)."""
@@ -413,12 +413,12 @@ class BrokerLink:
     def subscribe(self, topic: str) -> None:
         """Tell the broker this process wants *topic* (its first channel on it), unless
         the topic is internal."""
-        if not topic.startswith(_INTERNAL):
+        if not wire.is_internal(topic):
             self._put_control(wire.encode(wire.SUB, topic.encode()))
 
     def unsubscribe(self, topic: str) -> None:
         """Tell the broker this process no longer wants *topic*."""
-        if not topic.startswith(_INTERNAL):
+        if not wire.is_internal(topic):
             self._put_control(wire.encode(wire.UNSUB, topic.encode()))
 
     def _put_control(self, frame: bytes) -> None:
@@ -606,7 +606,7 @@ class BrokerLink:
             # before it knew of the subscription, to nobody, and confirm it.
             with runtime.registry_lock, self.machinery.send_lock:
                 topics = [topic for topic in runtime.registry.topics()
-                          if not topic.startswith(_INTERNAL)]
+                          if not wire.is_internal(topic)]
                 queued, self._frames = self._frames, []
                 self.items_done = self.items_put          # all of it is handled here
                 again = list(self._retained)
