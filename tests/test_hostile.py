@@ -12,9 +12,7 @@ import pickle
 import secrets
 import shutil
 import signal
-import socket
 import tempfile
-import threading
 import time
 from datetime import datetime
 from multiprocessing.connection import Connection
