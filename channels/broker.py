@@ -17,13 +17,20 @@
   inbound queue as one item: MESSAGE frames become :class:`RoutedMessage`, and SUB,
   UNSUB, PING and the end of the connection travel the same queue, so each process's
   subscriptions change in order with its messages.
+* A connection's *origin* comes from its HELLO (``message.origin_of``: pid and a digest
+  of the process's secret, which only the broker sees). A MESSAGE whose id is not that
+  origin and a decimal sequence, or whose topic is internal (``lona.channels.``), is
+  dropped by the reader, counted and logged once per connection: no process can speak
+  for another, or send what a receiver could not parse.
 * The MessageBroker threads are the same class as in an app process (or the user's
   ``--broker-class``). Here ``Channel.get_channels(topic)`` returns
   :class:`RemoteChannel`\\ s: one per process and subscribed topic. ``schedule_task``
   appends the message's frame, unchanged, to the outbox of the channel's process, once
   per message and process however many of its topics match.
 * A writer drains its outbox and writes batches. A process that disconnects, even by
-  SIGKILL, is noticed by its reader at once (end of file) and its subscriptions go.
+  SIGKILL, is noticed by its reader at once (end of file) and its subscriptions go. A
+  process that takes none of what is written to it for ``stall_timeout`` seconds (it
+  stopped reading) is cut off, so the confirmations of others do not wait for it.
 
 Shutdown (``stop()``, on SIGTERM/SIGINT in the CLI): stop accepting (the gate is woken
 through its pipe, no poll waited out) -> stop reading ->
@@ -35,6 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -52,6 +60,7 @@ from .ordering import STOP, Sequencer
 from .registry import registry
 from .topics import TopicIndex, is_pattern, pattern_matcher, topic_size
 from .workers import MessageBroker, Worker
+from .message import SECRET_BYTES, origin_of
 
 __all__ = ['Broker', 'BatchRouter', 'RemoteChannel', 'RoutedMessage', 'Peer']
 
@@ -59,6 +68,55 @@ logger = logging.getLogger(__name__)
 
 _SUB, _UNSUB, _PING, _GONE = 'sub', 'unsub', 'ping', 'gone'
 _FENCE = 'fence'
+
+_ROLES = ('app', 'stats')
+_MAX_PID = 2 ** 31 - 1          # pid_t is a signed 32-bit int
+_MAX_NAME = 200                 # characters of a process name (the client sends argv)
+_MAX_SEQUENCE_DIGITS = 19       # receivers parse a sequence as an int: keep it short
+_INTERNAL = wire.INTERNAL_PREFIX
+
+
+class _Hello:
+    """The validated fields of a connection's HELLO (unknown keys are ignored, so that a
+    newer process can say more)."""
+
+    __slots__ = ('pid', 'role', 'name', 'subscriptions', 'origin')
+
+    def __init__(self, obj: object) -> None:
+        if not isinstance(obj, dict):
+            raise ProtocolError(f'HELLO must be a JSON object, got {obj!r:.100}')
+        pid = obj.get('pid')
+        if type(pid) is not int or not 0 < pid <= _MAX_PID:
+            raise ProtocolError(f'HELLO pid must be an int from 1 to {_MAX_PID}, got '
+                                f'{pid!r:.100}')
+        role = obj.get('role')
+        if role not in _ROLES:
+            raise ProtocolError(f"HELLO role must be one of {', '.join(_ROLES)}, got "
+                                f'{role!r:.100}')
+        name = obj.get('name', '')
+        if type(name) is not str or len(name) > _MAX_NAME:
+            raise ProtocolError(f'HELLO name must be a str of at most {_MAX_NAME} '
+                                f'characters, got {name!r:.100}')
+        subscriptions = obj.get('subscriptions', 0)
+        if type(subscriptions) is not int or not 0 <= subscriptions <= 2 ** 31:
+            raise ProtocolError(f'HELLO subscriptions must be an int >= 0, got '
+                                f'{subscriptions!r:.100}')
+        self.pid = pid
+        self.role = role
+        # printable only: it goes into log lines
+        self.name = name if name.isprintable() else \
+            ''.join(c if c.isprintable() else '?' for c in name)
+        self.subscriptions = subscriptions
+        self.origin = ''
+        if role == 'app':
+            secret = obj.get('secret')
+            if type(secret) is not str or len(secret) != 2 * SECRET_BYTES:
+                raise ProtocolError(f'HELLO of an app process must carry its secret, '
+                                    f'{SECRET_BYTES} bytes in hex; got {secret!r:.100}')
+            try:
+                self.origin = origin_of(pid, bytes.fromhex(secret))
+            except ValueError:
+                raise ProtocolError(f'HELLO secret is not hex: {secret!r:.100}') from None
 
 
 class RoutedMessage:
@@ -145,6 +203,8 @@ class Peer:
         self.pid = 0
         self.name = ''
         self.role = ''
+        self.origin = ''            # what the id of every MESSAGE it sends starts with
+        self.rejected = 0           # MESSAGE frames dropped: not its origin, or internal
         self.topics: dict[str, RemoteChannel] = {}
         self.outbox: SimpleQueue = SimpleQueue()
         self.messages_in = 0        # MESSAGE frames received (reader thread)
@@ -245,15 +305,12 @@ class Peer:
         if not frames or frames[0][0] != wire.HELLO:
             raise ProtocolError('the first frame of a connection must be HELLO')
         kind, start, end = frames[0]
-        hello = wire.decode_json(batch[start + wire.HEADER.size:end])
-        if not isinstance(hello, dict) or not isinstance(hello.get('pid'), int) \
-                or hello.get('role') not in ('app', 'stats'):
-            raise ProtocolError(f'HELLO must carry an int pid and a role, got {hello!r:.200}')
-        self.pid = hello['pid']
-        self.name = str(hello.get('name', ''))[:200]
-        self.role = hello['role']
-        announced = hello.get('subscriptions', 0)
-        self.subscriptions_announced = announced if isinstance(announced, int) else 0
+        hello = _Hello(wire.decode_json(batch[start + wire.HEADER.size:end]))
+        self.pid = hello.pid
+        self.name = hello.name
+        self.role = hello.role
+        self.origin = hello.origin
+        self.subscriptions_announced = hello.subscriptions
         return batch[end:]
 
     def start(self, first: bytes) -> None:
@@ -287,12 +344,11 @@ class Peer:
     def _welcome(self) -> None:
         """What an admitted process is told first, and the frames that came with HELLO."""
         broker = self.broker
-        lost = broker.lost.pop(self.pid, 0)
+        lost, reason = broker.lost.pop(self.origin, (0, ''))
         if lost:
             with broker.route_lock:
                 self.deliver(wire.encode_json(wire.NOTICE, {
-                    'lost': lost, 'reason': 'this process was cut off: it fell more '
-                    f'than MAX_PENDING_BYTES={broker.max_pending} bytes behind'}), 0)
+                    'lost': lost, 'reason': f'this process was cut off: {reason}'}), 0)
         if broker.holding and self.pid in broker._awaited \
                 and not self.subscriptions_announced:
             with broker.route_lock:
@@ -336,22 +392,35 @@ class Peer:
         header = wire.HEADER.size
         messages = 0
         short = self.broker.short_topic
+        origin = self.origin
+        skip = len(origin)
+        longest = skip + _MAX_SEQUENCE_DIGITS
+        topic = None
+        internal = False
         for frame in wire.decode_batch(batch, limit):
             kind, start, end = frame[0], frame[1], frame[2]
             if kind == wire.MESSAGE:
-                if len(frame[3]) > short:
-                    self._check_topic(frame[3], 'MESSAGE')
-                append(RoutedMessage(frame[3], frame[4], frame[5], frame[6], frame[7],
-                                     batch[start:end], self))
                 messages += 1
+                if frame[3] != topic:       # consecutive messages mostly share a topic
+                    topic = frame[3]
+                    if len(topic) > short:
+                        self._check_topic(topic, 'MESSAGE')
+                    internal = topic.startswith(_INTERNAL)      # wire.is_internal
+                message_id = frame[4]
+                if message_id.startswith(origin) and len(message_id) <= longest \
+                        and message_id[skip:].isdecimal() and not internal:
+                    append(RoutedMessage(topic, message_id, frame[5], frame[6], frame[7],
+                                         batch[start:end], self))
+                else:
+                    self._reject(topic, message_id)
             elif kind == wire.SUB:
-                topic = wire.decode_topic(batch[start + header:end])
-                self._check_topic(topic, 'SUB')
-                append((_SUB, self, topic))
+                topic_text = wire.decode_topic(batch[start + header:end])
+                self._check_topic(topic_text, 'SUB')
+                append((_SUB, self, topic_text))
             elif kind == wire.UNSUB:
-                topic = wire.decode_topic(batch[start + header:end])
-                self._check_topic(topic, 'UNSUB')
-                append((_UNSUB, self, topic))
+                topic_text = wire.decode_topic(batch[start + header:end])
+                self._check_topic(topic_text, 'UNSUB')
+                append((_UNSUB, self, topic_text))
             elif kind == wire.PING:
                 append((_PING, self, wire.decode_ping(batch[start + header:end])))
             elif kind == wire.FENCE:
@@ -373,11 +442,25 @@ class Peer:
         if kind != 'UNSUB' and is_pattern(topic):
             pattern_matcher(topic)
 
+    def _reject(self, topic: str, message_id: str) -> None:
+        """Drop a MESSAGE this process may not send (reader thread)."""
+        self.rejected += 1
+        self.broker.rejected += 1
+        if self.rejected == 1:
+            why = f'its topic {topic!r:.100} is internal (local to each process)' \
+                if wire.is_internal(topic) else \
+                f'its id {message_id!r:.100} is not {self.origin!r} and a sequence number'
+            logger.warning('dropped a message from process %d: %s; its later ones like it '
+                           'are dropped and counted without a word', self.pid, why)
+
+
     # the writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
         # outbox items: (bytes as Connection.send_bytes writes them, messages in them)
         outbox = self.outbox
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLOUT)
         stop = False
         while not stop:
             items = [outbox.get()]
@@ -390,12 +473,16 @@ class Peer:
                 stop = True
                 items = [item for item in items if item is not STOP]
             unwritten = items
+            stalled: int | None = None       # messages lost, if it stalled
             with self.write_claim:
                 if not self.closed:
                     try:
                         for group in _group(items):
-                            self.sock.sendall(group[0][0] if len(group) == 1 else
-                                              b''.join([data for data, _ in group]))
+                            if not self._write(group[0][0] if len(group) == 1 else
+                                               b''.join([data for data, _ in group]),
+                                               poller):
+                                stalled = self.pending
+                                break
                             self.messages_out += sum([count for _, count in group])
                             unwritten = unwritten[len(group):]
                     except OSError as exc:
@@ -406,9 +493,45 @@ class Peer:
                 self.dropped += sum([count for _, count in unwritten])
                 self.items_written += len(items)
                 self.bytes_done += sum([len(data) for data, _ in items])
+            if stalled is not None:
+                with self.broker.route_lock:
+                    self.broker.cut_off(self, stalled, f'it left what the broker wrote to '
+                                        f'it unread for STALL_TIMEOUT='
+                                        f'{self.broker.stall_timeout:.3g}s')
             self.broker.written()
         if not self.broker.stopping:
             self.close()      # the process is gone and its reader is done
+
+    def _write(self, data: bytes, poller: select.poll) -> bool:
+        """Write all of *data*; False if the process took none of it for the broker's
+        stall timeout. Non-blocking sends, not a socket timeout (which would make the
+        descriptor non-blocking for the reader thread too), tried again every
+        ``_STALL_POLL_MS`` even if poll() says no: a Unix socket polls writable only
+        once three quarters of its buffer are free, but takes more as soon as its
+        reader has consumed one of the (up to 36 KiB) pieces queued in the kernel."""
+        sock = self.sock
+        view = memoryview(data)
+        stuck_since = 0.0
+        while view:
+            try:
+                sent = sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent:
+                view = view[sent:]
+                stuck_since = 0.0
+                continue
+            now = time.monotonic()
+            if not stuck_since:
+                stuck_since = now
+            elif now - stuck_since >= self.broker.stall_timeout:
+                return False
+            poller.poll(_STALL_POLL_MS)
+        return True
+
+
+_STALL_POLL_MS = 50
+"""Milliseconds between attempts to write to a process that takes nothing."""
 
 
 def _group(items: list[tuple[bytes, int]]) -> list[list[tuple[bytes, int]]]:
@@ -559,7 +682,7 @@ class Broker:
                  worker_timeout: float = 0.5, max_handshakes: int = 256,
                  handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0,
                  state_file: str | None = None, max_topic: int = 4096,
-                 max_subscriptions: int = 250_000) -> None:
+                 max_subscriptions: int = 250_000, stall_timeout: float = 2.0) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -595,8 +718,11 @@ class Broker:
         self._barriers: list[tuple[Peer, int, list[tuple[Peer, int]]]] = []
         self.max_pending = max_pending
         self.dropped = 0                # droppable messages dropped for slow processes
-        self.lost: dict[int, int] = {}  # pid -> messages lost when it was cut off
+        self.rejected = 0               # messages dropped: not of their sender, or internal
+        # origin -> (messages lost when it was cut off, why): told when it is back
+        self.lost: dict[str, tuple[int, str]] = {}
         self.lost_total = 0
+        self.stall_timeout = stall_timeout
         self.rejoin_timeout = rejoin_timeout
         self.holding = False            # after a restart, until processes are back
         self.hold_deadline = 0.0
@@ -747,9 +873,12 @@ class Broker:
     def apply(self, kind: str, peer: Peer, value: Any) -> None:
         """Apply a control item from the inbound queue (routing, under ``route_lock``)."""
         if kind == _SUB:
-            if value not in peer.topics and not peer.closed:
+            # an internal topic is local to each process: never routed to (but counted
+            # as applied, for the hold after a restart)
+            if value not in peer.topics and not peer.closed \
+                    and not wire.is_internal(value):
                 if len(peer.topics) >= self.max_subscriptions:
-                    self._cut_off(peer, f'it subscribed more than MAX_SUBSCRIPTIONS='
+                    self._drop_for_breaking_a_limit(peer, f'it subscribed more than MAX_SUBSCRIPTIONS='
                                         f'{self.max_subscriptions} distinct topics')
                 else:
                     channel = peer.topics[value] = RemoteChannel(value, peer)
@@ -792,7 +921,7 @@ class Broker:
             logger.info('process %d disconnected', peer.pid)
             self._check_barriers()
 
-    def _cut_off(self, peer: Peer, why: str) -> None:
+    def _drop_for_breaking_a_limit(self, peer: Peer, why: str) -> None:
         """Drop *peer*'s connection for breaking a limit (routing, under ``route_lock``):
         nothing more is routed to it or applied from it; its reader ends and says goodbye."""
         logger.warning('dropped the connection of process %d: %s', peer.pid, why)
@@ -959,9 +1088,10 @@ class Broker:
         return False
 
     def cut_off(self, peer: Peer, lost: int, reason: str) -> None:
-        """Disconnect a process that fell behind; it learns about *lost* on reconnect."""
+        """Disconnect a process that fell behind; it learns about *lost* and *reason*
+        when it connects again. The caller holds ``route_lock``."""
         peer.closed = True
-        self.lost[peer.pid] = self.lost.get(peer.pid, 0) + lost
+        self.lost[peer.origin] = (self.lost.get(peer.origin, (0, ''))[0] + lost, reason)
         self.lost_total += lost
         logger.warning('cut off process %d: %s; about %d messages for it are lost',
                        peer.pid, reason, lost)
@@ -987,4 +1117,5 @@ class Broker:
             'expired': self.expired,
             'dropped_slow': self.dropped,
             'lost_cut_off': self.lost_total,
+            'rejected': self.rejected,
         }

@@ -8,6 +8,12 @@
     broker -> reader thread: decodes MESSAGE frames, finds this process's matching
         channels and schedules one task per channel (the task workers run them)
 
+Internal topics (``lona.channels.*``) stay in the process: no SUB is sent for one, and
+the reader never hands a message from the broker to a channel on one (a ``*`` sent by
+another process reaches a user's ``*`` channel, not ``lona.channels.lost``). HELLO
+carries this process's secret, from which the broker derives the origin that every id
+it sends must start with (see ``message.origin_of``).
+
 The link starts with the machinery, so the first use connects. While the broker is
 unreachable, frames wait in the list (at most ``MAX_BUFFER_BYTES`` of messages, past
 which ``send()`` raises :class:`~channels.errors.BufferFullError`), and the sender
@@ -41,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from . import wire
 from .connection import Address, connect, format_address
 from .errors import BufferFullError, ChannelsError, MessageTooLargeError, ProtocolError
-from .message import Message
+from .message import Message, _identity
 
 if TYPE_CHECKING:
     from .runtime import Machinery
@@ -55,6 +61,7 @@ LOST_TOPIC = 'lona.channels.lost'
 logger = logging.getLogger(__name__)
 
 _encode_message = wire.encode_message
+_INTERNAL = wire.INTERNAL_PREFIX      # the reader tests it inline: wire.is_internal
 _monotonic = time.monotonic
 _PING_INTERVAL = 0.01
 """Seconds between confirming PINGs while messages flow (shutdown's flush pings at once)."""
@@ -174,7 +181,11 @@ class _Reader:
                     continue
                 _, start, end, topic, message_id, timestamp, deadline, droppable, at = frame
                 sender, _, sequence = message_id.rpartition('-')
-                sequence = int(sequence)
+                try:
+                    sequence = int(sequence)
+                except ValueError:      # the broker drops such ids: never from a sender
+                    link.unparsable(message_id)
+                    continue
                 if sequence <= seen.get(sender, 0):
                     link.duplicates += 1           # sent again after a broker restart
                     continue
@@ -187,6 +198,12 @@ class _Reader:
                 if topic != last_topic:
                     channels = match(topic)
                     last_topic = topic
+                    if channels and ('*' in topic or '?' in topic or '[' in topic
+                                     or topic.startswith(_INTERNAL)):
+                        # a pattern sent by another process reaches no internal channel
+                        # (nor does an internal topic, which the broker never routes)
+                        channels = [channel for channel in channels
+                                    if not channel.topic.startswith(_INTERNAL)]
                 if channels:
                     # counted before the task exists: shutdown may never see fewer; the
                     # first channel may have the message itself: nobody else holds it
@@ -248,6 +265,7 @@ class BrokerLink:
         self._last_ping = 0.0
         self.seen: dict[str, int] = {}     # sender -> last sequence handled (reader)
         self.duplicates = 0                # messages dropped as seen before (reader)
+        self.unparsed = 0                  # messages dropped: an id without a sequence
         # A sender of a message writes it itself when nothing is queued or being written
         # (items_put, under send_lock, equals items_done, sender thread) and it can take
         # write_claim, which the sender thread holds while it writes.
@@ -296,6 +314,15 @@ class BrokerLink:
         """Tasks scheduled by this link's readers (shutdown compares it with what ran)."""
         with self._readers_lock:
             return self._retired_scheduled + sum(r.scheduled for r in self.readers)
+
+    def unparsable(self, message_id: str) -> None:
+        """The broker forwarded a message whose id has no sequence number: dropped
+        (reader thread; logged once)."""
+        self.unparsed += 1
+        if self.unparsed == 1:
+            logger.warning('dropped a message from the broker on %s whose id %.100r has '
+                           'no sequence number; later ones are dropped without a word',
+                           self.address_text, message_id)
 
     def retire(self, reader: _Reader) -> None:
         """A reader ended: keep its count, forget the reader."""
@@ -399,12 +426,15 @@ class BrokerLink:
         return _Raw(framed[sent:])
 
     def subscribe(self, topic: str) -> None:
-        """Tell the broker this process wants *topic* (its first channel on it)."""
-        self._put_control(wire.encode(wire.SUB, topic.encode()))
+        """Tell the broker this process wants *topic* (its first channel on it), unless
+        the topic is internal."""
+        if not wire.is_internal(topic):
+            self._put_control(wire.encode(wire.SUB, topic.encode()))
 
     def unsubscribe(self, topic: str) -> None:
         """Tell the broker this process no longer wants *topic*."""
-        self._put_control(wire.encode(wire.UNSUB, topic.encode()))
+        if not wire.is_internal(topic):
+            self._put_control(wire.encode(wire.UNSUB, topic.encode()))
 
     def _put_control(self, frame: bytes) -> None:
         with self.machinery.send_lock:
@@ -633,7 +663,8 @@ class BrokerLink:
             # queue, written after the message: the broker would route the message
             # before it knew of the subscription, to nobody, and confirm it.
             with runtime.registry_lock, self.machinery.send_lock:
-                topics = list(runtime.registry.topics())
+                topics = [topic for topic in runtime.registry.topics()
+                          if not wire.is_internal(topic)]
                 queued, self._frames = self._frames, []
                 self.items_done = self.items_put          # all of it is handled here
                 again = list(self._retained)
@@ -646,7 +677,7 @@ class BrokerLink:
                           for token in tuple(self._fences)]     # waiters pop unlocked
                 first = self._connections == 0
             connection.send_bytes(wire.encode_json(
-                wire.HELLO, {'pid': os.getpid(), 'role': 'app', 'name': _process_name(),
+                wire.HELLO, {**_identity.hello(), 'role': 'app', 'name': _process_name(),
                              'subscriptions': len(topics)}))
             subs = [wire.encode(wire.SUB, topic.encode()) for topic in topics]
             for group in wire.group_frames(subs):

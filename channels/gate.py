@@ -47,8 +47,12 @@ HELLO_LIMIT = 64 * 1024
 
 _STATS_LIMIT = 64 * 1024
 _ACCEPTS_PER_WAKE = 64
+
+_REPORT_BURST = 10
+"""Log lines about one kind of dropped connection per interval; the rest are counted."""
+
 _REPORT_INTERVAL = 5.0
-"""Seconds between two log lines about the same kind of dropped connection."""
+"""Seconds of that interval."""
 
 _ANSWER, _LENGTH, _BATCH = 'answer', 'length', 'batch'
 
@@ -73,17 +77,20 @@ class _Pending:
 
 
 class _Reports:
-    """Log lines about dropped connections, at most one per kind every few seconds: a
+    """Log lines about dropped connections, at most a few per kind every few seconds: a
     flood of them must not flood the log too. Counts what it held back, and says so."""
 
     def __init__(self) -> None:
-        self._last: dict[str, float] = {}
+        self._window: dict[str, tuple[float, int]] = {}     # kind -> (start, lines logged)
         self._held: dict[str, tuple[int, str, tuple[Any, ...]]] = {}
 
     def warn(self, kind: str, text: str, *args: Any) -> None:
         now = time.monotonic()
-        if now - self._last.get(kind, -_REPORT_INTERVAL) >= _REPORT_INTERVAL:
-            self._last[kind] = now
+        start, logged = self._window.get(kind, (-_REPORT_INTERVAL, 0))
+        if now - start >= _REPORT_INTERVAL:
+            start, logged = now, 0
+        if logged < _REPORT_BURST:
+            self._window[kind] = (start, logged + 1)
             held = self._held.pop(kind, None)
             more = f' (and {held[0]} more like it in the last {_REPORT_INTERVAL:.0f}s)' \
                 if held else ''
@@ -354,7 +361,9 @@ class Gate:
         if isinstance(exc, AuthenticationError):
             self._reports.warn('key', 'refused a connection: wrong authkey (%s)', exc)
         elif isinstance(exc, ProtocolError):
-            self._reports.warn('protocol', 'dropped a connection in its handshake: %s', exc)
+            # one line per kind of fault, e.g. each bad HELLO field (the text up to 'got')
+            kind = 'protocol: ' + str(exc).partition(', got')[0][:60]
+            self._reports.warn(kind, 'dropped a connection in its handshake: %s', exc)
         elif not self._stopping:
             logger.debug('a connection in its handshake failed: %r', exc)
         self._close(pending)

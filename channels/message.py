@@ -10,6 +10,7 @@ shares the ``id``, ``timestamp`` and dropped state of the message ``send()`` ret
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import os
 import pickle
@@ -20,21 +21,45 @@ from typing import Any
 
 from .errors import SerializationError
 
-__all__ = ['Message', 'new_message_id']
+__all__ = ['Message', 'new_message_id', 'origin_of', 'SECRET_BYTES']
 
 _UNSET: Any = object()
 
 
+SECRET_BYTES = 16
+"""Bytes of a process identity's secret (sent to the broker in HELLO, never forwarded)."""
+
+
+def origin_of(pid: int, secret: bytes) -> str:
+    """The origin of a process identity: the part of every message id before the
+    sequence number, ``'<pid>-<digest of the secret>-'``.
+
+    The broker computes it from the pid and secret of a connection's HELLO and drops a
+    MESSAGE whose id is not this origin followed by a decimal sequence, so a process can
+    only send under its own origin: receivers, which drop what they have seen by origin
+    and sequence (after a broker restart), cannot be made to drop another's messages.
+    The digest has 64 bits, too many to find a secret for someone else's origin.
+    """
+    return f'{pid}-{hashlib.blake2b(secret, digest_size=8).hexdigest()}-'
+
+
 class _Identity:
-    """This process's part of message ids; renewed in a forked child."""
+    """This process's identity as a sender: a secret, the origin derived from it (the
+    prefix of message ids) and the sequence; renewed in a forked child."""
 
     def __init__(self) -> None:
         self.renew()
 
     def renew(self) -> None:
-        """A new prefix (pid and nonce) and sequence: at import and in a forked child."""
-        self.prefix = f'{os.getpid()}-{secrets.token_hex(4)}-'
+        """A new secret, origin and sequence: at import and in a forked child."""
+        self.pid = os.getpid()
+        self.secret = secrets.token_bytes(SECRET_BYTES)
+        self.prefix = origin_of(self.pid, self.secret)
         self.sequence = itertools.count(1)
+
+    def hello(self) -> dict[str, Any]:
+        """What HELLO says of this identity: the broker derives its origin from it."""
+        return {'pid': self.pid, 'secret': self.secret.hex()}
 
 
 _identity = _Identity()
@@ -42,7 +67,7 @@ os.register_at_fork(after_in_child=_identity.renew)
 
 
 def new_message_id() -> str:
-    """A message id unique across processes: the sender's pid, a nonce and a sequence number."""
+    """A message id unique across processes: the sender's origin and a sequence number."""
     return _identity.prefix + str(next(_identity.sequence))
 
 
@@ -165,7 +190,7 @@ class Message:
         message.topic = topic
         message._data = _UNSET
         message._payload = payload
-        message.expiry = None if deadline is None else datetime.fromtimestamp(deadline)
+        message.expiry = None if deadline is None else _expiry_of(deadline)
         message.deadline = deadline
         message.local = False
         message.droppable = droppable
@@ -190,7 +215,8 @@ class Message:
 
     @property
     def id(self) -> str:
-        """Unique across processes: the sender's pid and nonce and a sequence number."""
+        """Unique across processes: the sender's origin (its pid and a digest of its
+        secret) and a sequence number, ``'<pid>-<digest>-<sequence>'``."""
         id = self._id
         if type(id) is tuple:
             id = self._id = f'{id[0]}{id[1]}'
@@ -246,6 +272,15 @@ class Message:
     def __repr__(self) -> str:
         flags = ''.join(f' {name}' for name in ('local', 'droppable') if getattr(self, name))
         return f'<Message id={self.id!r} topic={self.topic!r}{flags}>'
+
+
+def _expiry_of(deadline: float) -> datetime:
+    """The local datetime of a *deadline* from another process (the latest or earliest
+    one there is, for a deadline past what this machine's datetime can show)."""
+    try:
+        return datetime.fromtimestamp(deadline)
+    except (OverflowError, OSError, ValueError):
+        return datetime.max if deadline > 0 else datetime.min
 
 
 _new = object.__new__

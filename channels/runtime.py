@@ -51,6 +51,7 @@ from .ordering import STOP, Mailbox, Sequencer
 from .prefork import prefork_server
 from .registry import registry as _registry
 from .topics import TopicIndex, too_long
+from .wire import INTERNAL_PREFIX as _INTERNAL
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -166,7 +167,8 @@ class Machinery:
                 message.drop()
                 logger.debug('dropped %r at send(): it had expired', message)
                 return
-            if self.link is None or message.local:
+            # internal topics (lona.channels.*) are local to each process in any mode
+            if self.link is None or message.local or message.topic.startswith(_INTERNAL):
                 self.submitted += 1
                 self.messages.put(message)
             else:

@@ -212,6 +212,10 @@ _SETTINGS.update({
         250_000, _positive_int,
         'distinct topics one process may subscribe: past it subscribe() raises '
         'SubscriptionLimitError, and the broker drops a process that subscribes more'),
+    'STALL_TIMEOUT': _Setting(
+        2.0, _positive_float,
+        'seconds a process may leave what was written to it unread before the broker '
+        'cuts it off (so that the confirmations of other processes do not wait for it)'),
 })
 
 _overrides: dict[str, Any] = {}

@@ -15,12 +15,16 @@ without blocking) sends the same bytes: :func:`connection_bytes`. Every frame is
 =========  ========================================================================
 kind       body
 =========  ========================================================================
-HELLO      JSON: ``{"pid": int, "role": "app" | "stats", "name": str}``
+HELLO      JSON: ``{"pid": int, "role": "app" | "stats", "name": str, "secret": hex,
+           "subscriptions": int}``; an app process's secret gives its origin
+           (``message.origin_of``), which starts the id of every MESSAGE it sends
 SUB        the topic, UTF-8 (a process's first channel on that topic)
 UNSUB      the topic, UTF-8 (its last channel on that topic left)
 MESSAGE    ``!BddHH`` flags (bit 0 droppable, bit 1 has deadline), deadline,
-           timestamp, topic length, id length; then topic, id (UTF-8), then the
-           payload (pickled data) to the end. The broker forwards it unchanged.
+           timestamp (POSIX times within years 1 to 9999), topic length, id length;
+           then topic, id (UTF-8: the sender's origin, then its decimal sequence),
+           then the payload (pickled data) to the end. The broker forwards it
+           unchanged, if its id has the origin of the connection it came on
 PING       ``!Q`` token; the broker answers PONG with the token after everything the
            process sent before it was routed (a barrier, used at shutdown)
 PONG       ``!Q`` token
@@ -30,6 +34,9 @@ FENCE      ``!Q`` token; the broker sends the same frame back once it has applie
 STATS      empty (request) or JSON (reply)
 NOTICE     JSON: something the broker tells a process (``{"error": ...}``)
 =========  ========================================================================
+
+Topics that start with ``INTERNAL_PREFIX`` (``lona.channels.``) are local to each
+process: no SUB or MESSAGE for one crosses the wire (the broker ignores and drops them).
 
 Compatibility: ``VERSION`` changes whenever a layout changes; a peer that sees another
 version drops the connection with a :class:`~channels.errors.ProtocolError`. The broker
@@ -53,9 +60,10 @@ __all__ = ['VERSION', 'HELLO', 'SUB', 'UNSUB', 'MESSAGE', 'PING', 'PONG', 'STATS
            'FENCE',
            'HEADER', 'MESSAGE_HEADER', 'BATCH_BYTES', 'encode', 'encode_json',
            'encode_message', 'decode_message', 'decode_json', 'decode_ping', 'iter_frames',
-           'group_frames', 'connection_bytes', 'encode_ping', 'decode_topic', 'BatchReader']
+           'group_frames', 'connection_bytes', 'encode_ping', 'decode_topic', 'BatchReader',
+           'INTERNAL_PREFIX', 'is_internal']
 
-VERSION = 1
+VERSION = 2
 HELLO, SUB, UNSUB, MESSAGE, PING, PONG, STATS, NOTICE = range(1, 9)
 FENCE = 9
 KINDS = frozenset(range(1, 10))
@@ -73,6 +81,19 @@ BATCH_BYTES = 256 * 1024
 
 _MAX_TOPIC = 0xFFFF
 _MAX_ID = 0xFFFF
+# the POSIX times of datetime(1, 1, 1) and datetime(9999, 12, 31), two days wider (any
+# time zone): a deadline or timestamp outside cannot come from datetime.timestamp()
+# or time.time(), and a receiver could not turn it into a datetime
+_EARLIEST, _LATEST = -62135596800.0 - 172800.0, 253402300800.0 + 172800.0
+
+INTERNAL_PREFIX = 'lona.channels.'
+"""Topics starting with this are internal: only ever local to one process."""
+
+
+def is_internal(topic: str) -> bool:
+    """True for an internal topic (``lona.channels.lost``), or a pattern that matches only
+    internal topics (``lona.channels.*``): neither crosses the wire."""
+    return topic.startswith(INTERNAL_PREFIX)
 
 
 def encode(kind: int, body: bytes = b'') -> bytes:
@@ -139,8 +160,9 @@ def decode_message(frame: bytes, body_start: int = HEADER.size, end: int | None 
         raise ProtocolError('MESSAGE frame has an empty topic')
     if flags & ~(_FLAG_DROPPABLE | _FLAG_DEADLINE):
         raise ProtocolError(f'MESSAGE frame has unknown flags {flags:#x}')
-    if deadline != deadline or timestamp != timestamp:     # NaN
-        raise ProtocolError('MESSAGE frame has a NaN deadline or timestamp')
+    if not (_EARLIEST <= deadline <= _LATEST and _EARLIEST <= timestamp <= _LATEST):
+        raise ProtocolError(f'MESSAGE frame has a deadline ({deadline!r}) or timestamp '
+                            f'({timestamp!r}) that is NaN or not within years 1 to 9999')
     return (topic, message_id, timestamp, deadline if flags & _FLAG_DEADLINE else None,
             bool(flags & _FLAG_DROPPABLE), payload_at)
 
@@ -151,6 +173,8 @@ def decode_json(body: bytes | memoryview) -> Any:
         return json.loads(bytes(body))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f'frame body is not valid JSON: {exc}') from exc
+    except RecursionError:
+        raise ProtocolError('frame body is JSON nested too deeply') from None
 
 
 def decode_topic(body: bytes | memoryview) -> str:
@@ -218,6 +242,7 @@ def decode_batch(batch: bytes, limit: int) -> list[tuple]:
     header = HEADER.size
     fixed = _MESSAGE_FIXED
     known = _FLAG_DROPPABLE | _FLAG_DEADLINE
+    earliest, latest = _EARLIEST, _LATEST
     while offset < size:
         if size - offset < header:
             raise ProtocolError(f'truncated frame header: {size - offset} bytes left')
@@ -240,7 +265,8 @@ def decode_batch(batch: bytes, limit: int) -> list[tuple]:
                     unpack_message(batch, offset + header)
             payload_at = start + topic_length + id_length
             if payload_at > end or not topic_length or flags & ~known \
-                    or deadline != deadline or timestamp != timestamp:
+                    or not earliest <= deadline <= latest \
+                    or not earliest <= timestamp <= latest:
                 decode_message(batch, offset + header, end)   # raises the precise error
             try:
                 topic = batch[start:start + topic_length].decode()

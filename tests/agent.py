@@ -66,6 +66,45 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
                 kwargs = {'droppable': n % 10 != 9}
             channel.send({'n': n, 'pid': me}, **kwargs)
 
+    arrivals: dict[str, list] = {}
+
+    def subscribe_arrivals(topic: str) -> None:
+        """Subscribe a channel that records (data['n'], time.monotonic()) only."""
+        got = arrivals.setdefault(topic, [])
+
+        def handler(message):
+            got.append((message.data['n'], time.monotonic()))
+        subscribed[topic] = Channel(topic, handler)
+
+    def get_arrivals(topic: str) -> list:
+        return list(arrivals.get(topic, []))
+
+    def publish(topic: str, count: int, rate: float, size: int) -> dict:
+        """Send {'n': i, 'blob': <size bytes>} for i in range(count) at *rate* per
+        second; count the sends refused with BufferFullError (and go on), and track the
+        most bytes waiting for the broker's confirmation."""
+        from channels.errors import BufferFullError
+        channel = Channel(topic)
+        blob = b'x' * size
+        refused = largest = 0
+        began = time.monotonic()
+        for n in range(count):
+            delay = began + n / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                channel.send({'n': n, 'blob': blob})
+            except BufferFullError:
+                refused += 1
+            largest = max(largest, channels.runtime.runtime.machinery.link.buffered_bytes)
+        return {'refused': refused, 'largest_buffered': largest}
+
+    def link_counters() -> dict:
+        """The broker link's connection count and dropped-message counters."""
+        link = channels.runtime.runtime.machinery.link
+        return {'connections': link._connections, 'unparsed': link.unparsed,
+                'duplicates': link.duplicates}
+
     def connected() -> bool:
         machinery = channels.runtime.runtime.machinery
         return machinery is not None and machinery.link is not None \
@@ -101,7 +140,8 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
 
     commands = {'fork_recorder': fork_recorder, 'wait_child': wait_child,'pid': pid, 'subscribe': subscribe, 'unsubscribe': unsubscribe,
                 'received': get_received, 'send': send, 'send_many': send_many,
-                'send_paced': send_paced,
+                'send_paced': send_paced, 'subscribe_arrivals': subscribe_arrivals,
+                'arrivals': get_arrivals, 'publish': publish, 'link_counters': link_counters,
                 'connected': connected, 'running': running, 'shutdown': shutdown}
     while True:
         try:

@@ -49,3 +49,11 @@ class Recorder:
         """Wait until at least *count* messages arrived."""
         wait_until(lambda: len(self) >= count, timeout,
                    what=f'{count} messages (got {len(self)})')
+
+
+def app_hello(pid: int, secret: bytes = b'\x07' * 16, **fields: object) -> bytes:
+    """The HELLO frame a raw test connection sends as app process *pid* (with the origin
+    ``origin_of(pid, secret)``), plus *fields*."""
+    from channels import wire
+    return wire.encode_json(wire.HELLO, {'pid': pid, 'role': 'app', 'secret': secret.hex(),
+                                         **fields})

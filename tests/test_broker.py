@@ -75,12 +75,14 @@ def test_local_messages_never_reach_the_broker(broker):
 def test_internal_topics_stay_in_their_process(broker):
     with app_processes(broker.address, 2) as (watcher, other):
         watcher.subscribe('lona.channels.*')
-        broker.wait_subscribed(watcher.pid, ['lona.channels.*'])
+        watcher.subscribe('ready')          # the broker never hears of the internal one
+        broker.wait_subscribed(watcher.pid, ['ready'])
+        assert broker.process_stats(watcher.pid)['subscriptions'] == ['ready']
         other.subscribe('chat')
         broker.wait_subscribed(other.pid, ['chat'])
         time.sleep(0.2)
         assert [data for _, data in watcher.received('lona.channels.*')] == \
-            [{'topic': 'lona.channels.*'}]
+            [{'topic': 'lona.channels.*'}, {'topic': 'ready'}]
 
 
 def test_the_broker_sends_each_message_once_per_interested_process(broker):

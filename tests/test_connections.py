@@ -21,7 +21,7 @@ import time
 import psutil
 import pytest
 from brokers import BROKER_SCRIPT, BrokerProcess
-from support import Recorder, wait_until
+from support import Recorder, app_hello, wait_until
 
 import channels
 from channels import BrokerUnavailableError, Channel, wire
@@ -61,6 +61,8 @@ def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
 
 
 def _hello(pid: int, role: str = 'app') -> bytes:
+    if role == 'app':
+        return app_hello(pid)
     return wire.encode_json(wire.HELLO, {'pid': pid, 'role': role})
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from brokers import BrokerProcess, app_processes
-from support import Recorder, wait_until
+from support import Recorder, app_hello, wait_until
 
 import channels
 from channels import Channel, ConfigurationError, SubscriptionLimitError, listen, wire
@@ -174,7 +174,7 @@ def test_a_channel_on_a_topic_already_subscribed_does_not_count_against_the_limi
 
 def _raw_app(address: str, pid: int):
     raw = connect(parse_address(address), None)
-    raw.send_bytes(wire.encode_json(wire.HELLO, {'pid': pid, 'role': 'app'}))
+    raw.send_bytes(app_hello(pid))
     return raw
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from brokers import BROKER_SCRIPT, BrokerProcess, app_processes
-from support import Recorder, wait_until
+from support import Recorder, app_hello, wait_until
 
 import channels
 from channels import BrokerUnavailableError, Channel, MessageTooLargeError
@@ -77,7 +77,7 @@ def test_garbage_on_the_socket_drops_that_connection_only(broker):
         # a well-framed batch whose frame is garbage, after a valid handshake
         raw = connect(parse_address(broker.address), None)
         from channels import wire
-        raw.send_bytes(wire.encode_json(wire.HELLO, {'pid': 1, 'role': 'app'}))
+        raw.send_bytes(app_hello(1))
         raw.send_bytes(b'\x00\x00\x00\x05\x09\x04abc')
         raw.close()
         a.send_many('chat', 20)
@@ -104,7 +104,7 @@ def test_a_frame_over_the_brokers_limit_drops_that_connection(broker_address):
     try:
         raw = connect(parse_address(broker_address), None)
         from channels import wire
-        raw.send_bytes(wire.encode_json(wire.HELLO, {'pid': 7, 'role': 'app'}))
+        raw.send_bytes(app_hello(7))
         raw.send_bytes(wire.encode_message('chat', 'x-1', 0.0, None, False, b'y' * 5000))
         wait_until(lambda: 'dropped the connection of process 7' in broker.log,
                    what='the oversized frame to be refused')
@@ -116,7 +116,7 @@ def test_a_frame_over_the_brokers_limit_drops_that_connection(broker_address):
 def test_a_connection_that_fails_right_after_hello_leaves_no_process_behind(broker):
     from channels import wire
     raw = connect(parse_address(broker.address), None)
-    raw.send_bytes(wire.encode_json(wire.HELLO, {'pid': 4242, 'role': 'app'})
+    raw.send_bytes(app_hello(4242)
                    + wire.encode(wire.SUB, b'\xff\xfe'))      # a topic that is not UTF-8
     wait_until(lambda: 'dropped the connection of process 4242' in broker.log,
                what='the bad connection to be dropped')
@@ -138,7 +138,7 @@ def test_the_broker_survives_garbage_a_silent_client_and_a_wrong_key_while_other
             connection = connect(address, b'sesame')
             attacks['connections'] += 1
             try:
-                connection.send_bytes(wire.encode_json(wire.HELLO, {'pid': 99, 'role': 'app'}))
+                connection.send_bytes(app_hello(99))
                 frames = []
                 for _ in range(50):
                     frame = wire.encode_message('chat', 'x', 0.0, None, False,

@@ -58,6 +58,23 @@ def test_malformed_batches_raise_a_protocol_error_that_says_what_is_wrong(batch,
         wire.decode_batch(batch, LIMIT)
 
 
+@pytest.mark.parametrize('timestamp, deadline', [
+    (1.0, float('inf')), (1.0, -float('inf')), (1.0, 1e300), (1.0, float('nan')),
+    (float('inf'), None), (-1e20, None), (float('nan'), 5.0),
+])
+def test_a_time_no_datetime_can_hold_is_a_protocol_error(timestamp, deadline):
+    frame = wire.encode_message('t', 'p-1', timestamp, deadline, False, b'')
+    with pytest.raises(ProtocolError, match='not within years 1 to 9999'):
+        wire.decode_batch(frame, LIMIT)
+
+
+def test_the_earliest_and_latest_expiry_a_sender_can_give_pass_the_wire():
+    from datetime import datetime
+    for expiry in (datetime(1, 1, 2), datetime(9999, 12, 30, 23, 59, 59)):
+        frame = wire.encode_message('t', 'p-1', 1.0, expiry.timestamp(), False, b'')
+        assert wire.decode_batch(frame, LIMIT)[0][6] == expiry.timestamp()
+
+
 def _valid_batch(draw_frames: list[bytes]) -> bytes:
     return b''.join(draw_frames)
 
