@@ -58,7 +58,8 @@ from .errors import ChannelsError, ProtocolError
 from .gate import Gate
 from .ordering import STOP, Sequencer
 from .registry import registry
-from .topics import TopicIndex, is_pattern, pattern_matcher, topic_size
+from .topics import (TopicIndex, is_match_all, is_pattern, is_unanchored, pattern_matcher,
+                     topic_size)
 from .workers import MessageBroker, Worker
 from .message import SECRET_BYTES, origin_of
 
@@ -206,6 +207,7 @@ class Peer:
         self.origin = ''            # what the id of every MESSAGE it sends starts with
         self.rejected = 0           # MESSAGE frames dropped: not its origin, or internal
         self.topics: dict[str, RemoteChannel] = {}
+        self.unanchored = 0         # of its topics, those that topics.is_unanchored
         self.outbox: SimpleQueue = SimpleQueue()
         self.messages_in = 0        # MESSAGE frames received (reader thread)
         self.messages_out = 0       # MESSAGE frames written (writer thread)
@@ -682,7 +684,8 @@ class Broker:
                  worker_timeout: float = 0.5, max_handshakes: int = 256,
                  handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0,
                  state_file: str | None = None, max_topic: int = 4096,
-                 max_subscriptions: int = 250_000, stall_timeout: float = 2.0) -> None:
+                 max_subscriptions: int = 250_000, max_unanchored: int = 1000,
+                 stall_timeout: float = 2.0) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -702,6 +705,7 @@ class Broker:
         self.partial_frame_timeout = partial_frame_timeout
         self.max_topic = max_topic                  # MAX_TOPIC_LENGTH, in UTF-8 bytes
         self.max_subscriptions = max_subscriptions  # MAX_SUBSCRIPTIONS, per process
+        self.max_unanchored = max_unanchored        # MAX_UNANCHORED_PATTERNS, per process
         # a topic of at most this many characters is within max_topic bytes for sure
         self.short_topic = min(64, max_topic // 4)
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
@@ -877,10 +881,18 @@ class Broker:
             # as applied, for the hold after a restart)
             if value not in peer.topics and not peer.closed \
                     and not wire.is_internal(value):
+                unanchored = is_unanchored(value)
                 if len(peer.topics) >= self.max_subscriptions:
-                    self._drop_for_breaking_a_limit(peer, f'it subscribed more than MAX_SUBSCRIPTIONS='
-                                        f'{self.max_subscriptions} distinct topics')
+                    self._drop_for_breaking_a_limit(
+                        peer, f'it subscribed more than MAX_SUBSCRIPTIONS='
+                              f'{self.max_subscriptions} distinct topics')
+                elif unanchored and peer.unanchored >= self.max_unanchored:
+                    self._drop_for_breaking_a_limit(
+                        peer, f'it subscribed more than MAX_UNANCHORED_PATTERNS='
+                              f'{self.max_unanchored} patterns with neither a literal prefix '
+                              f'nor a literal suffix')
                 else:
+                    peer.unanchored += unanchored
                     channel = peer.topics[value] = RemoteChannel(value, peer)
                     with self.index_lock:
                         self.index.add(value, channel)
@@ -891,6 +903,7 @@ class Broker:
         elif kind == _UNSUB:
             channel = peer.topics.pop(value, None)
             if channel is not None:
+                peer.unanchored -= is_unanchored(value)
                 with self.index_lock:
                     self.index.remove(value, channel)
         elif kind == _PING:
@@ -1053,7 +1066,10 @@ class Broker:
                 continue
             if item.topic != last_topic:
                 last_topic = item.topic
-                peers = list({channel.peer: None for channel in match(last_topic)})
+                if is_match_all(last_topic):     # every subscription matches: no scan
+                    peers = [peer for peer in list(self.peers.values()) if peer.topics]
+                else:
+                    peers = list({channel.peer: None for channel in match(last_topic)})
             for peer in peers:            # once per process, however many topics match
                 if peer.closed:
                     continue

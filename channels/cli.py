@@ -148,6 +148,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         state_file=_state_file(args),
                         max_topic=settings.get('MAX_TOPIC_LENGTH'),
                         max_subscriptions=settings.get('MAX_SUBSCRIPTIONS'),
+                        max_unanchored=settings.get('MAX_UNANCHORED_PATTERNS'),
                         stall_timeout=settings.get('STALL_TIMEOUT'),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:

@@ -50,7 +50,7 @@ from .message import Message
 from .ordering import STOP, Mailbox, Sequencer
 from .prefork import prefork_server
 from .registry import registry as _registry
-from .topics import TopicIndex, too_long
+from .topics import TopicIndex, is_unanchored, too_long
 from .wire import INTERNAL_PREFIX as _INTERNAL
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ class Machinery:
         self.link: BrokerLink | None = None   # the broker connection, in broker mode
         self.max_topic_length: int = settings.get('MAX_TOPIC_LENGTH')
         self.max_subscriptions: int = settings.get('MAX_SUBSCRIPTIONS')
+        self.max_unanchored: int = settings.get('MAX_UNANCHORED_PATTERNS')
 
     def __repr__(self) -> str:
         return (f'<Machinery {self.state} brokers={len(self.brokers)} '
@@ -406,6 +407,7 @@ class Runtime:
     def __init__(self) -> None:
         self.state_lock = threading.RLock()
         self.machinery: Machinery | None = None
+        self.unanchored = 0     # distinct subscribed topics that topics.is_unanchored
         self._atexit_registered = False
         self._finalized_pid = 0
         self._pid = os.getpid()
@@ -553,6 +555,16 @@ class Runtime:
                     f'{len(self.registry)} distinct topics, and MAX_SUBSCRIPTIONS is '
                     f'{machinery.max_subscriptions}. Unsubscribe channels you no longer '
                     f'need, or raise the setting (in every process and the broker)')
+            unanchored = is_unanchored(topic) and topic not in self.registry
+            if unanchored and self.unanchored >= machinery.max_unanchored:
+                raise SubscriptionLimitError(
+                    f'cannot subscribe {channel!r}: this process subscribes '
+                    f'{self.unanchored} patterns with neither a literal prefix nor a literal '
+                    f'suffix, each tried for every message, and MAX_UNANCHORED_PATTERNS is '
+                    f'{machinery.max_unanchored}. Give the pattern a literal start or end '
+                    f"('chat.*', '*.created'), or raise the setting (in every process and "
+                    f'the broker)')
+            self.unanchored += unanchored
             # a new tuple per subscription: tasks of an earlier one are told apart and dropped
             subscription = (runner, handler)
             if isinstance(runner, CoroutineRunner):
@@ -569,9 +581,10 @@ class Runtime:
                 return
             channel._subscription = None
             machinery = self.machinery
-            if self.registry.remove(channel.topic, channel) and machinery is not None \
-                    and machinery.link is not None:
-                machinery.link.unsubscribe(channel.topic)
+            if self.registry.remove(channel.topic, channel):
+                self.unanchored -= is_unanchored(channel.topic)
+                if machinery is not None and machinery.link is not None:
+                    machinery.link.unsubscribe(channel.topic)
         if machinery is not None:
             self._send_event(machinery, UNSUBSCRIBE_TOPIC, channel.topic)
 

@@ -212,6 +212,12 @@ _SETTINGS.update({
         250_000, _positive_int,
         'distinct topics one process may subscribe: past it subscribe() raises '
         'SubscriptionLimitError, and the broker drops a process that subscribes more'),
+    'MAX_UNANCHORED_PATTERNS': _Setting(
+        1000, _positive_int,
+        'distinct patterns with neither a literal prefix nor a literal suffix (such as '
+        '*x*) one process may subscribe: each is tried for every message. Past it '
+        'subscribe() raises SubscriptionLimitError, and the broker drops a process that '
+        'subscribes more'),
     'STALL_TIMEOUT': _Setting(
         2.0, _positive_float,
         'seconds a process may leave what was written to it unread before the broker '

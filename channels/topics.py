@@ -115,6 +115,17 @@ def literal_suffix(pattern: str) -> str:
     return pattern if found is None else pattern[found.start() + 1:]
 
 
+def is_unanchored(topic: str) -> bool:
+    """True for a pattern with neither a literal prefix nor a literal suffix (``*x*``,
+    ``*``): the index cannot narrow those, so each is tried for every message."""
+    return is_pattern(topic) and not literal_prefix(topic) and not literal_suffix(topic)
+
+
+def is_match_all(topic: str) -> bool:
+    """True for a topic made of ``*`` only, which matches every topic."""
+    return not topic.strip('*')
+
+
 def matches(subscription: str, topic: str) -> bool:
     """The matching rule: does a subscription to *subscription* receive a message to *topic*?"""
     return subscription == topic or fnmatchcase(topic, subscription) \

@@ -170,6 +170,21 @@ def test_a_channel_on_a_topic_already_subscribed_does_not_count_against_the_limi
     assert all(channel.handler is not None for channel in kept[1:])
 
 
+def test_subscribing_past_max_unanchored_patterns_raises():
+    # '*x*' has neither a literal start nor end: each is tried for every message
+    channels.configure(MAX_UNANCHORED_PATTERNS=2)
+    kept = [Channel('*a*', Recorder()), Channel('*b?', Recorder()), Channel('*a*', Recorder())]
+    with pytest.raises(SubscriptionLimitError, match='MAX_UNANCHORED_PATTERNS is 2'):
+        Channel('*c*', Recorder())
+    kept += [Channel('chat.*', Recorder()), Channel('*.created', Recorder())]   # anchored
+    kept[0].unsubscribe()
+    with pytest.raises(SubscriptionLimitError):      # '*a*' still has kept[2]
+        Channel('*c*', Recorder())
+    kept[2].unsubscribe()
+    kept.append(Channel('*c*', Recorder()))          # '*a*' is gone: room for one
+    assert kept[-1].handler is not None
+
+
 # -- at the broker -------------------------------------------------------------------
 
 def _raw_app(address: str, pid: int):
@@ -234,3 +249,45 @@ def test_subscriptions_past_max_subscriptions_drop_that_connection(broker_addres
                 raw.close()
     finally:
         broker.stop()
+
+
+def test_unanchored_patterns_past_the_limit_drop_that_connection(broker_address):
+    broker = BrokerProcess(broker_address, env=dict(
+        os.environ, CHANNELS_MAX_UNANCHORED_PATTERNS='10')).start()
+    try:
+        with app_processes(broker.address, 2) as (a, b):
+            b.subscribe('honest')
+            broker.wait_subscribed(b.pid, ['honest'])
+            raw = _raw_app(broker.address, 11)
+            try:
+                raw.send_bytes(b''.join(wire.encode(wire.SUB, f'*a*b{n}*'.encode())
+                                        for n in range(15)))
+                wait_until(lambda: 'dropped the connection of process 11: it subscribed '
+                                   'more than MAX_UNANCHORED_PATTERNS=10' in broker.log,
+                           what='the process over the limit to be dropped')
+                wait_until(lambda: broker.process_stats(11) is None,
+                           what='its subscriptions to go')
+                a.send_many('honest', 20)
+                assert len(b.wait_received('honest', 20)) == 20
+            finally:
+                raw.close()
+    finally:
+        broker.stop()
+
+
+def test_a_star_send_reaches_every_subscribed_process_once(broker):
+    with app_processes(broker.address, 3) as (a, b, c):
+        b.subscribe('room.1')
+        b.subscribe('room.2')
+        c.subscribe('*')
+        broker.wait_subscribed(b.pid, ['room.1', 'room.2'])
+        broker.wait_subscribed(c.pid, ['*'])
+        a.send_many('**', 5)
+        a.send_many('room.1', 1, start=5)         # behind them, from the same sender
+        b.wait_received('room.1', 6)
+        wait_until(lambda: any(t == 'room.1' for t, _ in c.received('*')), what='the marker')
+        sent = [('**', n) for n in range(5)]
+        assert [(t, d['n']) for t, d in b.received('room.1')] == sent + [('room.1', 5)]
+        assert [(t, d['n']) for t, d in b.received('room.2')] == sent
+        assert [(t, d['n']) for t, d in c.received('*') if t.startswith(('*', 'room'))] \
+            == sent + [('room.1', 5)]
