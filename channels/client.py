@@ -579,7 +579,7 @@ class BrokerLink:
                             break
                         backoff = min(backoff * 2, _BACKOFF_MAX)
                 try:
-                    self._connect(pending)
+                    self._connect(pending, unreachable_before=failures > 0)
                     pending = []
                 except ChannelsError as exc:
                     failures += 1
@@ -644,10 +644,10 @@ class BrokerLink:
                 self._lost = connection
         return frames[written:]
 
-    def _connect(self, pending: list[Any]) -> None:
+    def _connect(self, pending: list[Any], unreachable_before: bool = False) -> None:
         """Connect, register every subscription, then send again what the broker has not
         confirmed, then the PINGs still queued (*pending*: what the sender had taken and
-        not written)."""
+        not written). *unreachable_before*: earlier attempts of this connection failed."""
         try:
             connection = connect(self.address, self.authkey, self.handshake_timeout,
                                  opened=self._opened)
@@ -691,7 +691,10 @@ class BrokerLink:
             frames = again + controls + waiting + ([ping] if ping else []) + fences
             for group in wire.group_frames(frames):
                 connection.send_bytes(b''.join(group))
-            if again and first:
+            if again and first and unreachable_before:
+                # the broker was not there when these were sent: processes that connect
+                # after this one never get them (a first connect that merely takes a
+                # moment, with every process connected already, is nothing to warn of)
                 logger.warning('connected to the broker on %s for the first time and sent '
                                'it %d messages buffered before: they reach only the '
                                'processes that are connected and subscribed by now, not '

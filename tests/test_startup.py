@@ -146,3 +146,14 @@ def test_messages_buffered_before_the_first_connection_are_counted_in_one_warnin
     assert len(first) == 1 and first[0].levelno == logging.WARNING, caplog.text
     assert 'sent it 3 messages buffered before' in first[0].getMessage()
     assert 'not those that connect later' in first[0].getMessage()
+
+
+def test_a_first_send_to_a_broker_that_is_up_gives_no_warning(broker, caplog):
+    # the first send starts the link, which connects a moment later: those messages were
+    # buffered, but every process that is connected gets them; nothing to warn of
+    channels.configure(BROKER_ADDRESS=broker.address)
+    with caplog.at_level(logging.INFO, logger='channels'):
+        for n in range(3):
+            Channel('chat').send({'n': n})
+        assert channels.flush(20)
+    assert 'for the first time' not in caplog.text
