@@ -204,6 +204,7 @@ class Bridge:
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._halting = False             # the loop's own view of stopping
         self._started = False
         self._connected = False
         self._down_since: float | None = None
@@ -302,6 +303,15 @@ class Bridge:
             loop.run_until_complete(self._main(ready, outcome))
         finally:
             try:
+                # What the clients left behind (nats-py's consumer checks): cancelled.
+                left = asyncio.all_tasks(loop)
+                for task in left:
+                    task.cancel()
+                loop.run_until_complete(asyncio.wait_for(
+                    asyncio.gather(*left, return_exceptions=True), 1.0))
+            except BaseException:
+                logger.debug('tasks left on the bridge loop did not end', exc_info=True)
+            try:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
@@ -332,6 +342,8 @@ class Bridge:
                 resynced = True
                 self._mark_up()
             except Exception as exc:
+                if self._halting:
+                    return
                 self._mark_down(f'reading failed: {exc!r}')
         else:
             self._mark_down(f'{self.url} does not answer')
@@ -340,14 +352,15 @@ class Bridge:
         self._tasks = [asyncio.create_task(self._send_loop(), name='bridge-send'),
                        asyncio.create_task(self._read_loop(not resynced), name='bridge-read')]
         await self._stop_event.wait()
+        self._halting = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.wait(self._tasks, timeout=1.0)
         await self._close_engine()
 
     async def _close_engine(self) -> None:
         try:
-            await asyncio.wait_for(self.engine.close(), 2.0)
+            await asyncio.wait_for(self.engine.close(), 1.5)
         except BaseException:
             logger.debug('closing the bridge engine failed', exc_info=True)
 
@@ -482,6 +495,8 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._halting:       # a client may turn cancelling into its own error
+                    return
                 self._mark_down(f'sending failed: {exc!r}')
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -516,6 +531,8 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._halting:
+                    return
                 self._mark_down(f'reading failed: {exc!r}')
                 resync = True
                 await asyncio.sleep(backoff)

@@ -142,7 +142,7 @@ class NatsEngine:
             name=self.stream, subjects=[self.subject], storage=api.StorageType.FILE,
             retention=api.RetentionPolicy.LIMITS, discard=api.DiscardPolicy.OLD,
             max_msgs=self.retention.entries, max_age=float(self.retention.seconds),
-            duplicate_window=_DUPLICATE_WINDOW)
+            duplicate_window=min(_DUPLICATE_WINDOW, float(self.retention.seconds)))
         errors = self._nats.js.errors
         try:
             return await self.js.add_stream(config)
@@ -153,6 +153,10 @@ class NatsEngine:
             raise ConfigurationError(
                 f'NATS at {self.shown} has no JetStream ({exc!r}); start nats-server with '
                 f'-js (and a store directory, -sd DIR)') from None
+        except errors.APIError as exc:
+            raise ConfigurationError(f'NATS at {self.shown} refused the stream '
+                                     f'{self.stream!r} ({exc}); check the retention and the '
+                                     f'account\'s JetStream limits') from None
 
     async def _error(self, exc: Exception) -> None:
         logger.debug('nats: %r', exc)
@@ -208,8 +212,7 @@ class NatsEngine:
         elif state.messages and state.first_seq > self.position + 1:
             cause = self._trimmed(state.first_seq - self.position - 1)
         self.created = created
-        self._buffer = []
-        self._down = False
+        self._down = False            # (what _buffer holds is read: position is past it)
         api = self._nats.js.api
         self.sub = await self.js.subscribe(
             self.subject, stream=self.stream, cb=self._on_message, ordered_consumer=True,
@@ -265,6 +268,12 @@ class NatsEngine:
 
     async def close(self) -> None:
         """Close the connection (without waiting for a server that does not answer)."""
+        if self.sub is not None:
+            sub, self.sub = self.sub, None
+            try:
+                await asyncio.wait_for(sub.unsubscribe(), 0.5)
+            except Exception:
+                pass
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
 
