@@ -59,6 +59,7 @@ class NatsEngine:
         self.max_entry_bytes = 1024 * 1024 - 4096
         self.position: int | None = None      # the last stream sequence read
         self.created: str | None = None       # the stream's creation time, as last seen
+        self.since: float | None = None       # when open() found no server
         self.nc: Any = None
         self.js: Any = None
         self.sub: Any = None
@@ -74,7 +75,10 @@ class NatsEngine:
     async def open(self) -> bool:
         """Connect and make sure of the stream: True when up, False when nothing
         answers; ConfigurationError when something else answers."""
-        return await self._connect()
+        up = await self._connect()
+        if not up:
+            self.since = time.time()
+        return up
 
     async def _probe(self) -> bool:
         """False if nothing listens; ConfigurationError if what listens is not NATS (a
@@ -109,22 +113,23 @@ class NatsEngine:
                 return False
             nats = self._nats
             try:
-                self.nc = await nats.connect(
+                # The first attempt fails at once (a wrong password is not retried for
+                # ever); once connected, nats-py reconnects without end.
+                nc = await nats.connect(
                     self.url, name='mpchannels-bridge', connect_timeout=2,
-                    allow_reconnect=True, max_reconnect_attempts=-1,
+                    allow_reconnect=False, max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25, ping_interval=1, max_outstanding_pings=2,
                     error_cb=self._error, disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected)
-            except nats.errors.NoServersError as exc:
-                cause = exc.__cause__ or exc.__context__
-                if cause is not None and 'authorization' in str(cause).lower():
-                    raise self._auth_error(cause) from None
+            except (OSError, TimeoutError, nats.errors.NoServersError):
                 return False
-            except Exception as exc:
+            except nats.errors.Error as exc:
                 if 'authorization' in str(exc).lower():
                     raise self._auth_error(exc) from None
                 raise ConfigurationError(f'NATS at {self.shown} refused the connection: '
-                                         f'{exc!r}') from None
+                                         f'{exc}') from None
+            nc.options['allow_reconnect'] = True
+            self.nc = nc
             self.js = self.nc.jetstream(timeout=2.0)
             self.max_entry_bytes = min(self.max_entry_bytes, self.nc.max_payload - 4096)
             await self._ensure_stream()
@@ -199,10 +204,17 @@ class NatsEngine:
             except Exception:
                 pass
         info = await self._ensure_stream()
+        api = self._nats.js.api
         state = info.state
         created = str(info.created)
         cause = None
-        if self.position is None:
+        start = {'deliver_policy': api.DeliverPolicy.BY_START_SEQUENCE}
+        if self.position is None and self.since is not None:
+            # Started while the server was away: what was appended since then is ours.
+            start = {'deliver_policy': api.DeliverPolicy.BY_START_TIME,
+                     'opt_start_time': time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(
+                         self.since - 1)) + 'Z'}
+        elif self.position is None:
             self.position = state.last_seq
         elif (self.created is not None and created != self.created) \
                 or state.last_seq < self.position:
@@ -213,12 +225,11 @@ class NatsEngine:
             cause = self._trimmed(state.first_seq - self.position - 1)
         self.created = created
         self._down = False            # (what _buffer holds is read: position is past it)
-        api = self._nats.js.api
+        if self.position is not None:
+            start['opt_start_seq'] = self.position + 1
         self.sub = await self.js.subscribe(
             self.subject, stream=self.stream, cb=self._on_message, ordered_consumer=True,
-            idle_heartbeat=1.0, config=api.ConsumerConfig(
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=self.position + 1))
+            idle_heartbeat=1.0, config=api.ConsumerConfig(**start))
         if cause:
             self._recent_cause = (time.monotonic(), cause)
         return cause

@@ -54,6 +54,8 @@ class RedisEngine:
         except ImportError as exc:
             raise _missing_extra('redis', 'redis', exc) from None
         self._redis = redis
+        self.password = parts.password
+        self.since: float | None = None       # when open() found no server
         self.url = url
         self.shown = redact_url(url)
         self.retention = retention
@@ -85,6 +87,10 @@ class RedisEngine:
         try:
             info = await self.writer.info('server')
         except errors.AuthenticationError as exc:
+            if self.password is None:
+                raise ConfigurationError(
+                    f'Redis at {self.shown} needs a password ({exc}); put it in the bridge '
+                    f'URL: redis://:password@host:port/db') from None
             raise ConfigurationError(
                 f'Redis at {self.shown} refused the credentials ({exc}); put the right '
                 f'user and password in the bridge URL: redis://user:password@host:port/db'
@@ -98,6 +104,7 @@ class RedisEngine:
                                      f'{exc}') from None
         except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
             if _unreachable(exc):
+                self.since = time.time()
                 return False
             raise ConfigurationError(
                 f'{self.shown} answered, but not as a Redis server ({exc}); check the host '
@@ -133,7 +140,11 @@ class RedisEngine:
             self.position = '0-0'
         self.epoch = epoch
         info = await self._info()
-        if self.position is None:
+        if self.position is None and self.since is not None:
+            # Started while Redis was away: what was appended since then is ours (ids
+            # are Redis's clock in ms; a second of margin for clocks that differ).
+            self.position = f'{int((self.since - 1) * 1000)}-0'
+        elif self.position is None:
             self.position = (info['last-generated-id'].decode()
                              if info else '0-0')
         elif cause is None and info and info.get('first-entry'):
