@@ -480,7 +480,8 @@ class Bridge:
                     left = last_sent + HEARTBEAT_SECONDS - time.monotonic()
                     if left > 0:
                         try:
-                            await asyncio.wait_for(self._wake.wait(), left)
+                            async with asyncio.timeout(left):   # cheaper than wait_for
+                                await self._wake.wait()
                         except TimeoutError:
                             pass
                         self._wake.clear()

@@ -256,7 +256,8 @@ class NatsEngine:
             raise ConnectionError(f'disconnected from {self.shown}')
         if not self._buffer:
             try:
-                await asyncio.wait_for(self._arrived.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._arrived.wait()
             except TimeoutError:
                 pass
             self._arrived.clear()

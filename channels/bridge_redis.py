@@ -192,6 +192,8 @@ class RedisEngine:
         """Close both connections."""
         for client in (self.reader, self.writer):
             if client is not None:
+                if client.connection is not None:     # also one that failed half-way
+                    await client.connection.disconnect()
                 await client.aclose()
 
     def position_text(self) -> str:
