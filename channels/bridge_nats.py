@@ -112,22 +112,25 @@ class NatsEngine:
             if not await self._probe():
                 return False
             nats = self._nats
+            nc = nats.NATS()
             try:
                 # The first attempt fails at once (a wrong password is not retried for
                 # ever); once connected, nats-py reconnects without end.
-                nc = await nats.connect(
+                await nc.connect(
                     self.url, name='mpchannels-bridge', connect_timeout=2,
                     allow_reconnect=False, max_reconnect_attempts=-1,
                     reconnect_time_wait=0.25, ping_interval=1, max_outstanding_pings=2,
                     error_cb=self._error, disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected)
-            except (OSError, TimeoutError, nats.errors.NoServersError):
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                await self._discard(nc)
+                if isinstance(exc, nats.errors.Error) and \
+                        not isinstance(exc, nats.errors.NoServersError):
+                    if 'authorization' in str(exc).lower():
+                        raise self._auth_error(exc) from None
+                    raise ConfigurationError(f'NATS at {self.shown} refused the '
+                                             f'connection: {exc}') from None
                 return False
-            except nats.errors.Error as exc:
-                if 'authorization' in str(exc).lower():
-                    raise self._auth_error(exc) from None
-                raise ConfigurationError(f'NATS at {self.shown} refused the connection: '
-                                         f'{exc}') from None
             nc.options['allow_reconnect'] = True
             self.nc = nc
             self.js = self.nc.jetstream(timeout=2.0)
@@ -135,6 +138,21 @@ class NatsEngine:
             await self._ensure_stream()
             self._down = False
             return True
+
+    @staticmethod
+    async def _discard(nc: Any) -> None:
+        """Close what a failed first connect left open (nats-py leaves its socket)."""
+        transport = getattr(nc, '_transport', None)
+        try:
+            if transport is not None:
+                transport.close()
+                await asyncio.wait_for(transport.wait_closed(), 1.0)
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(nc.close(), 1.0)
+        except Exception:
+            pass
 
     def _auth_error(self, exc: BaseException) -> ConfigurationError:
         return ConfigurationError(
