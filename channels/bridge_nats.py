@@ -1,0 +1,322 @@
+"""The bridge's NATS engine: one JetStream stream per namespace, through nats-py.
+
+* The stream ``{ns}`` (file storage) holds the subject ``{ns}.entries``, limited to the
+  retention's entries (``max_msgs``) and seconds (``max_age``), discarding the oldest.
+* Sending: a JetStream publish per entry; its PubAck is the acknowledgement. A data entry
+  carries ``Nats-Msg-Id``, so JetStream itself drops most resends within its duplicate
+  window (the receivers drop the rest).
+* Reading: an ordered push consumer (nats-py's: flow control, idle heartbeats, recreated
+  at a sequence mismatch) from the stream sequence after the last one read. After every
+  reconnect the bridge checks the stream: recreated (another ``created`` time, or its
+  sequence went back) means the server lost its data; a first sequence beyond the last
+  one read means entries were removed by the limits before this broker read them.
+* Liveness: nats-py pings the server every second and gives up on the connection after
+  two unanswered pings; an idle reader also flushes (a round trip) once a second.
+
+nats-py does reconnecting, TLS (``tls://``) and user/password or token auth from the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+from urllib.parse import SplitResult
+
+from .bridge import LIVENESS_SECONDS, Retention, _missing_extra, redact_url
+from .errors import ConfigurationError
+
+__all__ = ['NatsEngine']
+
+logger = logging.getLogger(__name__)
+
+_DUPLICATE_WINDOW = 120.0
+
+
+class NatsEngine:
+    """One JetStream stream as the bridge's engine (used by :class:`channels.bridge.Bridge`)."""
+
+    name = 'nats'
+
+    def __init__(self, url: str, parts: SplitResult, namespace: str,
+                 retention: Retention) -> None:
+        try:
+            import nats
+            import nats.errors
+            import nats.js.api
+            import nats.js.errors
+        except ImportError as exc:
+            raise _missing_extra('nats', 'nats-py', exc) from None
+        self._nats = nats
+        self.url = url
+        self.shown = redact_url(url)
+        self.host = parts.hostname
+        self.port = parts.port or 4222
+        self.retention = retention
+        self.stream = namespace
+        self.subject = f'{namespace}.entries'
+        self.max_entry_bytes = 1024 * 1024 - 4096
+        self.position: int | None = None      # the last stream sequence read
+        self.created: str | None = None       # the stream's creation time, as last seen
+        self.since: float | None = None       # when open() found no server
+        self.nc: Any = None
+        self.js: Any = None
+        self.sub: Any = None
+        self._buffer: list[bytes] = []
+        self._arrived = asyncio.Event()
+        self._down = False
+        self._recent_cause: tuple[float, str] | None = None
+        self._gap_cause: str | None = None
+        self._connecting = asyncio.Lock()
+
+    # connecting ------------------------------------------------------------------------
+
+    async def open(self) -> bool:
+        """Connect and make sure of the stream: True when up, False when nothing
+        answers; ConfigurationError when something else answers."""
+        up = await self._connect()
+        if not up:
+            self.since = time.time()
+        return up
+
+    async def _probe(self) -> bool:
+        """False if nothing listens; ConfigurationError if what listens is not NATS (a
+        NATS server sends ``INFO`` first, in plain text even for TLS)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), 2.0)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            greeting = await asyncio.wait_for(reader.read(5), 2.0)
+        except (OSError, TimeoutError):
+            greeting = b''
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+        if greeting != b'INFO ':
+            raise ConfigurationError(
+                f'{self.shown} answered, but not as a NATS server (it sent {greeting!r} '
+                f'instead of INFO); check the host and port of the bridge URL (a Redis '
+                f'server takes redis://)')
+        return True
+
+    async def _connect(self) -> bool:
+        async with self._connecting:
+            if self.nc is not None and not self.nc.is_closed:
+                return self.nc.is_connected
+            if not await self._probe():
+                return False
+            nats = self._nats
+            nc = nats.NATS()
+            try:
+                # The first attempt fails at once (a wrong password is not retried for
+                # ever); once connected, nats-py reconnects without end.
+                await nc.connect(
+                    self.url, name='mpchannels-bridge', connect_timeout=2,
+                    allow_reconnect=False, max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25, ping_interval=1, max_outstanding_pings=2,
+                    error_cb=self._error, disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected)
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                await self._discard(nc)
+                if isinstance(exc, nats.errors.Error) and \
+                        not isinstance(exc, nats.errors.NoServersError):
+                    if 'authorization' in str(exc).lower():
+                        raise self._auth_error(exc) from None
+                    raise ConfigurationError(f'NATS at {self.shown} refused the '
+                                             f'connection: {exc}') from None
+                return False
+            nc.options['allow_reconnect'] = True
+            self.nc = nc
+            self.js = self.nc.jetstream(timeout=2.0)
+            self.max_entry_bytes = min(self.max_entry_bytes, self.nc.max_payload - 4096)
+            await self._ensure_stream()
+            self._down = False
+            return True
+
+    @staticmethod
+    async def _discard(nc: Any) -> None:
+        """Close what a failed first connect left open (nats-py leaves its socket)."""
+        transport = getattr(nc, '_transport', None)
+        try:
+            if transport is not None:
+                transport.close()
+                await asyncio.wait_for(transport.wait_closed(), 1.0)
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(nc.close(), 1.0)
+        except Exception:
+            pass
+
+    def _auth_error(self, exc: BaseException) -> ConfigurationError:
+        return ConfigurationError(
+            f'NATS at {self.shown} refused the credentials ({exc}); put the right ones in '
+            f'the bridge URL: nats://user:password@host:port or nats://token@host:port')
+
+    async def _ensure_stream(self) -> Any:
+        api = self._nats.js.api
+        config = api.StreamConfig(
+            name=self.stream, subjects=[self.subject], storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS, discard=api.DiscardPolicy.OLD,
+            max_msgs=self.retention.entries, max_age=float(self.retention.seconds),
+            duplicate_window=min(_DUPLICATE_WINDOW, float(self.retention.seconds)))
+        errors = self._nats.js.errors
+        try:
+            return await self.js.add_stream(config)
+        except errors.BadRequestError:          # it exists with other limits: ours now
+            return await self.js.update_stream(config)
+        except (errors.NoStreamResponseError, self._nats.errors.NoRespondersError,
+                errors.ServiceUnavailableError) as exc:
+            raise ConfigurationError(
+                f'NATS at {self.shown} has no JetStream ({exc!r}); start nats-server with '
+                f'-js (and a store directory, -sd DIR)') from None
+        except errors.APIError as exc:
+            raise ConfigurationError(f'NATS at {self.shown} refused the stream '
+                                     f'{self.stream!r} ({exc}); check the retention and the '
+                                     f'account\'s JetStream limits') from None
+
+    async def _error(self, exc: Exception) -> None:
+        logger.debug('nats: %r', exc)
+
+    async def _disconnected(self) -> None:
+        self._down = True
+        self._arrived.set()
+
+    async def _reconnected(self) -> None:
+        self._arrived.set()
+
+    # sending and reading ---------------------------------------------------------------
+
+    async def append(self, data: bytes, key: str | None) -> None:
+        """Publish one entry; returns once JetStream acknowledged it."""
+        if self.nc is None or self.nc.is_closed:
+            if not await self._connect():
+                raise ConnectionError(f'{self.shown} does not answer')
+        if not self.nc.is_connected:
+            raise ConnectionError(f'not connected to {self.shown}')
+        try:
+            await self.js.publish(self.subject, data, timeout=LIVENESS_SECONDS,
+                                  stream=self.stream,
+                                  headers={'Nats-Msg-Id': key} if key else None)
+        except self._nats.js.errors.NoStreamResponseError:
+            await self._ensure_stream()        # the server lost the stream: make it again
+            raise
+
+    async def resync(self) -> str | None:
+        """After (re)connecting: check the stream, subscribe after the last sequence read."""
+        if self.nc is None or self.nc.is_closed:
+            if not await self._connect():
+                raise ConnectionError(f'{self.shown} does not answer')
+        if not self.nc.is_connected:
+            raise ConnectionError(f'not connected to {self.shown}')
+        if self.sub is not None:
+            sub, self.sub = self.sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        info = await self._ensure_stream()
+        api = self._nats.js.api
+        state = info.state
+        created = str(info.created)
+        cause = None
+        start = {'deliver_policy': api.DeliverPolicy.BY_START_SEQUENCE}
+        if self.position is None and self.since is not None:
+            # Started while the server was away: what was appended since then is ours.
+            start = {'deliver_policy': api.DeliverPolicy.BY_START_TIME,
+                     'opt_start_time': time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(
+                         self.since - 1)) + 'Z'}
+        elif self.position is None:
+            self.position = state.last_seq
+        elif (self.created is not None and created != self.created) \
+                or state.last_seq < self.position:
+            cause = ('the JetStream stream was recreated (the NATS server lost its store, or '
+                     'the stream was deleted)')
+            self.position = 0
+        elif state.messages and state.first_seq > self.position + 1:
+            cause = self._trimmed(state.first_seq - self.position - 1)
+        self.created = created
+        self._down = False            # (what _buffer holds is read: position is past it)
+        if self.position is not None:
+            start['opt_start_seq'] = self.position + 1
+        self.sub = await self.js.subscribe(
+            self.subject, stream=self.stream, cb=self._on_message, ordered_consumer=True,
+            idle_heartbeat=1.0, config=api.ConsumerConfig(**start))
+        if cause:
+            self._recent_cause = (time.monotonic(), cause)
+        return cause
+
+    def _trimmed(self, entries: int) -> str:
+        return (f'{entries} stream entries were removed by the stream limits before this '
+                f'broker read them (it keeps {self.retention.entries} entries for '
+                f'{self.retention.seconds:g}s: raise the retention)')
+
+    async def _on_message(self, msg: Any) -> None:
+        sequence = msg.metadata.sequence.stream
+        if self.position is not None:
+            if sequence <= self.position:
+                return                           # delivered again after a consumer reset
+            if sequence > self.position + 1:
+                self._gap_cause = self._trimmed(sequence - self.position - 1)
+        self.position = sequence
+        self._buffer.append(msg.data)
+        self._arrived.set()
+
+    async def read(self) -> list[bytes]:
+        """The entries delivered since the last call (waiting up to a second for some)."""
+        if self._down or self.nc is None or not self.nc.is_connected:
+            raise ConnectionError(f'disconnected from {self.shown}')
+        if not self._buffer:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+            self._arrived.clear()
+            if self._down or not self.nc.is_connected:
+                raise ConnectionError(f'disconnected from {self.shown}')
+            if not self._buffer:
+                await self.nc.flush(timeout=LIVENESS_SECONDS)    # proves the link is alive
+                return []
+        entries, self._buffer = self._buffer, []
+        return entries
+
+    async def loss_cause(self) -> str | None:
+        """Why entries are missing, as far as JetStream can tell."""
+        cause, self._gap_cause = self._gap_cause, None
+        if cause:
+            return cause
+        if self._recent_cause and time.monotonic() - self._recent_cause[0] < 30:
+            return self._recent_cause[1]
+        return None
+
+    async def close(self) -> None:
+        """Close the connection (without waiting for a server that does not answer)."""
+        if self.sub is not None:
+            sub, self.sub = self.sub, None
+            try:
+                await asyncio.wait_for(sub.unsubscribe(), 0.5)
+            except Exception:
+                pass
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+    def position_text(self) -> str:
+        """The last stream sequence read (stats)."""
+        return str(self.position) if self.position is not None else '$'
+
+    def save_position(self) -> Any:
+        """The sequence and the stream's creation time, for a restarted broker."""
+        return {'seq': self.position, 'created': self.created}
+
+    def load_position(self, saved: Any) -> None:
+        """Resume from what save_position() returned."""
+        if isinstance(saved, dict) and saved.get('seq') is not None:
+            self.position = int(saved['seq'])
+            self.created = saved.get('created')
