@@ -269,6 +269,11 @@ class Bridge:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The bridge's thread, once started (it runs the engine client's event loop)."""
+        return self._thread
+
     # lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> None:

@@ -54,7 +54,8 @@ import psutil
 
 from . import statefile, wire
 from .connection import Address, format_address, listen
-from .errors import ChannelsError, ProtocolError
+from .errors import ChannelsError, ConfigurationError, ProtocolError
+from .bridge import Bridge, Retention
 from .gate import Gate
 from .ordering import STOP, Sequencer
 from .registry import registry
@@ -552,6 +553,27 @@ def _group(items: list[tuple[bytes, int]]) -> list[list[tuple[bytes, int]]]:
     return groups
 
 
+class _OtherMachines:
+    """The sender of what the bridge brings in (the brokers of other machines), in the
+    bookkeeping that routing keeps per sender, as a :class:`Peer` is for a process."""
+
+    pid = 0
+    name = 'bridge'
+
+    def __init__(self) -> None:
+        self.batches_put = 0
+        self.batches_routed = 0
+
+    def __repr__(self) -> str:
+        return '<other machines, through the bridge>'
+
+
+BRIDGE_ORDERS = ('local', 'engine')
+"""``local``: a message reaches this machine's processes at once, and the others through
+the engine. ``engine``: every message, this machine's too, is routed when it comes back
+from the engine, so every channel on every machine sees one order."""
+
+
 class _Inbound:
     """The one inbound queue: batches of items from every reader, in arrival order.
 
@@ -685,7 +707,10 @@ class Broker:
                  handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0,
                  state_file: str | None = None, max_topic: int = 4096,
                  max_subscriptions: int = 250_000, max_unanchored: int = 1000,
-                 stall_timeout: float = 2.0) -> None:
+                 stall_timeout: float = 2.0, bridge_url: str | None = None,
+                 bridge_namespace: str = 'mpchannels', bridge_order: str = 'local',
+                 bridge_max_pending: int = 64 * 1024 * 1024,
+                 bridge_retention: Retention = Retention()) -> None:
         if isinstance(address, tuple) and authkey is None:
             raise ChannelsError(
                 f'a TCP address ({format_address(address)}) requires an authkey: anyone who '
@@ -706,6 +731,20 @@ class Broker:
         self.max_topic = max_topic                  # MAX_TOPIC_LENGTH, in UTF-8 bytes
         self.max_subscriptions = max_subscriptions  # MAX_SUBSCRIPTIONS, per process
         self.max_unanchored = max_unanchored        # MAX_UNANCHORED_PATTERNS, per process
+        if bridge_order not in BRIDGE_ORDERS:
+            raise ConfigurationError(f'the bridge order must be one of '
+                                     f'{", ".join(BRIDGE_ORDERS)}, got {bridge_order!r}')
+        if bridge_url is not None and not (broker_class is MessageBroker
+                                           and broker_threads == 1):
+            raise ConfigurationError('a bridge routes with the default broker: one routing '
+                                     'thread and no --broker-class')
+        self.bridge_url = bridge_url
+        self.bridge_namespace = bridge_namespace
+        self.bridge_order = bridge_order
+        self.bridge_max_pending = bridge_max_pending
+        self.bridge_retention = bridge_retention
+        self.bridge: Bridge | None = None
+        self._other_machines = _OtherMachines()
         # a topic of at most this many characters is within max_topic bytes for sure
         self.short_topic = min(64, max_topic // 4)
         self.max_batch = max(max_frame + wire.HEADER.size, wire.BATCH_BYTES) + 1024
@@ -768,6 +807,14 @@ class Broker:
         self._listener = listen(self.address)
         if isinstance(self.address, tuple) and self.address[1] == 0:
             self.address = self._listener.getsockname()[:2]
+        if self.bridge_url is not None:
+            try:
+                self._start_bridge()
+            except BaseException:
+                self._listener.close()
+                if isinstance(self.address, str):
+                    os.unlink(self.address)
+                raise
         self._state = 'running'
         self.started_at = time.time()
         self._find_state_file()
@@ -817,6 +864,8 @@ class Broker:
             worker.join(max(deadline - time.monotonic(), 0.05))
         for worker in self.workers:
             worker.stop()                     # only stragglers are still running
+        if self.bridge is not None:           # what was routed here is on its way out
+            self.bridge.stop(max(deadline - time.monotonic(), 0.1))
         for peer in peers:
             peer.outbox.put(STOP)
         for peer in peers:
@@ -830,6 +879,7 @@ class Broker:
                 pass
         self._remove_state_file()
         threads = [self._gate and self._gate.thread, *(w.thread for w in self.workers),
+                   self.bridge and self.bridge.thread,
                    *(p.reader for p in peers), *(p.writer for p in peers)]
         alive = [t.name for t in threads if t is not None and t.is_alive()]
         self._state = 'stopped'
@@ -933,6 +983,49 @@ class Broker:
             self._save_peers()
             logger.info('process %d disconnected', peer.pid)
             self._check_barriers()
+
+    # the bridge ------------------------------------------------------------------------
+
+    def _start_bridge(self) -> None:
+        """Connect the bridge (raises ConfigurationError or BridgeError saying what is
+        wrong with the URL, the engine or the extra)."""
+        self.bridge = Bridge.from_url(
+            self.bridge_url, self.bridge_namespace, broker_id=self.broker_id,
+            on_frames=self._from_other_machines, on_lost=self._lost_on_the_bridge,
+            max_pending_bytes=self.bridge_max_pending, retention=self.bridge_retention,
+            echo=self.bridge_order == 'engine')
+        self.bridge.start()
+        logger.info('bridged through %s (namespace %r, %s order) as %r', self.bridge.url,
+                    self.bridge_namespace, self.bridge_order, self.broker_id)
+
+    @property
+    def broker_id(self) -> str:
+        """This broker's name to the other machines' brokers: host and address."""
+        return f'{socket.gethostname()}/{self.address_text}'[:255]
+
+    def _from_other_machines(self, frames: bytes) -> None:
+        """The bridge's thread: MESSAGE frames from other machines, routed as a batch from
+        a process is (expiry is checked again there; internal topics never come in)."""
+        sender = self._other_machines
+        items = [RoutedMessage(frame[3], frame[4], frame[5], frame[6], frame[7],
+                               frames[frame[1]:frame[2]], sender)
+                 for frame in wire.decode_batch(frames, len(frames))
+                 if frame[0] == wire.MESSAGE and not wire.is_internal(frame[3])]
+        if items and not self.stopping:
+            sender.batches_put += 1
+            self.inbound.queue.put((sender, items))
+
+    def _lost_on_the_bridge(self, count: int, reason: str) -> None:
+        """The bridge's thread: messages gone for good; every process here is told, with
+        ``lona.channels.lost``."""
+        logger.warning('the bridge lost %d messages: %s; telling every process', count,
+                       reason)
+        notice = wire.encode_json(wire.NOTICE, {
+            'lost': count, 'reason': f'messages between machines were lost: {reason}'})
+        with self.route_lock:
+            self.lost_total += count
+            for peer in list(self.peers.values()):
+                peer.deliver(notice, 0)
 
     def _drop_for_breaking_a_limit(self, peer: Peer, why: str) -> None:
         """Drop *peer*'s connection for breaking a limit (routing, under ``route_lock``):
@@ -1040,6 +1133,10 @@ class Broker:
         soft_limit = limit // 2
         shares: dict[Peer, list[bytes]] = {}
         routed = 0
+        bridge = self.bridge
+        outgoing: list[bytes] = []        # for the other machines, through the bridge
+        from_bridge = self._other_machines
+        engine_order = self.bridge_order == 'engine'
         # consecutive messages mostly share a topic: its processes are found once for
         # the run of them (a control item may change them: it ends the run)
         last_topic: str | None = None
@@ -1064,6 +1161,10 @@ class Broker:
                 item.drop()
                 self.expired += 1
                 continue
+            if bridge is not None and item.sender is not from_bridge:
+                outgoing.append(item.frame)
+                if engine_order:
+                    continue              # routed here too when the engine hands it back
             if item.topic != last_topic:
                 last_topic = item.topic
                 if is_match_all(last_topic):     # every subscription matches: no scan
@@ -1082,6 +1183,8 @@ class Broker:
                 else:
                     share.append(item.frame)
         _hand_out(shares)
+        if outgoing:
+            bridge.publish(b''.join(outgoing), len(outgoing))
         return routed
 
     def _room_for(self, peer: Peer, message: RoutedMessage, full: bool) -> bool:
@@ -1134,4 +1237,5 @@ class Broker:
             'dropped_slow': self.dropped,
             'lost_cut_off': self.lost_total,
             'rejected': self.rejected,
+            'bridge': None if self.bridge is None else self.bridge.stats(),
         }

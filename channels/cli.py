@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import settings, wire
+from .bridge import Retention
 from .broker import Broker
 from .connection import connect, default_address, format_address, load_authkey, parse_address
 from .errors import BrokerUnavailableError, ChannelsError, ConfigurationError, ProtocolError
@@ -43,7 +44,9 @@ logger = logging.getLogger('channels.cli')
 
 _USAGE = '''%(prog)s [--address ADDR] [--authkey-file F] [--broker-threads N]
                        [--broker-class DOTTED] [--max-connections N] [--log-level L]
-                       [--stop-timeout S] [--state-file PATH] [-- COMMAND ARGS...]
+                       [--stop-timeout S] [--state-file PATH] [--bridge URL]
+                       [--bridge-namespace NAME] [--bridge-order local|engine]
+                       [-- COMMAND ARGS...]
        %(prog)s stats [--address ADDR] [--authkey-file F] [--json]'''
 
 
@@ -79,6 +82,16 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help='the file of the connected pids that a restart reads '
                              '(default: $CHANNELS_BROKER_STATE_FILE, else ADDR.peers next '
                              'to a socket, else one in the per-user private directory)')
+    parser.add_argument('--bridge', metavar='URL',
+                        help="link this machine's broker with other machines' through an "
+                             'engine: redis://[user:password@]host:port/db, rediss://..., '
+                             'nats://host:port, tls://... (default: $CHANNELS_BRIDGE_URL)')
+    parser.add_argument('--bridge-namespace', metavar='NAME',
+                        help='names the stream on the engine, so that apps can share one '
+                             '(default: $CHANNELS_BRIDGE_NAMESPACE or mpchannels)')
+    parser.add_argument('--bridge-order', type=str.lower, choices=['local', 'engine'],
+                        help="local: this machine's processes first (default); engine: "
+                             'every message in the engine\'s one order, on every machine')
     return parser
 
 
@@ -137,6 +150,10 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
             if args.broker_class else None
         if args.max_connections is not None:
             settings.configure(MAX_CONNECTIONS=args.max_connections)
+        for option, name in (('bridge', 'BRIDGE_URL'), ('bridge_namespace', 'BRIDGE_NAMESPACE'),
+                             ('bridge_order', 'BRIDGE_ORDER')):
+            if getattr(args, option) is not None:
+                settings.configure(**{name: getattr(args, option)})
         broker = Broker(address, authkey, broker_threads=args.broker_threads,
                         max_frame=settings.get('MAX_FRAME_BYTES'),
                         max_connections=settings.get('MAX_CONNECTIONS'),
@@ -150,6 +167,13 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         max_subscriptions=settings.get('MAX_SUBSCRIPTIONS'),
                         max_unanchored=settings.get('MAX_UNANCHORED_PATTERNS'),
                         stall_timeout=settings.get('STALL_TIMEOUT'),
+                        bridge_url=settings.get('BRIDGE_URL'),
+                        bridge_namespace=settings.get('BRIDGE_NAMESPACE'),
+                        bridge_order=settings.get('BRIDGE_ORDER'),
+                        bridge_max_pending=settings.get('BRIDGE_MAX_PENDING_BYTES'),
+                        bridge_retention=Retention(
+                            settings.get('BRIDGE_RETENTION_ENTRIES'),
+                            settings.get('BRIDGE_RETENTION_SECONDS')),
                         **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)
@@ -171,6 +195,9 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         broker.start()
+    except ChannelsError as exc:          # the bridge: a bad URL, engine or extra
+        print(f'channels-broker: {exc}', file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f'channels-broker: cannot listen on {broker.address_text}: '
               f'{exc.strerror or exc}', file=sys.stderr)
@@ -312,6 +339,14 @@ def _stats(args: argparse.Namespace) -> int:
     t = stats['totals']
     print(f"{'total':>8} {t['messages_in']:>10} {t['messages_out']:>10} {t['pending']:>8} "
           f"{t['dropped']:>8}")
+    bridge = stats.get('bridge')
+    if bridge:
+        state = 'connected' if bridge['connected'] else \
+            f"DISCONNECTED for {bridge.get('down_for_s') or 0:.0f}s ({bridge.get('last_error')})"
+        print(f"bridge {bridge['url']} {state}: sent {bridge['sent']}, received "
+              f"{bridge['received']}, lost {bridge['lost']}, position {bridge.get('position')}")
+        for peer in bridge['peers']:
+            print(f"  broker {peer['broker']}: last heard {peer['last_heard_s']:.1f}s ago")
     return 0
 
 

@@ -152,6 +152,17 @@ def _broker_address(name: str, value: Any) -> str | None:
     return value
 
 
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        """One of *choices*, in any case."""
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise ConfigurationError(f'{name} must be one of {", ".join(choices)}, got '
+                                     f'{value!r}')
+        return text
+    return parse
+
+
 def _topic_length(name: str, value: Any) -> int:
     value = _positive_int(name, value)
     if value > 0xFFFF:
@@ -222,6 +233,34 @@ _SETTINGS.update({
         2.0, _positive_float,
         'seconds a process may leave what was written to it unread before the broker '
         'cuts it off (so that the confirmations of other processes do not wait for it)'),
+    'BRIDGE_URL': _Setting(
+        None, _optional_text,
+        "(broker) the engine that links this machine's broker with other machines': "
+        'redis://[user:password@]host:port/db, rediss://..., nats://host:port or tls://...; '
+        'None: this machine only (--bridge)'),
+    'BRIDGE_NAMESPACE': _Setting(
+        'mpchannels', _optional_text,
+        '(broker) names the stream (Redis) or stream and subjects (NATS) on the engine, so '
+        'that several apps can share one (--bridge-namespace)'),
+    'BRIDGE_ORDER': _Setting(
+        'local', _choice('local', 'engine'),
+        "(broker) 'local': this machine's processes get its messages at once, the other "
+        "machines through the engine; 'engine': every message is routed when it comes "
+        'back from the engine, so every channel on every machine sees one order '
+        '(--bridge-order)'),
+    'BRIDGE_MAX_PENDING_BYTES': _Setting(
+        64 * 1024 * 1024, _positive_int,
+        '(broker) bytes of messages waiting for the engine to acknowledge them; past it '
+        'they are dropped, counted and reported as lost'),
+    'BRIDGE_RETENTION_ENTRIES': _Setting(
+        100_000, _positive_int,
+        '(broker) entries the engine keeps of the stream (Redis MAXLEN ~, JetStream '
+        'max_msgs); a broker away for longer than that misses what was trimmed, and is '
+        'told'),
+    'BRIDGE_RETENTION_SECONDS': _Setting(
+        3600.0, _positive_float,
+        '(broker) the age past which the engine drops entries (JetStream max_age, Redis '
+        'XTRIM MINID)'),
 })
 
 _overrides: dict[str, Any] = {}

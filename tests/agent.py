@@ -138,7 +138,11 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
     def wait_child(pid: int) -> int:
         return os.waitpid(pid, 0)[1]
 
-    commands = {'fork_recorder': fork_recorder, 'wait_child': wait_child,'pid': pid, 'subscribe': subscribe, 'unsubscribe': unsubscribe,
+    def flush(timeout: float = 10.0) -> bool:
+        return channels.flush(timeout)
+
+    commands = {'fork_recorder': fork_recorder, 'wait_child': wait_child, 'pid': pid,
+                'subscribe': subscribe, 'unsubscribe': unsubscribe, 'flush': flush,
                 'received': get_received, 'send': send, 'send_many': send_many,
                 'send_paced': send_paced, 'subscribe_arrivals': subscribe_arrivals,
                 'arrivals': get_arrivals, 'publish': publish, 'link_counters': link_counters,

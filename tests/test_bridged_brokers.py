@@ -1,0 +1,166 @@
+"""Brokers on several "machines" bridged through real Redis and NATS servers.
+
+Each machine is a real broker started by its script (``channels-broker --address A
+--bridge URL``) with real app processes of its own; the engine is a ``redis-server`` or
+``nats-server -js`` of the test's, on a free port with its data in a temp dir. The
+bridge component itself (losses, liveness, outages) is tested in ``test_bridge.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from brokers import BROKER_SCRIPT, BrokerProcess, app_processes
+from engines import EngineServer
+from support import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(params=['redis', 'nats'])
+def engine(request) -> Iterator[EngineServer]:
+    """A Redis or NATS JetStream server of this test's; always stopped."""
+    server = EngineServer(request.param)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def machines(url: str, count: int, *extra: str) -> Iterator[list[BrokerProcess]]:
+    """*count* brokers bridged through *url*, each with a socket of its own; always
+    stopped."""
+    directory = tempfile.mkdtemp(prefix='mpch-m-')
+    brokers = [BrokerProcess(os.path.join(directory, f'm{n}.sock'), '--bridge', url, *extra)
+               for n in range(count)]
+    try:
+        for broker in brokers:
+            broker.start()
+        yield brokers
+    finally:
+        for broker in brokers:
+            broker.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _user(received: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    return [(topic, data) for topic, data in received if not topic.startswith('lona.')]
+
+
+def _wait_bridged(brokers: list[BrokerProcess]) -> None:
+    """Until every broker's bridge is connected and has heard every other broker."""
+    def ready() -> bool:
+        for broker in brokers:
+            bridge = broker.stats()['bridge']
+            if not bridge['connected'] or len(bridge['peers']) < len(brokers) - 1:
+                return False
+        return True
+    wait_until(ready, 20, what='every bridge connected and hearing the others')
+
+
+def test_a_message_reaches_every_matching_channel_on_every_machine_exactly_once(engine):
+    with machines(engine.url, 2) as (a, b), \
+            app_processes(a.address, 2) as (a1, a2), app_processes(b.address, 2) as (b1, b2):
+        for app in (a2, b1, b2):
+            app.subscribe('chat.*')
+        for app in (a2, b1, b2):
+            assert app.call('flush', 20)
+        _wait_bridged([a, b])
+        a1.send_many('chat.lobby', 50)
+        b2.send_many('chat.lobby', 50, start=1000)
+        for app in (a2, b1, b2):
+            got = app.wait_received('chat.*', 100)
+            assert len(_user(got)) == 100
+            mine = [d['n'] for _, d in _user(got) if d['pid'] == a1.pid]
+            theirs = [d['n'] for _, d in _user(got) if d['pid'] == b2.pid]
+            assert mine == list(range(50))                    # each sender's order
+            assert theirs == list(range(1000, 1050))
+
+
+def test_local_messages_never_leave_their_process_and_expired_ones_are_dropped(engine):
+    with machines(engine.url, 2) as (a, b), \
+            app_processes(a.address, 1) as (a1,), app_processes(b.address, 1) as (b1,):
+        b1.subscribe('news')
+        assert b1.call('flush', 20)
+        _wait_bridged([a, b])
+        a1.send_many('news', 3, local=True)
+        a1.send_many('news', 1, start=3)
+        b1.wait_received('news', 1)
+        assert [d['n'] for _, d in _user(b1.received('news'))] == [3]
+        assert a.stats()['bridge']['sent'] == 1
+
+
+def test_stats_show_the_bridge_with_its_password_redacted():
+    server = EngineServer('redis', password='s3cret')
+    try:
+        server.start()
+        with machines(server.url, 1) as (a,):
+            bridge = a.stats()['bridge']
+            assert bridge['connected'] is True
+            assert 's3cret' not in bridge['url'] and bridge['url'].startswith('redis://')
+            assert {'url', 'connected', 'sent', 'received', 'lost', 'peers'} <= set(bridge)
+            text = subprocess.run([sys.executable, str(BROKER_SCRIPT), 'stats', '--address',
+                                   a.address], capture_output=True, text=True, timeout=30)
+            assert 's3cret' not in text.stdout and 'bridge' in text.stdout, text.stdout
+    finally:
+        server.stop()
+
+
+def test_a_broker_without_a_bridge_shows_none(broker):
+    assert broker.stats()['bridge'] is None
+
+
+@pytest.mark.parametrize('url, says', [
+    ('redis://127.0.0.1:notaport', 'not valid'),
+    ('http://127.0.0.1:80', 'redis://'),
+], ids=['bad port', 'not an engine scheme'])
+def test_a_bad_bridge_url_stops_the_broker_at_start_saying_why(broker_address, url, says):
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address', broker_address,
+                             '--bridge', url], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result
+    assert says in result.stderr, result.stderr
+    assert not os.path.exists(broker_address)
+
+
+def test_a_wrong_engine_password_stops_the_broker_at_start_saying_so(broker_address):
+    server = EngineServer('redis', password='s3cret')
+    try:
+        server.start()
+        url = server.url.replace('s3cret', 'wrong')
+        result = subprocess.run([sys.executable, str(BROKER_SCRIPT), '--address',
+                                 broker_address, '--bridge', url],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result
+        assert 'password' in result.stderr.lower() and 'wrong' not in result.stderr, \
+            result.stderr
+    finally:
+        server.stop()
+
+
+def test_an_engine_down_at_start_is_waited_for_with_a_warning(broker_address):
+    from engines import free_port
+    with machines(f'redis://127.0.0.1:{free_port()}', 1) as (a,):
+        assert a.stats()['bridge']['connected'] is False
+        wait_until(lambda: 'WARNING channels.bridge' in a.log, what='a warning')
+
+
+def test_engine_order_gives_every_machine_one_order(engine):
+    with machines(engine.url, 2, '--bridge-order', 'engine') as (a, b), \
+            app_processes(a.address, 1) as (a1,), app_processes(b.address, 1) as (b1,):
+        for app in (a1, b1):
+            app.subscribe('t')
+            assert app.call('flush', 20)
+        _wait_bridged([a, b])
+        a1.send_many('t', 100)
+        b1.send_many('t', 100, start=1000)
+        seen = [[(d['pid'], d['n']) for _, d in _user(app.wait_received('t', 200))]
+                for app in (a1, b1)]
+        assert len(seen[0]) == 200 and seen[0] == seen[1]
