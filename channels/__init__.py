@@ -25,8 +25,8 @@ what both need (``registry``, ``ordering``) lies below both.
     7  cli, __main__, __init__
     6  channel, inbox, scope
     5  runtime, broker
-    4  workers, client, handlers, gate, statefile
-    3  registry, ordering, message, wire, connection, prefork
+    4  workers, client, handlers, gate, statefile, bridge, bridge_redis, bridge_nats
+    3  registry, ordering, message, wire, connection, prefork, engine
     2  settings
     1  errors, topics, address
 """

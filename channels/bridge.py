@@ -44,8 +44,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
+from .engine import Retention, redact_url
 from .errors import ChannelsError, ConfigurationError
 
 __all__ = ['Bridge', 'Retention', 'redact_url', 'BridgeError']
@@ -59,9 +60,6 @@ _VERSION = 1
 HEARTBEAT_SECONDS = 1.0
 """A broker that sent nothing for this long appends a heartbeat entry."""
 
-LIVENESS_SECONDS = 3.0
-"""A reading connection that has not answered for this long counts as down."""
-
 MAX_ENTRY_BYTES = 256 * 1024
 """Publish calls are coalesced into entries of up to about this size."""
 
@@ -71,41 +69,6 @@ _ENGINES = {'redis': 'redis', 'rediss': 'redis', 'nats': 'nats', 'tls': 'nats'}
 
 class BridgeError(ChannelsError, ConnectionError):
     """The engine answered, but not as a usable Redis or NATS JetStream server would."""
-
-
-@dataclass(frozen=True)
-class Retention:
-    """How much of the stream the engine keeps: at most *entries* entries (Redis
-    ``XADD MAXLEN ~``, JetStream ``max_msgs``), none older than *seconds* (JetStream
-    ``max_age``; Redis ``XTRIM MINID`` once a second). An entry holds up to
-    ``MAX_ENTRY_BYTES`` of messages (one message at low rates)."""
-
-    entries: int = 100_000
-    seconds: float = 3600.0
-
-    def __post_init__(self) -> None:
-        if type(self.entries) is not int or self.entries < 1:
-            raise ConfigurationError(f'retention entries must be an int >= 1, got '
-                                     f'{self.entries!r}')
-        if not isinstance(self.seconds, int | float) or not self.seconds > 0:
-            raise ConfigurationError(f'retention seconds must be > 0, got {self.seconds!r}')
-
-
-def redact_url(url: str) -> str:
-    """*url* with its password (if any) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return '<unparsable URL>'
-    if parts.password is None and not (parts.username and '@' in parts.netloc):
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition('@')
-    user = userinfo.split(':', 1)[0] if parts.password is not None else ''
-    # A NATS token URL (nats://TOKEN@host) carries the secret as the user name.
-    if parts.password is None:
-        user = '***'
-        return urlunsplit(parts._replace(netloc=f'{user}@{hostinfo}'))
-    return urlunsplit(parts._replace(netloc=f'{user}:***@{hostinfo}'))
 
 
 def _parse_url(url: str) -> tuple[str, SplitResult]:
@@ -138,12 +101,6 @@ def _parse_url(url: str) -> tuple[str, SplitResult]:
         raise ConfigurationError(f'bridge URL {shown!r}: a NATS URL has no path; the '
                                  f'namespace names the stream')
     return engine, parts
-
-
-def _missing_extra(extra: str, module: str, exc: ImportError) -> ConfigurationError:
-    return ConfigurationError(
-        f'a {extra} bridge needs the {module!r} package, which is not installed ({exc}); '
-        f"install it with: pip install 'mpchannels[{extra}]'")
 
 
 @dataclass

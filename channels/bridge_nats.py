@@ -24,7 +24,7 @@ import time
 from typing import Any
 from urllib.parse import SplitResult
 
-from .bridge import LIVENESS_SECONDS, Retention, _missing_extra, redact_url
+from .engine import LIVENESS_SECONDS, Retention, missing_extra, redact_url
 from .errors import ConfigurationError
 
 __all__ = ['NatsEngine']
@@ -47,7 +47,7 @@ class NatsEngine:
             import nats.js.api
             import nats.js.errors
         except ImportError as exc:
-            raise _missing_extra('nats', 'nats-py', exc) from None
+            raise missing_extra('nats', 'nats-py', exc) from None
         self._nats = nats
         self.url = url
         self.shown = redact_url(url)

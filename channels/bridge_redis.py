@@ -25,7 +25,7 @@ import time
 from typing import Any
 from urllib.parse import SplitResult
 
-from .bridge import LIVENESS_SECONDS, Retention, _missing_extra, redact_url
+from .engine import LIVENESS_SECONDS, Retention, missing_extra, redact_url
 from .errors import ConfigurationError
 
 __all__ = ['RedisEngine']
@@ -52,7 +52,7 @@ class RedisEngine:
             import redis.asyncio
             import redis.exceptions
         except ImportError as exc:
-            raise _missing_extra('redis', 'redis', exc) from None
+            raise missing_extra('redis', 'redis', exc) from None
         self._redis = redis
         self.password = parts.password
         self.since: float | None = None       # when open() found no server
