@@ -351,8 +351,7 @@ class Peer:
             with broker.route_lock:
                 self.deliver(wire.encode_json(wire.NOTICE, {
                     'lost': lost, 'reason': f'this process was cut off: {reason}'}), 0)
-        if broker.holding and self.pid in broker._awaited \
-                and not self.subscriptions_announced:
+        if broker.holding and broker.awaits(self) and not self.subscriptions_announced:
             with broker.route_lock:
                 broker._rejoined(self)
         first, self._first = self._first, b''
@@ -731,7 +730,9 @@ class Broker:
         self.holding = False            # after a restart, until processes are back
         self.hold_deadline = 0.0
         self._held: list[Any] = []        # messages and PINGs, in order
-        self._awaited: set[int] = set()
+        # the processes a restarted broker waits for: origins (or, from a state file
+        # written by hand, pids): a HELLO with an awaited pid but another secret is not one
+        self._awaited: set[statefile.Entry] = set()
         self.state_file = state_file    # None: statefile.default_path(address) at start()
         self._statefile_lock = threading.Lock()
         self._statefile_owned = False   # True while this broker owns the state file
@@ -897,7 +898,7 @@ class Broker:
                     with self.index_lock:
                         self.index.add(value, channel)
             peer.subscriptions_applied += 1
-            if self.holding and peer.pid in self._awaited \
+            if self.holding and self.awaits(peer) \
                     and peer.subscriptions_applied >= peer.subscriptions_announced:
                 self._rejoined(peer)
         elif kind == _UNSUB:
@@ -978,7 +979,8 @@ class Broker:
                 return
             # the processes still awaited after a restart stay listed: if this broker
             # dies before they are back, the next one waits for them too
-            pids = sorted({p.pid for p in list(self.peers.values())} | self._awaited)
+            pids = sorted({p.origin for p in list(self.peers.values())} | self._awaited,
+                          key=str)
             try:
                 statefile.write_pids(self.state_file, pids)
             except OSError as exc:
@@ -998,7 +1000,7 @@ class Broker:
                 except OSError:
                     pass
 
-    def _load_awaited(self) -> set[int]:
+    def _load_awaited(self) -> set[statefile.Entry]:
         path = self.state_file
         if not self._statefile_owned:
             return set()
@@ -1009,9 +1011,16 @@ class Broker:
         except (OSError, statefile.StateFileError) as exc:
             logger.warning('ignoring the state file %s: %s', path, exc)
             return set()
-        return {pid for pid in pids if pid != os.getpid() and psutil.pid_exists(pid)}
+        return {entry for entry in pids if (pid := statefile.pid_of(entry)) != os.getpid()
+                and psutil.pid_exists(pid)}
+
+    def awaits(self, peer: Peer) -> bool:
+        """True if a restarted broker waits for *peer*: its origin (which only it can
+        prove) is in the state file, or its pid where the file names a bare pid."""
+        return peer.origin in self._awaited or peer.pid in self._awaited
 
     def _rejoined(self, peer: Peer) -> None:
+        self._awaited.discard(peer.origin)
         self._awaited.discard(peer.pid)
         if not self._awaited:
             self.end_hold('every process that was connected before is back')

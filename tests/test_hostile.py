@@ -31,13 +31,14 @@ class Raw:
     """A hand-written connection to the broker: HELLO as app process *pid*, SUBs, and
     MESSAGE frames with any id."""
 
-    def __init__(self, address: str, pid: int, subscribe: tuple[str, ...] = ()) -> None:
+    def __init__(self, address: str, pid: int, subscribe: tuple[str, ...] = (),
+                 secret: bytes | None = None, **hello: object) -> None:
         self.pid = pid
-        self.secret = secrets.token_bytes(16)
+        self.secret = secrets.token_bytes(16) if secret is None else secret
         self.origin = origin_of(pid, self.secret)
         self.sequence = 0
         self.connection = connect(parse_address(address), None)
-        self.connection.send_bytes(app_hello(pid, self.secret) + b''.join(
+        self.connection.send_bytes(app_hello(pid, self.secret, **hello) + b''.join(
             wire.encode(wire.SUB, topic.encode()) for topic in subscribe))
 
     def __enter__(self) -> Raw:
@@ -427,3 +428,36 @@ def test_a_stopped_subscriber_is_cut_off_and_told_its_loss_once_it_resumes(
     assert 'STALL_TIMEOUT=1s' in event['reason']
     assert f"cut off process {stalled_subscriber_run['stopped_pid']}: it left what the " \
         'broker wrote to it unread for STALL_TIMEOUT=1s' in stalled_subscriber_run['log']
+
+
+# A restarted broker's hold waits for the processes themselves, not for their pids ---------
+
+def test_a_hello_with_another_processs_pid_does_not_end_its_rejoin_hold(broker_address):
+    pid = os.getpid()        # alive, so that the restarted broker waits for it
+    env = dict(os.environ, CHANNELS_REJOIN_TIMEOUT='60')
+    broker = BrokerProcess(broker_address, env=env).start()
+    try:
+        with Raw(broker_address, pid, ('feed',)) as receiver:
+            broker.wait_subscribed(pid, ['feed'])
+            broker.kill()                        # its state file names the receiver
+    finally:
+        broker.stop()
+    restarted = BrokerProcess(broker_address, env=env).start()
+    try:
+        wait_until(lambda: 'holding messages until the 1 processes' in restarted.log,
+                   what='the hold')
+        # a hostile process says HELLO with the receiver's pid and a secret of its own,
+        # announcing no subscriptions; then a sender sends again what it had sent
+        with Raw(broker_address, pid), Raw(broker_address, 3_000_020) as sender:
+            wait_until(lambda: len(restarted.stats()['processes']) == 2,
+                       what='the impostor and the sender connected')
+            sender.send('feed', {'n': 1})
+            wait_until(lambda: restarted.stats()['totals']['messages_in'] == 1,
+                       what='the message at the broker')
+            # the real receiver is back, with its own secret, and subscribes again
+            with Raw(broker_address, pid, ('feed',), receiver.secret,
+                     subscriptions=1) as back:
+                assert [data for _, _, data in back.read_messages(1)] == [{'n': 1}]
+        assert 'every process that was connected before is back' in restarted.log
+    finally:
+        restarted.stop()
