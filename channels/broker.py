@@ -718,7 +718,7 @@ class Broker:
         self.expired = 0                # messages dropped (expired, or droppable at stop)
         self.route_lock = threading.Lock()
         self.fast_routing = broker_class is MessageBroker and broker_threads == 1
-        self._barriers: list[tuple[Peer, int, list[tuple[Peer, int]]]] = []
+        self._barriers: deque[tuple[Peer, int, list[tuple[Peer, int]]]] = deque()
         self.max_pending = max_pending
         self.dropped = 0                # droppable messages dropped for slow processes
         self.rejected = 0               # messages dropped: not of their sender, or internal
@@ -946,12 +946,19 @@ class Broker:
 
     def _check_barriers(self) -> None:
         """Answer the PINGs whose messages every process has been written (or left).
-        The caller holds ``route_lock``."""
-        for barrier in list(self._barriers):
-            peer, token, waits = barrier
-            if all(p.items_written >= n or p.closed for p, n in waits):
-                self._barriers.remove(barrier)
-                peer.deliver(wire.encode_ping(wire.PONG, token), 0)
+        The caller holds ``route_lock``.
+
+        They become answerable in the order they came: a later PING waits, for each
+        process an earlier one waits for, for at least as much (the counters only
+        grow), or for nothing if that process had all it was put written by then. So
+        only the oldest ones are looked at, and a flood of PINGs costs each one once."""
+        barriers = self._barriers
+        while barriers:
+            peer, token, waits = barriers[0]
+            if not all(p.items_written >= n or p.closed for p, n in waits):
+                return
+            barriers.popleft()
+            peer.deliver(wire.encode_ping(wire.PONG, token), 0)
 
     def written(self) -> None:
         """A writer wrote: maybe a PING can be answered now."""

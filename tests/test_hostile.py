@@ -344,6 +344,40 @@ def test_a_hello_with_an_impossible_pid_does_not_stop_the_next_broker_start(brok
         restarted.stop()
 
 
+# PINGs are answered in order, each looked at once -------------------------------------------
+
+def test_a_flood_of_pings_while_a_process_is_stalled_does_not_stall_routing(broker_address):
+    # while a process has unwritten data, each PING waits for it (a barrier); answering
+    # them once scanned every waiting one per PING and per write: 20,000 PINGs (260 KB)
+    # held routing for over a minute
+    env = dict(os.environ, CHANNELS_STALL_TIMEOUT='60')     # the stalled one stays
+    broker = BrokerProcess(broker_address, env=env).start()
+    try:
+        with Raw(broker_address, 3_000_030, ('fill',)) as stalled, \
+                Raw(broker_address, 3_000_031) as filler, \
+                Raw(broker_address, 3_000_032) as pinger, \
+                Raw(broker_address, 3_000_033, ('chat',)) as receiver, \
+                Raw(broker_address, 3_000_034) as sender:
+            broker.wait_subscribed(receiver.pid, ['chat'])
+            broker.wait_subscribed(stalled.pid, ['fill'])
+            for _ in range(30):                  # 6 MB: more than its socket takes
+                filler.send('fill', {'x': 'y' * 200_000})
+            wait_until(lambda: broker.process_stats(stalled.pid)['pending'] > 0,
+                       what='data the stalled process does not take')
+            # the pinger's own message after its PINGs is routed once they are applied
+            sent = time.monotonic()
+            pinger.connection.send_bytes(b''.join(
+                wire.encode_ping(wire.PING, token) for token in range(20_000))
+                + wire.encode_message('chat', pinger.next_id(), time.time(), None, False,
+                                      pickle.dumps({'n': 0})))
+            sender.send('chat', {'n': 1})
+            received = receiver.read_messages(2, timeout=30)
+            assert sorted(data['n'] for _, _, data in received) == [0, 1]
+            assert time.monotonic() - sent < 5.0
+    finally:
+        broker.stop()
+
+
 # B12: one stopped subscriber does not block publishers ------------------------------------
 
 STALL_TIMEOUT = 1.0
