@@ -352,8 +352,7 @@ class Peer:
             with broker.route_lock:
                 self.deliver(wire.encode_json(wire.NOTICE, {
                     'lost': lost, 'reason': f'this process was cut off: {reason}'}), 0)
-        if broker.holding and self.pid in broker._awaited \
-                and not self.subscriptions_announced:
+        if broker.holding and broker.awaits(self) and not self.subscriptions_announced:
             with broker.route_lock:
                 broker._rejoined(self)
         first, self._first = self._first, b''
@@ -758,7 +757,7 @@ class Broker:
         self.expired = 0                # messages dropped (expired, or droppable at stop)
         self.route_lock = threading.Lock()
         self.fast_routing = broker_class is MessageBroker and broker_threads == 1
-        self._barriers: list[tuple[Peer, int, list[tuple[Peer, int]]]] = []
+        self._barriers: deque[tuple[Peer, int, list[tuple[Peer, int]]]] = deque()
         self.max_pending = max_pending
         self.dropped = 0                # droppable messages dropped for slow processes
         self.rejected = 0               # messages dropped: not of their sender, or internal
@@ -770,7 +769,9 @@ class Broker:
         self.holding = False            # after a restart, until processes are back
         self.hold_deadline = 0.0
         self._held: list[Any] = []        # messages and PINGs, in order
-        self._awaited: set[int] = set()
+        # the processes a restarted broker waits for: origins (or, from a state file
+        # written by hand, pids): a HELLO with an awaited pid but another secret is not one
+        self._awaited: set[statefile.Entry] = set()
         self.state_file = state_file    # None: statefile.default_path(address) at start()
         self._statefile_lock = threading.Lock()
         self._statefile_owned = False   # True while this broker owns the state file
@@ -947,7 +948,7 @@ class Broker:
                     with self.index_lock:
                         self.index.add(value, channel)
             peer.subscriptions_applied += 1
-            if self.holding and peer.pid in self._awaited \
+            if self.holding and self.awaits(peer) \
                     and peer.subscriptions_applied >= peer.subscriptions_announced:
                 self._rejoined(peer)
         elif kind == _UNSUB:
@@ -1038,12 +1039,19 @@ class Broker:
 
     def _check_barriers(self) -> None:
         """Answer the PINGs whose messages every process has been written (or left).
-        The caller holds ``route_lock``."""
-        for barrier in list(self._barriers):
-            peer, token, waits = barrier
-            if all(p.items_written >= n or p.closed for p, n in waits):
-                self._barriers.remove(barrier)
-                peer.deliver(wire.encode_ping(wire.PONG, token), 0)
+        The caller holds ``route_lock``.
+
+        They become answerable in the order they came: a later PING waits, for each
+        process an earlier one waits for, for at least as much (the counters only
+        grow), or for nothing if that process had all it was put written by then. So
+        only the oldest ones are looked at, and a flood of PINGs costs each one once."""
+        barriers = self._barriers
+        while barriers:
+            peer, token, waits = barriers[0]
+            if not all(p.items_written >= n or p.closed for p, n in waits):
+                return
+            barriers.popleft()
+            peer.deliver(wire.encode_ping(wire.PONG, token), 0)
 
     def written(self) -> None:
         """A writer wrote: maybe a PING can be answered now."""
@@ -1071,7 +1079,8 @@ class Broker:
                 return
             # the processes still awaited after a restart stay listed: if this broker
             # dies before they are back, the next one waits for them too
-            pids = sorted({p.pid for p in list(self.peers.values())} | self._awaited)
+            pids = sorted({p.origin for p in list(self.peers.values())} | self._awaited,
+                          key=str)
             try:
                 statefile.write_pids(self.state_file, pids)
             except OSError as exc:
@@ -1091,7 +1100,7 @@ class Broker:
                 except OSError:
                     pass
 
-    def _load_awaited(self) -> set[int]:
+    def _load_awaited(self) -> set[statefile.Entry]:
         path = self.state_file
         if not self._statefile_owned:
             return set()
@@ -1102,9 +1111,16 @@ class Broker:
         except (OSError, statefile.StateFileError) as exc:
             logger.warning('ignoring the state file %s: %s', path, exc)
             return set()
-        return {pid for pid in pids if pid != os.getpid() and psutil.pid_exists(pid)}
+        return {entry for entry in pids if (pid := statefile.pid_of(entry)) != os.getpid()
+                and psutil.pid_exists(pid)}
+
+    def awaits(self, peer: Peer) -> bool:
+        """True if a restarted broker waits for *peer*: its origin (which only it can
+        prove) is in the state file, or its pid where the file names a bare pid."""
+        return peer.origin in self._awaited or peer.pid in self._awaited
 
     def _rejoined(self, peer: Peer) -> None:
+        self._awaited.discard(peer.origin)
         self._awaited.discard(peer.pid)
         if not self._awaited:
             self.end_hold('every process that was connected before is back')

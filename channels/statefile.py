@@ -1,6 +1,9 @@
-"""The broker's state file: the pids of the app processes connected to it.
+"""The broker's state file: the origins of the app processes connected to it.
 
-A restarted broker reads it to know which processes to wait for before it routes again
+An origin (``message.origin_of``: ``'<pid>-<digest of the secret>-'``) names a process as
+only it can prove to be, with the secret of its HELLO: a process that merely says HELLO
+with another's pid is not the one awaited. A restarted broker reads the file to know
+which processes to wait for before it routes again
 (see ``Broker`` in :mod:`channels.broker`). It lives next to a Unix socket
 (``ADDR.peers``), in the per-user private directory for a TCP address
 (``tcp-HOST-PORT.peers``), or where ``--state-file`` / ``BROKER_STATE_FILE`` says.
@@ -8,7 +11,7 @@ A restarted broker reads it to know which processes to wait for before it routes
 It is written as a new 0600 file in the same directory (``mkstemp``: ``O_EXCL``, so no
 planted link is followed) renamed over the old one, and read only if it is a regular
 file of this user that others cannot write, no larger than :data:`MAX_BYTES`, holding a
-JSON list of process ids. Anything else raises :class:`StateFileError`, which the broker
+JSON list of origins (or of bare pids, which any HELLO with that pid answers). Anything else raises :class:`StateFileError`, which the broker
 logs and ignores: a bad state file costs the rejoin hold of one start, never the start.
 """
 
@@ -23,12 +26,21 @@ import tempfile
 
 from .connection import Address, private_directory
 
-__all__ = ['StateFileError', 'MAX_BYTES', 'default_path', 'read_pids', 'write_pids']
+__all__ = ['StateFileError', 'MAX_BYTES', 'default_path', 'pid_of', 'read_pids', 'write_pids']
 
 MAX_BYTES = 1024 * 1024
 """The largest state file read (about 100,000 pids)."""
 
 _MAX_PID = 2 ** 31 - 1      # pid_t is a signed 32-bit int
+_ORIGIN = re.compile(r'([1-9][0-9]{0,9})-[0-9a-f]{16}-\Z')
+
+Entry = int | str
+"""A process in the state file: its origin, or (in a file written by hand) its pid."""
+
+
+def pid_of(entry: Entry) -> int:
+    """The pid of a state file entry."""
+    return entry if type(entry) is int else int(entry.partition('-')[0])
 
 
 class StateFileError(ValueError):
@@ -48,8 +60,8 @@ def default_path(address: Address) -> str:
                         f"tcp-{re.sub(r'[^A-Za-z0-9_.-]', '_', host)}-{port}.peers")
 
 
-def read_pids(path: str) -> list[int]:
-    """The pids in the state file *path*.
+def read_pids(path: str) -> list[Entry]:
+    """The processes in the state file *path*: origins (str), or pids (int).
 
     Raises :class:`FileNotFoundError` if there is none, :class:`StateFileError` saying
     what is wrong with one that is not trustworthy, and :class:`OSError` if it cannot
@@ -84,13 +96,18 @@ def read_pids(path: str) -> list[int]:
     if not isinstance(pids, list):
         raise StateFileError(f'it holds a {type(pids).__name__}, not a list of process ids')
     for pid in pids:
-        if type(pid) is not int or not 0 < pid <= _MAX_PID:
+        if type(pid) is str:
+            found = _ORIGIN.match(pid)
+            if found is None or int(found.group(1)) > _MAX_PID:
+                raise StateFileError(f'{pid[:100]!r} is not the origin of a process')
+        elif type(pid) is not int or not 0 < pid <= _MAX_PID:
             raise StateFileError(f'{pid!r} is not a process id')
     return pids
 
 
-def write_pids(path: str, pids: list[int]) -> None:
-    """Replace the state file *path* by one (0600) listing *pids*; raises ``OSError``."""
+def write_pids(path: str, pids: list[Entry]) -> None:
+    """Replace the state file *path* by one (0600) listing *pids* (origins, or pids);
+    raises ``OSError``."""
     directory, name = os.path.split(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=directory)
     try:

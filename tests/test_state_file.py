@@ -17,9 +17,10 @@ from channels import statefile
 
 
 def listed(path: str) -> list[int] | None:
-    """The pids in the state file, or None while there is none (or it is mid-write)."""
+    """The pids of the processes (origins) in the state file, or None while there is
+    none (or it is mid-write)."""
     try:
-        return json.loads(Path(path).read_text())
+        return [statefile.pid_of(entry) for entry in json.loads(Path(path).read_text())]
     except (OSError, ValueError):
         return None
 
