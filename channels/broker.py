@@ -209,6 +209,7 @@ class Peer:
         self.rejected = 0           # MESSAGE frames dropped: not its origin, or internal
         self.topics: dict[str, RemoteChannel] = {}
         self.unanchored = 0         # of its topics, those that topics.is_unanchored
+        self.patterns = 0           # of its topics, those that topics.is_pattern
         self.outbox: SimpleQueue = SimpleQueue()
         self.messages_in = 0        # MESSAGE frames received (reader thread)
         self.messages_out = 0       # MESSAGE frames written (writer thread)
@@ -705,7 +706,8 @@ class Broker:
                  worker_timeout: float = 0.5, max_handshakes: int = 256,
                  handshake_timeout: float = 5.0, partial_frame_timeout: float = 10.0,
                  state_file: str | None = None, max_topic: int = 4096,
-                 max_subscriptions: int = 250_000, max_unanchored: int = 1000,
+                 max_subscriptions: int = 250_000, max_patterns: int = 10_000,
+                 max_unanchored: int = 1000,
                  stall_timeout: float = 2.0, bridge_url: str | None = None,
                  bridge_namespace: str = 'mpchannels', bridge_order: str = 'local',
                  bridge_max_pending: int = 64 * 1024 * 1024,
@@ -730,6 +732,7 @@ class Broker:
         self.max_topic = max_topic                  # MAX_TOPIC_LENGTH, in UTF-8 bytes
         self.max_subscriptions = max_subscriptions  # MAX_SUBSCRIPTIONS, per process
         self.max_unanchored = max_unanchored        # MAX_UNANCHORED_PATTERNS, per process
+        self.max_patterns = max_patterns            # MAX_PATTERNS, per process
         if bridge_order not in BRIDGE_ORDERS:
             raise ConfigurationError(f'the bridge order must be one of '
                                      f'{", ".join(BRIDGE_ORDERS)}, got {bridge_order!r}')
@@ -932,11 +935,16 @@ class Broker:
             # as applied, for the hold after a restart)
             if value not in peer.topics and not peer.closed \
                     and not wire.is_internal(value):
-                unanchored = is_unanchored(value)
+                pattern = is_pattern(value)
+                unanchored = pattern and is_unanchored(value)
                 if len(peer.topics) >= self.max_subscriptions:
                     self._drop_for_breaking_a_limit(
                         peer, f'it subscribed more than MAX_SUBSCRIPTIONS='
                               f'{self.max_subscriptions} distinct topics')
+                elif pattern and peer.patterns >= self.max_patterns:
+                    self._drop_for_breaking_a_limit(
+                        peer, f'it subscribed more than MAX_PATTERNS={self.max_patterns} '
+                              f'patterns')
                 elif unanchored and peer.unanchored >= self.max_unanchored:
                     self._drop_for_breaking_a_limit(
                         peer, f'it subscribed more than MAX_UNANCHORED_PATTERNS='
@@ -944,6 +952,7 @@ class Broker:
                               f'nor a literal suffix')
                 else:
                     peer.unanchored += unanchored
+                    peer.patterns += pattern
                     channel = peer.topics[value] = RemoteChannel(value, peer)
                     with self.index_lock:
                         self.index.add(value, channel)
@@ -955,6 +964,7 @@ class Broker:
             channel = peer.topics.pop(value, None)
             if channel is not None:
                 peer.unanchored -= is_unanchored(value)
+                peer.patterns -= is_pattern(value)
                 with self.index_lock:
                     self.index.remove(value, channel)
         elif kind == _PING:

@@ -165,6 +165,7 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                         state_file=_state_file(args),
                         max_topic=settings.get('MAX_TOPIC_LENGTH'),
                         max_subscriptions=settings.get('MAX_SUBSCRIPTIONS'),
+                        max_patterns=settings.get('MAX_PATTERNS'),
                         max_unanchored=settings.get('MAX_UNANCHORED_PATTERNS'),
                         stall_timeout=settings.get('STALL_TIMEOUT'),
                         bridge_url=settings.get('BRIDGE_URL'),

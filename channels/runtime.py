@@ -50,7 +50,7 @@ from .message import Message
 from .ordering import STOP, Mailbox, Sequencer
 from .prefork import prefork_server
 from .registry import registry as _registry
-from .topics import TopicIndex, is_unanchored, too_long
+from .topics import TopicIndex, is_pattern, is_unanchored, too_long
 from .wire import INTERNAL_PREFIX as _INTERNAL
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ class Machinery:
         self.max_topic_length: int = settings.get('MAX_TOPIC_LENGTH')
         self.max_subscriptions: int = settings.get('MAX_SUBSCRIPTIONS')
         self.max_unanchored: int = settings.get('MAX_UNANCHORED_PATTERNS')
+        self.max_patterns: int = settings.get('MAX_PATTERNS')
 
     def __repr__(self) -> str:
         return (f'<Machinery {self.state} brokers={len(self.brokers)} '
@@ -408,6 +409,7 @@ class Runtime:
         self.state_lock = threading.RLock()
         self.machinery: Machinery | None = None
         self.unanchored = 0     # distinct subscribed topics that topics.is_unanchored
+        self.patterns = 0       # distinct subscribed topics that topics.is_pattern
         self._atexit_registered = False
         self._finalized_pid = 0
         self._pid = os.getpid()
@@ -555,7 +557,15 @@ class Runtime:
                     f'{len(self.registry)} distinct topics, and MAX_SUBSCRIPTIONS is '
                     f'{machinery.max_subscriptions}. Unsubscribe channels you no longer '
                     f'need, or raise the setting (in every process and the broker)')
-            unanchored = is_unanchored(topic) and topic not in self.registry
+            pattern = is_pattern(topic) and topic not in self.registry
+            if pattern and self.patterns >= machinery.max_patterns:
+                raise SubscriptionLimitError(
+                    f'cannot subscribe {channel!r}: this process subscribes '
+                    f'{self.patterns} patterns, and MAX_PATTERNS is '
+                    f'{machinery.max_patterns}. Unsubscribe patterns you no longer need, '
+                    f'subscribe plain topics, or raise the setting (in every process and the '
+                    f'broker)')
+            unanchored = pattern and is_unanchored(topic)
             if unanchored and self.unanchored >= machinery.max_unanchored:
                 raise SubscriptionLimitError(
                     f'cannot subscribe {channel!r}: this process subscribes '
@@ -565,6 +575,7 @@ class Runtime:
                     f"('chat.*', '*.created'), or raise the setting (in every process and "
                     f'the broker)')
             self.unanchored += unanchored
+            self.patterns += pattern
             # a new tuple per subscription: tasks of an earlier one are told apart and dropped
             subscription = (runner, handler)
             if isinstance(runner, CoroutineRunner):
@@ -583,6 +594,7 @@ class Runtime:
             machinery = self.machinery
             if self.registry.remove(channel.topic, channel):
                 self.unanchored -= is_unanchored(channel.topic)
+                self.patterns -= is_pattern(channel.topic)
                 if machinery is not None and machinery.link is not None:
                     machinery.link.unsubscribe(channel.topic)
         if machinery is not None:

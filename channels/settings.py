@@ -223,6 +223,12 @@ _SETTINGS.update({
         250_000, _positive_int,
         'distinct topics one process may subscribe: past it subscribe() raises '
         'SubscriptionLimitError, and the broker drops a process that subscribes more'),
+    'MAX_PATTERNS': _Setting(
+        10_000, _positive_int,
+        'distinct patterns (topics with *, ? or [...]) one process may subscribe: a message '
+        'is tried against those whose literal start and end fit its topic, so they bound '
+        'what one message can cost. Past it subscribe() raises SubscriptionLimitError, and '
+        'the broker drops a process that subscribes more'),
     'MAX_UNANCHORED_PATTERNS': _Setting(
         1000, _positive_int,
         'distinct patterns with neither a literal prefix nor a literal suffix (such as '

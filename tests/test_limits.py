@@ -170,6 +170,17 @@ def test_a_channel_on_a_topic_already_subscribed_does_not_count_against_the_limi
     assert all(channel.handler is not None for channel in kept[1:])
 
 
+def test_subscribing_past_max_patterns_raises():
+    channels.configure(MAX_PATTERNS=2)
+    kept = [Channel('a.*', Recorder()), Channel('b.?', Recorder()), Channel('a.*', Recorder()),
+            Channel('plain', Recorder())]
+    with pytest.raises(SubscriptionLimitError, match='MAX_PATTERNS is 2'):
+        Channel('c.*', Recorder())
+    kept[1].unsubscribe()
+    kept.append(Channel('c.*', Recorder()))          # 'b.?' is gone: room for one
+    assert kept[-1].handler is not None
+
+
 def test_subscribing_past_max_unanchored_patterns_raises():
     # '*x*' has neither a literal start nor end: each is tried for every message
     channels.configure(MAX_UNANCHORED_PATTERNS=2)
