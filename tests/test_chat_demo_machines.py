@@ -155,9 +155,10 @@ def _open_pages(browser, machine: Machine) -> tuple[list, list[int]]:
     """Pages of *machine*, one browser context each, until their streams are in all of
     its workers; the pages and their stream pids.
 
-    Pages are opened ``BATCH`` at a time, their navigations started together: one by one,
-    every request finds the same idle worker waiting first on the shared listening socket
-    (the kernel wakes the last waiter), so two workers may never both get a stream.
+    Pages are opened ``BATCH`` at a time, their navigations started together: opened one
+    by one, each finds both workers idle on the shared listening socket, and the same one
+    tends to win every accept (seen: 8 pages in a row), so the other might never get a
+    stream.
     """
     url = f'http://127.0.0.1:{machine.port}/?room={ROOM}'
     pages, stream_pids = [], []
