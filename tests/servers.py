@@ -40,10 +40,11 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> str:
 
 
 class Launched:
-    """``channels-broker --address A -- COMMAND`` running, with its output in files."""
+    """``channels-broker --address A [BROKER_ARGS] -- COMMAND`` running, with its output in
+    files."""
 
     def __init__(self, address: str, command: list[str], port: int, workers: int,
-                 out_dir: Path, log_dir: Path) -> None:
+                 out_dir: Path, log_dir: Path, broker_args: tuple[str, ...] = ()) -> None:
         self.address = address
         self.port = port
         self.workers = workers
@@ -57,7 +58,8 @@ class Launched:
         env['PYTHONUNBUFFERED'] = '1'
         with open(self.stdout_path, 'wb') as stdout, open(self.stderr_path, 'wb') as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, str(BROKER_SCRIPT), '--address', address, '--', *command],
+                [sys.executable, str(BROKER_SCRIPT), '--address', address, *broker_args,
+                 '--', *command],
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
                 cwd=ROOT)
         self._remember(psutil.Process(self.process.pid))

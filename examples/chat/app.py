@@ -9,7 +9,9 @@ Each browser tab streams its room from ``GET /events?room=R`` (an ``EventSource`
 takes the POST sends the message to ``chat.rooms.R``; the broker carries it to every
 worker, and each worker writes it to the streams it holds. So two tabs whose streams sit
 in different workers still see the same messages, in the same order. The page says which
-worker served it, which holds its stream, and which one took each message.
+worker served it, which holds its stream, and which one took each message. Bridged
+(``channels-broker --bridge URL -- uvicorn ...`` on several hosts), each message also
+says which machine took it: the host name and port of the server that took the POST.
 
 Routes:
 
@@ -17,7 +19,8 @@ Routes:
 - ``GET /events?room=R``: the stream: an ``event: hello`` with this worker's pid once it
   listens (``listen()`` enters only once the broker has applied the stream's
   subscription, so whatever any worker sends after ``hello`` reaches it), then an ``event: message`` per chat message (JSON: ``id``, ``room``, ``name``,
-  ``text``, ``pid`` of the worker that took the POST, ``timestamp``), and a comment line
+  ``text``, ``pid`` of the worker that took the POST, ``machine``, its ``host:port``,
+  ``timestamp``), and a comment line
   every ``KEEPALIVE`` seconds. A tab that falls ``INBOX_SIZE`` messages behind gets an
   ``event: lagged`` with the count it missed, and its stream ends (``EventSource``
   reconnects).
@@ -46,6 +49,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -198,7 +202,7 @@ async def _page(scope: ASGIScope, send: Send) -> None:
         f'<a href="/?room={quote(name)}"{" aria-current=page" if name == room else ""}>'
         f'#{html.escape(name)}</a>' for name in dict.fromkeys((*ROOMS, room)))
     values = {'room': room, 'pid': str(worker.pid), 'seen': str(worker.seen[room]),
-              'rooms': links}
+              'rooms': links, 'machine': _machine(scope)}
     body = re.sub(r'\{\{ (\w+) \}\}',
                   lambda m: values[m[1]] if m[1] == 'rooms' else html.escape(values[m[1]]),
                   PAGE).encode()
@@ -295,7 +299,16 @@ def _public(message: channels.Message) -> dict[str, Any]:
     data = message.data
     return {'id': message.id, 'room': message.topic[len(TOPIC_PREFIX):],
             'name': data.get('name', ''), 'text': data.get('text', ''),
-            'pid': data.get('pid'), 'timestamp': message.timestamp}
+            'pid': data.get('pid'), 'machine': data.get('machine'),
+            'timestamp': message.timestamp}
+
+
+def _machine(scope: ASGIScope) -> str:
+    """This machine as the page shows it: the host name, and the port that took the
+    request (two servers on one host, as in a demo, differ by it)."""
+    server = scope.get('server') or (None, None)
+    host = socket.gethostname()
+    return f'{host}:{server[1]}' if server[1] is not None else host
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -346,7 +359,8 @@ async def _send_message(scope: ASGIScope, receive: Receive, send: Send) -> None:
         await _json(send, 400, {'error': error})
         return
     message = channels.Channel(TOPIC_PREFIX + room).send(
-        {'name': name.strip() or 'anonymous', 'text': text, 'pid': worker.pid})
+        {'name': name.strip() or 'anonymous', 'text': text, 'pid': worker.pid,
+         'machine': _machine(scope)})
     if form:
         await send({'type': 'http.response.start', 'status': 303,
                     'headers': [(b'location', f'/?room={room}'.encode()),
