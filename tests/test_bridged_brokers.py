@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from brokers import BROKER_SCRIPT, BrokerProcess, app_processes
 from engines import EngineServer
 from support import wait_until
+
+LOST = 'lona.channels.lost'
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,18 +41,22 @@ def engine(request) -> Iterator[EngineServer]:
 
 
 @contextlib.contextmanager
-def machines(url: str, count: int, *extra: str) -> Iterator[list[BrokerProcess]]:
-    """*count* brokers bridged through *url*, each with a socket of its own; always
-    stopped."""
+def machines(url: str, count: int, *extra: str, **env: str) -> Iterator[list[BrokerProcess]]:
+    """*count* brokers bridged through *url*, each with a socket of its own and *env*
+    (CHANNELS_... settings) in its environment; always stopped (and continued first,
+    if a test stopped one with SIGSTOP)."""
     directory = tempfile.mkdtemp(prefix='mpch-m-')
-    brokers = [BrokerProcess(os.path.join(directory, f'm{n}.sock'), '--bridge', url, *extra)
-               for n in range(count)]
+    environment = dict(os.environ, **env) if env else None
+    brokers = [BrokerProcess(os.path.join(directory, f'm{n}.sock'), '--bridge', url, *extra,
+                             env=environment) for n in range(count)]
     try:
         for broker in brokers:
             broker.start()
         yield brokers
     finally:
         for broker in brokers:
+            if broker.process is not None and broker.process.poll() is None:
+                broker.process.send_signal(signal.SIGCONT)
             broker.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -164,3 +174,76 @@ def test_engine_order_gives_every_machine_one_order(engine):
         seen = [[(d['pid'], d['n']) for _, d in _user(app.wait_received('t', 200))]
                 for app in (a1, b1)]
         assert len(seen[0]) == 200 and seen[0] == seen[1]
+
+
+# helpers for the outage tests ------------------------------------------------------------
+
+def _numbers(app, topic: str) -> dict[int, list[int]]:
+    """Sender pid -> the 'n' of each user message *app* got on *topic*, in order."""
+    got: dict[int, list[int]] = {}
+    for _, data in _user(app.received(topic)):
+        got.setdefault(data['pid'], []).append(data['n'])
+    return got
+
+
+def _wait_count(app, topic: str, count: int, timeout: float = 30.0) -> None:
+    wait_until(lambda: app.call('count', topic) >= count, timeout, interval=0.05,
+               what=f'{count} messages on {topic!r} in pid {app.pid} '
+                    f'(got {app.call("count", topic)})')
+
+
+def _subscribed(broker: BrokerProcess, apps, *topics: str) -> None:
+    for app in apps:
+        for topic in topics:
+            app.subscribe(topic)
+        assert app.call('flush', 20)
+        broker.wait_subscribed(app.pid, [t for t in topics if not t.startswith('lona.')])
+
+
+def _bridge(broker: BrokerProcess) -> dict:
+    return broker.stats()['bridge']
+
+
+def _losses(app) -> list[dict]:
+    return [data for _, data in app.received(LOST)]
+
+
+# 1. nothing lost, nothing repeated across an engine outage ------------------------------
+
+@pytest.mark.slow
+def test_nothing_is_lost_or_repeated_across_machines_when_the_engine_is_killed_twice(
+        engine):
+    """20,000 messages from 2 machines to 2 others; the engine (with persistence) is
+    SIGKILLed and restarted twice during the stream."""
+    per_sender = 10_000
+    with machines(engine.url, 4) as (a, b, c, d), \
+            app_processes(a.address, 1) as (a1,), app_processes(b.address, 1) as (b1,), \
+            app_processes(c.address, 1) as (c1,), app_processes(d.address, 1) as (d1,):
+        _subscribed(c, [c1], 'feed', LOST)
+        _subscribed(d, [d1], 'feed', LOST)
+        _wait_bridged([a, b, c, d])
+        senders, receivers = (a1, b1), (c1, d1)
+        for app in senders:           # about 4 s of stream, in batches of 25 (as apps do)
+            app.begin('send_paced', 'feed', per_sender, 2500, 0, {})
+        for received in (2_000, 9_000):
+            wait_until(lambda: _bridge(c)['received'] >= received, 30,
+                       what=f'{received} messages across before the kill')
+            assert all(app.busy() for app in senders), 'the kill missed the stream'
+            engine.kill()
+            engine.restart()
+        for app in senders:
+            app.finish('send_paced', 60)
+            app.send_many('feed', 1, start=per_sender)     # a marker behind the stream
+        for app in receivers:
+            _wait_count(app, 'feed', 2 * per_sender + 2, 60)
+        for app in receivers:
+            assert _numbers(app, 'feed') == {s.pid: list(range(per_sender + 1))
+                                             for s in senders}
+            assert app.call('link_counters')['duplicates'] == 0    # none came twice
+            assert _losses(app) == []
+        for broker in (c, d):
+            assert _bridge(broker)['lost'] == 0
+        for broker in (a, b):
+            bridge = _bridge(broker)
+            assert bridge['dropped'] == 0 and bridge['pending_messages'] == 0
+            assert bridge['reconnects'] >= 2
