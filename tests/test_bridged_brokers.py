@@ -247,3 +247,83 @@ def test_nothing_is_lost_or_repeated_across_machines_when_the_engine_is_killed_t
             bridge = _bridge(broker)
             assert bridge['dropped'] == 0 and bridge['pending_messages'] == 0
             assert bridge['reconnects'] >= 2
+
+
+# 2. never silent ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['redis', 'nats'])
+def test_every_process_of_a_machine_is_told_of_what_an_engine_without_persistence_lost(kind):
+    server = EngineServer(kind, persist=False).start()
+    try:
+        with machines(server.url, 2) as (a, c), app_processes(a.address, 1) as (a1,), \
+                app_processes(c.address, 2) as (c1, c2):
+            _subscribed(a, [a1], LOST)
+            _subscribed(c, [c1, c2], 'feed', LOST)
+            _wait_bridged([a, c])
+            a1.send_many('feed', 100)
+            for app in (c1, c2):
+                _wait_count(app, 'feed', 100)
+            _wait_saved(c, a, 100)
+            c.kill()                            # machine C is down ...
+            a1.send_many('feed', 200, start=100)
+            wait_until(lambda: _bridge(a)['sent'] == 300, 15, what='the engine to take 300')
+            server.restart(persist=False)       # ... while the engine loses 200 for it
+            c.start()
+            wait_until(lambda: _bridge(a)['connected'], 15, what='A connected again')
+            a1.send_many('feed', 100, start=300)
+            for app in (c1, c2):
+                _wait_count(app, 'feed', 200)
+                wait_until(lambda: _losses(app), 15, what=f'the loss told to pid {app.pid}')
+                [loss] = _losses(app)
+                assert loss['count'] == 200
+                assert 'reset' in loss['reason'] or 'recreated' in loss['reason'], loss
+                assert _numbers(app, 'feed') == {a1.pid: list(range(100)) +
+                                                 list(range(300, 400))}
+            assert _bridge(c)['lost'] == 200
+            assert 'WARNING channels.broker: the bridge lost 200 messages' in c.log
+            assert _losses(a1) == []        # machine A missed nothing
+    finally:
+        server.stop()
+
+
+def test_a_broker_back_after_the_stream_was_trimmed_past_it_tells_its_processes(engine):
+    with machines(engine.url, 2, CHANNELS_BRIDGE_RETENTION_ENTRIES='20') as (a, c), \
+            app_processes(a.address, 1) as (a1,), app_processes(c.address, 2) as (c1, c2):
+        _subscribed(c, [c1, c2], 'feed', LOST)
+        _wait_bridged([a, c])
+        a1.send_many('feed', 5)
+        for app in (c1, c2):
+            _wait_count(app, 'feed', 5)
+        _wait_saved(c, a, 5)
+        c.kill()
+        a1.call('send_paced', 'feed', 400, 500, 5, {})   # an entry each: ~20 are kept
+        wait_until(lambda: _bridge(a)['sent'] == 405, 15, what='the engine to take 405')
+        c.start()
+        for app in (c1, c2):
+            wait_until(lambda: _losses(app), 20, what=f'the loss told to pid {app.pid}')
+            [loss] = _losses(app)
+            assert 'trimmed' in loss['reason'] or 'removed' in loss['reason'], loss
+            wait_until(lambda: len(_user(app.received('feed'))) - 5 + loss['count'] == 400,
+                       15, what='the messages kept after the trimmed ones')
+            [numbers] = _numbers(app, 'feed').values()
+            kept = len(numbers) - 5
+            assert 0 < loss['count'] and numbers == list(range(5)) + list(range(405 - kept,
+                                                                              405))
+        assert _bridge(c)['lost'] == loss['count']
+        assert f'WARNING channels.broker: the bridge lost {loss["count"]} messages' in c.log
+
+
+def _wait_saved(broker: BrokerProcess, heard: BrokerProcess, last: int) -> None:
+    """Until *broker*'s bridge has saved a state in which it had routed the first *last*
+    messages of *heard*'s broker."""
+    path = broker.address + '.bridge'
+    name = _bridge(heard)['broker']
+
+    def saved() -> bool:
+        try:
+            with open(path) as file:
+                state = json.load(file)
+        except (OSError, ValueError):
+            return False
+        return state['origins'].get(name, [0, 0])[1] >= last
+    wait_until(saved, 15, what=f'the bridge state saved in {path}')
