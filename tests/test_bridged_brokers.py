@@ -327,3 +327,27 @@ def _wait_saved(broker: BrokerProcess, heard: BrokerProcess, last: int) -> None:
             return False
         return state['origins'].get(name, [0, 0])[1] >= last
     wait_until(saved, 15, what=f'the bridge state saved in {path}')
+
+
+# 3. a broker restart on a bridged machine -------------------------------------------------
+
+@pytest.mark.parametrize('how', ['killed', 'stopped'])
+def test_a_restarted_broker_reads_on_where_it_was_and_its_processes_miss_nothing(engine, how):
+    with machines(engine.url, 2) as (a, b), app_processes(a.address, 1) as (a1,), \
+            app_processes(b.address, 2) as (b1, b2):
+        _subscribed(b, [b1, b2], 'feed', LOST)
+        _wait_bridged([a, b])
+        a1.send_many('feed', 10)
+        for app in (b1, b2):
+            _wait_count(app, 'feed', 10)
+        _wait_saved(b, a, 10)
+        b.kill() if how == 'killed' else b.stop()
+        a1.send_many('feed', 500, start=10)
+        wait_until(lambda: _bridge(a)['sent'] == 510, 15, what='the engine to take 510')
+        b.start()                         # b1, b2 reconnect by themselves
+        a1.send_many('feed', 1, start=510)   # a marker behind the 500
+        for app in (b1, b2):
+            _wait_count(app, 'feed', 511)
+            assert _numbers(app, 'feed') == {a1.pid: list(range(511))}
+            assert _losses(app) == []
+        assert _bridge(b)['lost'] == 0
