@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
+from . import wire
 from .engine import Retention, redact_url
 from .errors import ChannelsError, ConfigurationError
 
@@ -104,6 +105,16 @@ def _parse_url(url: str) -> tuple[str, SplitResult]:
         raise ConfigurationError(f'bridge URL {shown!r}: a NATS URL has no path; the '
                                  f'namespace names the stream')
     return engine, parts
+
+
+def _fitting(frames: bytes, room: int) -> tuple[int, int]:
+    """How many of the first whole *frames* fit in *room* bytes, and their size."""
+    count = size = 0
+    for _, _, end in wire.iter_frames(frames, len(frames)):
+        if end > room:
+            break
+        count, size = count + 1, end
+    return count, size
 
 
 @dataclass
@@ -389,34 +400,38 @@ class Bridge:
 
     def publish(self, frames: bytes, count: int) -> bool:
         """Queue *count* whole MESSAGE frames (*frames*, concatenated) for the other
-        brokers; never blocks. False if they were dropped because what waits for the
-        engine would exceed ``max_pending_bytes``: logged, counted in
-        ``stats()['dropped']``, and seen as a gap by the receivers, which report them
-        through their ``on_lost`` (not through this bridge's: this machine's processes
-        had them, or, with *echo*, see the same gap)."""
+        brokers; never blocks. False if some were dropped because what waits for the
+        engine would exceed ``max_pending_bytes`` (the first frames that fit are kept):
+        logged, counted in ``stats()['dropped']``, and seen as a gap by the receivers,
+        which report them through their ``on_lost`` (not through this bridge's: this
+        machine's processes had them, or, with *echo*, see the same gap)."""
         size = len(frames)
         with self._lock:
             first = self._next
             self._next = first + count
+            kept = count
             if self._pending_bytes + size > self.max_pending_bytes or self._stopping:
-                self._drops += count
-                report = self._drops == count
-                wake = dropped = True
+                kept, size = (0, 0) if self._stopping else \
+                    _fitting(frames, self.max_pending_bytes - self._pending_bytes)
+                frames = frames[:size]
+                self._drops += count - kept
+                report = self._drops == count - kept
             else:
-                dropped = False
-                self._chunks.append((first, count, frames))
-                self._pending_bytes += size
-                self._pending_messages += count
                 report = False
+            wake = False
+            if kept:
+                self._chunks.append((first, kept, frames))
+                self._pending_bytes += size
+                self._pending_messages += kept
                 wake = self._sender_idle
                 self._sender_idle = False
         loop = self._loop
-        if (report or wake and not dropped) and loop is not None:
+        if (report or wake) and loop is not None:
             try:
                 loop.call_soon_threadsafe(self._report_drops if report else self._wake.set)
             except RuntimeError:
                 pass
-        return not dropped
+        return kept == count
 
     def _report_drops(self) -> None:
         # Called soon after the first drop of an episode: gathers what was dropped by then.

@@ -204,6 +204,15 @@ def _bridge(broker: BrokerProcess) -> dict:
     return broker.stats()['bridge']
 
 
+def _stats_json(broker: BrokerProcess) -> dict:
+    """What ``channels-broker stats --json`` prints."""
+    result = subprocess.run([sys.executable, str(BROKER_SCRIPT), 'stats', '--json',
+                             '--address', broker.address], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result
+    return json.loads(result.stdout)
+
+
 def _losses(app) -> list[dict]:
     return [data for _, data in app.received(LOST)]
 
@@ -351,3 +360,87 @@ def test_a_restarted_broker_reads_on_where_it_was_and_its_processes_miss_nothing
             assert _numbers(app, 'feed') == {a1.pid: list(range(511))}
             assert _losses(app) == []
         assert _bridge(b)['lost'] == 0
+
+
+def test_the_bridge_state_file_is_private_and_a_corrupt_one_is_logged_and_ignored(engine):
+    with machines(engine.url, 2) as (a, b), app_processes(a.address, 1) as (a1,), \
+            app_processes(b.address, 1) as (b1,):
+        _subscribed(b, [b1], 'feed')
+        _wait_bridged([a, b])
+        a1.send_many('feed', 1)
+        _wait_saved(b, a, 1)
+        path = b.address + '.bridge'
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        b.kill()
+        with open(path, 'w') as file:
+            file.write('{"engine": "redis", "namespace": "mpchannels", "position": [1], '
+                       '"origins": {}}')
+        b.start()
+        wait_until(lambda: 'ignoring the bridge state file' in b.log, 10, what='a warning')
+        assert 'is not one a bridge saves' in b.log
+        _wait_bridged([a, b])
+        a1.send_many('feed', 1, start=1)
+        _wait_count(b1, 'feed', 2)
+
+
+# 4. liveness ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('outage', ['paused', 'killed'])
+def test_an_engine_outage_is_seen_within_seconds_local_routing_goes_on_and_it_recovers(
+        engine, outage):
+    with machines(engine.url, 2) as (a, b), app_processes(a.address, 2) as (a1, a2), \
+            app_processes(b.address, 1) as (b1,):
+        _subscribed(a, [a2], 'here')
+        _subscribed(b, [b1], 'there')
+        _wait_bridged([a, b])
+        engine.pause() if outage == 'paused' else engine.kill()
+        try:
+            began = time.monotonic()
+            wait_until(lambda: not _bridge(a)['connected'] and not _bridge(b)['connected'],
+                       10, what='both bridges shown not connected')
+            noticed = time.monotonic() - began
+            assert noticed < 8, noticed
+            assert _stats_json(a)['bridge']['connected'] is False
+            for broker in (a, b):
+                assert 'WARNING channels.bridge' in broker.log and 'not connected' in broker.log
+            a1.send_many('there', 20)             # waits for the engine
+            a1.send_many('here', 20)              # local routing goes on meanwhile
+            _wait_count(a2, 'here', 20, 10)
+        finally:
+            engine.resume() if outage == 'paused' else engine.start()
+        wait_until(lambda: _bridge(a)['connected'] and _bridge(b)['connected'], 15,
+                   what='both bridges connected again')
+        _wait_count(b1, 'there', 20, 15)
+        assert _numbers(b1, 'there') == {a1.pid: list(range(20))}
+        assert 'connected again' in a.log
+
+
+# 5. bounded -------------------------------------------------------------------------------
+
+def test_past_the_bridge_bound_messages_are_dropped_counted_and_reported_lost_elsewhere(
+        engine):
+    with machines(engine.url, 2, CHANNELS_BRIDGE_MAX_PENDING_BYTES='20000') as (a, b), \
+            app_processes(a.address, 2) as (a1, a2), app_processes(b.address, 2) as (b1, b2):
+        _subscribed(a, [a2], 'burst', LOST)
+        _subscribed(b, [b1, b2], 'burst', LOST)
+        _wait_bridged([a, b])
+        engine.kill()
+        try:
+            wait_until(lambda: not _bridge(a)['connected'], 10, what='A not connected')
+            a1.send_many('burst', 1000)
+            _wait_count(a2, 'burst', 1000)        # this machine's process gets them all
+            wait_until(lambda: _bridge(a)['dropped'] > 0, 10, what='drops counted')
+            dropped = _bridge(a)['dropped']
+            assert 0 < dropped < 1000 and _bridge(a)['pending_bytes'] <= 20000
+        finally:
+            engine.start()
+        assert f'{dropped} messages from this machine not sent' in a.log
+        assert 'over its bound of 20000 bytes' in a.log
+        for app in (b1, b2):
+            _wait_count(app, 'burst', 1000 - dropped, 20)
+            wait_until(lambda: _losses(app), 15, what=f'the loss told to pid {app.pid}')
+            assert sum(loss['count'] for loss in _losses(app)) == dropped
+            [numbers] = _numbers(app, 'burst').values()
+            assert numbers == sorted(numbers) and len(numbers) == 1000 - dropped
+        assert _bridge(b)['lost'] == dropped
+        assert _losses(a2) == []                # nothing was lost for machine A
