@@ -444,3 +444,71 @@ def test_past_the_bridge_bound_messages_are_dropped_counted_and_reported_lost_el
             assert numbers == sorted(numbers) and len(numbers) == 1000 - dropped
         assert _bridge(b)['lost'] == dropped
         assert _losses(a2) == []                # nothing was lost for machine A
+
+
+# what else holds across machines --------------------------------------------------------------
+
+def test_a_message_that_expires_while_the_engine_is_down_is_dropped_on_arrival(engine):
+    with machines(engine.url, 2) as (a, b), app_processes(a.address, 1) as (a1,), \
+            app_processes(b.address, 1) as (b1,):
+        _subscribed(b, [b1], 'news')
+        _wait_bridged([a, b])
+        engine.kill()
+        try:
+            wait_until(lambda: not _bridge(a)['connected'], 10, what='A not connected')
+            a1.send_many('news', 1, expiry=timedelta(seconds=0.5))
+            deadline = time.time() + 0.5
+            a1.send_many('news', 1, start=1)
+            wait_until(lambda: _bridge(a)['pending_messages'] == 2, 10, what='both waiting')
+            wait_until(lambda: time.time() > deadline + 0.1, 5, what='the expiry to pass')
+        finally:
+            engine.start()
+        _wait_count(b1, 'news', 1, 20)
+        assert _numbers(b1, 'news') == {a1.pid: [1]}
+        assert b.stats()['expired'] == 1           # dropped by B's broker, not only by b1
+
+
+def test_internal_topics_from_another_machine_are_never_routed(engine):
+    from channels import wire
+    from channels.bridge import Bridge
+    with machines(engine.url, 1) as (b,), app_processes(b.address, 1) as (b1,):
+        _subscribed(b, [b1], '*', LOST)
+        forger = Bridge.from_url(engine.url, broker_id='forger', on_frames=lambda _: None,
+                                 on_lost=lambda *_: None)
+        forger.start()
+        try:
+            wait_until(lambda: _bridge(b)['peers'], 15, what='B to hear the forger')
+            frames = [wire.encode_message(topic, f'{n}-{"0" * 16}-1', time.time(), None,
+                                          False, b'\x80\x04}\x94.')
+                      for n, topic in ((7, LOST), (8, 'lona.channels.other'), (9, 'x'))]
+            forger.publish(b''.join(frames), 3)
+            wait_until(lambda: _bridge(b)['received'] == 3, 15, what='the three at B')
+            _wait_count(b1, '*', 1)
+        finally:
+            forger.stop()
+        topics = [topic for topic, _ in b1.received('*')]
+        assert [topic for topic, _ in _user(b1.received('*'))] == ['x']
+        assert 'lona.channels.other' not in topics and LOST not in topics
+        assert _losses(b1) == []
+        [process] = b.stats()['processes']
+        assert process['messages_out'] == 1       # B's broker routed only 'x'
+
+
+def test_a_graceful_stop_with_the_engine_down_is_bounded_and_logs_what_was_not_sent(engine):
+    with machines(engine.url, 1, '--stop-timeout', '4') as (a,), \
+            app_processes(a.address, 1) as (a1,):
+        _wait_bridged([a])
+        engine.pause()
+        try:
+            a1.send_many('feed', 30)
+            wait_until(lambda: _bridge(a)['pending_messages'] == 30, 10, what='30 pending')
+            began = time.monotonic()
+            a.process.send_signal(signal.SIGTERM)
+            a.process.wait(15)
+            took = time.monotonic() - began
+        finally:
+            engine.resume()
+        assert took < 4 + 1, took
+        assert 'WARNING channels.bridge' in a.log
+        assert '30 messages from this machine not sent to the other machines: the broker ' \
+               'stopped before' in a.log
