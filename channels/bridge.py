@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
+from . import wire
 from .engine import Retention, redact_url
 from .errors import ChannelsError, ConfigurationError
 
@@ -59,6 +60,9 @@ _VERSION = 1
 
 HEARTBEAT_SECONDS = 1.0
 """A broker that sent nothing for this long appends a heartbeat entry."""
+
+TICK_SECONDS = 1.0
+"""``on_tick`` is called about this often."""
 
 MAX_ENTRY_BYTES = 256 * 1024
 """Publish calls are coalesced into entries of up to about this size."""
@@ -103,6 +107,16 @@ def _parse_url(url: str) -> tuple[str, SplitResult]:
     return engine, parts
 
 
+def _fitting(frames: bytes, room: int) -> tuple[int, int]:
+    """How many of the first whole *frames* fit in *room* bytes, and their size."""
+    count = size = 0
+    for _, _, end in wire.iter_frames(frames, len(frames)):
+        if end > room:
+            break
+        count, size = count + 1, end
+    return count, size
+
+
 @dataclass
 class _Entry:
     first: int
@@ -135,13 +149,14 @@ class Bridge:
     def __init__(self, engine: Any, url: str, namespace: str, *, broker_id: str,
                  on_frames: Callable[[bytes], None], on_lost: Callable[[int, str], None],
                  max_pending_bytes: int, retention: Retention, echo: bool,
-                 state: dict | None) -> None:
+                 state: dict | None, on_tick: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.url = redact_url(url)
         self.namespace = namespace
         self.broker_id = broker_id
         self.on_frames = on_frames
         self.on_lost = on_lost
+        self.on_tick = on_tick
         self.max_pending_bytes = max_pending_bytes
         self.retention = retention
         self.echo = echo
@@ -162,6 +177,7 @@ class Bridge:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._halting = False             # the loop's own view of stopping
+        self._drain_until = 0.0           # stop(): until when pending messages may go out
         self._started = False
         self._connected = False
         self._down_since: float | None = None
@@ -169,6 +185,8 @@ class Bridge:
         self.sent = 0
         self.received = 0
         self.lost = 0
+        self.dropped = 0                # this broker's messages never sent (bound, size, stop)
+        self.dropped_reasons: dict[str, int] = {}
         self.duplicates = 0
         self.entries_sent = 0
         self.entries_received = 0
@@ -184,14 +202,17 @@ class Bridge:
                  on_frames: Callable[[bytes], None], on_lost: Callable[[int, str], None],
                  max_pending_bytes: int = 64 * 1024 * 1024,
                  retention: Retention = Retention(), echo: bool = False,
-                 state: dict | None = None) -> Bridge:
+                 state: dict | None = None,
+                 on_tick: Callable[[], None] | None = None) -> Bridge:
         """A bridge to the engine at *url* (``redis://[user:password@]host:port/db``,
         ``rediss://...``, ``nats://[user:password@]host:port``, ``tls://...``).
 
         *broker_id* names this broker to the others (unique per machine); *echo* also
         hands this broker's own entries to ``on_frames``, in the stream's order (for
         routing every message in the engine's one order); *state* is what
-        :meth:`state` returned before a restart, to resume from that position.
+        :meth:`state` returned before a restart, to resume from that position;
+        *on_tick* is called on the bridge thread about once a second, between reads
+        (where :meth:`state` is consistent: the broker saves it there).
         Raises :class:`ConfigurationError` for a bad URL, namespace or bound, or when
         the engine's client package (the ``redis`` or ``nats`` extra) is missing.
         """
@@ -212,7 +233,7 @@ class Bridge:
         engine = engine_class(url, parts, namespace, retention)   # checks the import
         return cls(engine, url, namespace, broker_id=broker_id, on_frames=on_frames,
                    on_lost=on_lost, max_pending_bytes=max_pending_bytes,
-                   retention=retention, echo=echo, state=state)
+                   retention=retention, echo=echo, state=state, on_tick=on_tick)
 
     def __repr__(self) -> str:
         state = 'connected' if self._connected else 'disconnected'
@@ -314,11 +335,31 @@ class Bridge:
         self._tasks = [asyncio.create_task(self._send_loop(), name='bridge-send'),
                        asyncio.create_task(self._read_loop(not resynced), name='bridge-read')]
         await self._stop_event.wait()
+        await self._drain()
         self._halting = True
         for task in self._tasks:
             task.cancel()
         await asyncio.wait(self._tasks, timeout=1.0)
         await self._close_engine()
+        self._report_unsent()
+
+    async def _drain(self) -> None:
+        """At stop: while connected, until the drain deadline, let the sender have the
+        engine acknowledge what waits (an engine that does not answer ends it soon: the
+        sender's timeout marks the bridge down)."""
+        while time.monotonic() < self._drain_until and self._connected and (
+                self._inflight is not None or self._pending_messages):
+            self._wake.set()
+            await asyncio.sleep(0.005)
+
+    def _report_unsent(self) -> None:
+        with self._lock:
+            unsent = self._pending_messages + self._drops
+            self._pending_messages = self._pending_bytes = self._drops = 0
+            self._chunks.clear()
+        self._inflight = None
+        if unsent:
+            self._drop(unsent, f'the broker stopped before {self.url} acknowledged them')
 
     async def _close_engine(self) -> None:
         try:
@@ -329,8 +370,12 @@ class Bridge:
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop the tasks, close the engine's connections and join the thread, within
         *timeout* seconds; True if the thread ended. What was published and not yet
-        acknowledged is not sent (``stats()['pending_messages']`` tells how much).
-        Idempotent."""
+        acknowledged gets up to half of *timeout* (less 3 s, the engine's answer time)
+        to be sent while the engine answers; what is left is dropped: logged as a
+        WARNING with its count and counted in ``stats()['dropped']`` (the other
+        machines cannot see that gap: this incarnation sends no more). Idempotent."""
+        if not self._stopping:
+            self._drain_until = time.monotonic() + max(0.0, min(timeout / 2, timeout - 3.0))
         self._stopping = True
         loop, thread = self._loop, self._thread
         if thread is None:
@@ -355,32 +400,38 @@ class Bridge:
 
     def publish(self, frames: bytes, count: int) -> bool:
         """Queue *count* whole MESSAGE frames (*frames*, concatenated) for the other
-        brokers; never blocks. False if they were dropped because what waits for the
-        engine would exceed ``max_pending_bytes`` (counted as lost, reported through
-        ``on_lost`` on the bridge thread, and seen as a gap by the receivers)."""
+        brokers; never blocks. False if some were dropped because what waits for the
+        engine would exceed ``max_pending_bytes`` (the first frames that fit are kept):
+        logged, counted in ``stats()['dropped']``, and seen as a gap by the receivers,
+        which report them through their ``on_lost`` (not through this bridge's: this
+        machine's processes had them, or, with *echo*, see the same gap)."""
         size = len(frames)
         with self._lock:
             first = self._next
             self._next = first + count
+            kept = count
             if self._pending_bytes + size > self.max_pending_bytes or self._stopping:
-                self._drops += count
-                report = self._drops == count
-                wake = dropped = True
+                kept, size = (0, 0) if self._stopping else \
+                    _fitting(frames, self.max_pending_bytes - self._pending_bytes)
+                frames = frames[:size]
+                self._drops += count - kept
+                report = self._drops == count - kept
             else:
-                dropped = False
-                self._chunks.append((first, count, frames))
-                self._pending_bytes += size
-                self._pending_messages += count
                 report = False
+            wake = False
+            if kept:
+                self._chunks.append((first, kept, frames))
+                self._pending_bytes += size
+                self._pending_messages += kept
                 wake = self._sender_idle
                 self._sender_idle = False
         loop = self._loop
-        if (report or wake and not dropped) and loop is not None:
+        if (report or wake) and loop is not None:
             try:
                 loop.call_soon_threadsafe(self._report_drops if report else self._wake.set)
             except RuntimeError:
                 pass
-        return not dropped
+        return kept == count
 
     def _report_drops(self) -> None:
         # Called soon after the first drop of an episode: gathers what was dropped by then.
@@ -391,9 +442,9 @@ class Bridge:
         with self._lock:
             count, self._drops = self._drops, 0
         if count:
-            self._lose(count, f'the bridge backlog was over its bound of '
+            self._drop(count, f'the bridge backlog was over its bound of '
                               f'{self.max_pending_bytes} bytes while {self.url} was slow '
-                              f'or unreachable: messages not sent to other machines')
+                              f'or unreachable')
 
     # the sender task ---------------------------------------------------------------------
 
@@ -422,7 +473,7 @@ class Bridge:
             with self._lock:
                 self._pending_bytes -= size
                 self._pending_messages -= count
-            self._lose(count, f'a message of {size} bytes is larger than what {self.url} '
+            self._drop(count, f'a message of {size} bytes is larger than what {self.url} '
                               f'takes in one entry ({limit} bytes)')
             return self._make_entry()
         return _Entry(first, count, data, size)
@@ -485,7 +536,11 @@ class Bridge:
 
     async def _read_loop(self, resync: bool) -> None:
         backoff = 0.05
+        next_tick = time.monotonic() + TICK_SECONDS
         while True:
+            if self.on_tick is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK_SECONDS
+                self._tick()
             try:
                 if resync:
                     await self._resync()
@@ -575,6 +630,20 @@ class Bridge:
         except Exception:
             logger.exception('the bridge on_lost callback failed')
 
+    def _drop(self, count: int, reason: str) -> None:
+        """This broker's messages that never go to the engine: other machines see the
+        gap in its numbers (while this incarnation sends on) and report them lost."""
+        self.dropped += count
+        self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + count
+        logger.warning('bridge %s: %d messages from this machine not sent to the other '
+                       'machines: %s', self.url, count, reason)
+
+    def _tick(self) -> None:
+        try:
+            self.on_tick()
+        except Exception:
+            logger.exception('the bridge on_tick callback failed')
+
     def _mark_up(self) -> None:
         if not self._connected:
             self._connected = True
@@ -601,7 +670,8 @@ class Bridge:
         return {'url': self.url, 'engine': self.engine.name, 'namespace': self.namespace,
                 'broker': self.broker_id, 'connected': self._connected, 'sent': self.sent,
                 'received': self.received, 'lost': self.lost,
-                'lost_reasons': dict(self.lost_reasons), 'duplicates': self.duplicates,
+                'lost_reasons': dict(self.lost_reasons), 'dropped': self.dropped,
+                'dropped_reasons': dict(self.dropped_reasons), 'duplicates': self.duplicates,
                 'peers': peers, 'position': self.engine.position_text(),
                 'pending_messages': pending_messages, 'pending_bytes': pending_bytes,
                 'entries_sent': self.entries_sent, 'entries_received': self.entries_received,
@@ -623,6 +693,12 @@ class Bridge:
             logger.warning('bridge %s: ignoring a saved state of another engine or '
                            'namespace', self.url)
             return
-        self.engine.load_position(state.get('position'))
-        for name, (incarnation, last) in state.get('origins', {}).items():
-            self._origins[name] = _Origin(int(incarnation), int(last))
+        try:
+            origins = {name: _Origin(int(incarnation), int(last))
+                       for name, (incarnation, last) in state.get('origins', {}).items()}
+            self.engine.load_position(state.get('position'))
+        except (TypeError, ValueError, AttributeError) as exc:
+            logger.warning('bridge %s: ignoring a saved state that is not one a bridge '
+                           'saves (%s): reading from the stream\'s end', self.url, exc)
+            return
+        self._origins.update(origins)

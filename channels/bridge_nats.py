@@ -316,7 +316,10 @@ class NatsEngine:
         return {'seq': self.position, 'created': self.created}
 
     def load_position(self, saved: Any) -> None:
-        """Resume from what save_position() returned."""
+        """Resume from what save_position() returned (ValueError if it is not that)."""
         if isinstance(saved, dict) and saved.get('seq') is not None:
-            self.position = int(saved['seq'])
-            self.created = saved.get('created')
+            sequence, created = saved['seq'], saved.get('created')
+            if type(sequence) is not int or sequence < 0 or not isinstance(created, str | None):
+                raise ValueError(f'not a JetStream position: {saved!r:.100}')
+            self.position = sequence
+            self.created = created

@@ -205,10 +205,14 @@ class RedisEngine:
         return {'id': self.position, 'epoch': self.epoch.decode() if self.epoch else None}
 
     def load_position(self, saved: Any) -> None:
-        """Resume from what save_position() returned."""
+        """Resume from what save_position() returned (ValueError if it is not that)."""
         if isinstance(saved, dict) and saved.get('id'):
-            self.position = str(saved['id'])
-            self.epoch = saved['epoch'].encode() if saved.get('epoch') else None
+            position, epoch = saved['id'], saved.get('epoch')
+            if not isinstance(position, str) or not isinstance(epoch, str | None):
+                raise ValueError(f'not a Redis position: {saved!r:.100}')
+            _id(position)                           # a stream id, or ValueError
+            self.position = position
+            self.epoch = epoch.encode() if epoch else None
 
 
 def _unreachable(exc: BaseException) -> bool:

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 _SUB, _UNSUB, _PING, _GONE = 'sub', 'unsub', 'ping', 'gone'
 _FENCE = 'fence'
+_LOST = 'lost'                  # messages from other machines gone for good (the bridge's)
 
 _ROLES = ('app', 'stats')
 _MAX_PID = 2 ** 31 - 1          # pid_t is a signed 32-bit int
@@ -746,6 +747,10 @@ class Broker:
         self.bridge_max_pending = bridge_max_pending
         self.bridge_retention = bridge_retention
         self.bridge: Bridge | None = None
+        # (bridge state, batches from the bridge put by then): saved once all are routed
+        self._bridge_snapshot: tuple[dict, int] | None = None
+        self._bridge_missed = False     # the bridge handed over messages while stopping
+        self._bridge_warned = False
         self._other_machines = _OtherMachines()
         # a topic of at most this many characters is within max_topic bytes for sure
         self.short_topic = min(64, max_topic // 4)
@@ -811,6 +816,7 @@ class Broker:
         self._listener = listen(self.address)
         if isinstance(self.address, tuple) and self.address[1] == 0:
             self.address = self._listener.getsockname()[:2]
+        self._find_state_file()           # (the bridge resumes from the state beside it)
         if self.bridge_url is not None:
             try:
                 self._start_bridge()
@@ -821,7 +827,6 @@ class Broker:
                 raise
         self._state = 'running'
         self.started_at = time.time()
-        self._find_state_file()
         if self.fast_routing:
             self._awaited = self._load_awaited()
             if self._awaited:
@@ -869,7 +874,8 @@ class Broker:
         for worker in self.workers:
             worker.stop()                     # only stragglers are still running
         if self.bridge is not None:           # what was routed here is on its way out
-            self.bridge.stop(max(deadline - time.monotonic(), 0.1))
+            if self.bridge.stop(max(deadline - time.monotonic(), 0.1)):
+                self._save_final_bridge_state()
         for peer in peers:
             peer.outbox.put(STOP)
         for peer in peers:
@@ -881,7 +887,10 @@ class Broker:
                 os.unlink(self.address)
             except OSError:
                 pass
-        self._remove_state_file()
+        if self.bridge is None:
+            self._remove_state_file()
+        # (a bridged broker keeps it: what other machines send while it is down reaches
+        # its processes when they are back, so its next start waits for them too)
         threads = [self._gate and self._gate.thread, *(w.thread for w in self.workers),
                    self.bridge and self.bridge.thread,
                    *(p.reader for p in peers), *(p.writer for p in peers)]
@@ -982,6 +991,14 @@ class Broker:
             # the index, its messages are in their receivers' shares): answer at once,
             # behind what was routed to it, whatever other processes' writers do
             peer.deliver(wire.encode_ping(wire.FENCE, value), 0)
+        elif kind == _LOST:
+            count, reason = value
+            self.lost_total += count
+            notice = wire.encode_json(wire.NOTICE, {
+                'lost': count, 'reason': f'messages between machines were lost: {reason}'})
+            for other in list(self.peers.values()):
+                if not other.closed:
+                    other.deliver(notice, 0)
         elif kind == _GONE:
             with self.index_lock:
                 for topic, channel in peer.topics.items():
@@ -1004,7 +1021,8 @@ class Broker:
             self.bridge_url, self.bridge_namespace, broker_id=self.broker_id,
             on_frames=self._from_other_machines, on_lost=self._lost_on_the_bridge,
             max_pending_bytes=self.bridge_max_pending, retention=self.bridge_retention,
-            echo=self.bridge_order == 'engine')
+            echo=self.bridge_order == 'engine', state=self._load_bridge_state(),
+            on_tick=self._bridge_tick)
         self.bridge.start()
         logger.info('bridged through %s (namespace %r, %s order) as %r', self.bridge.url,
                     self.bridge_namespace, self.bridge_order, self.broker_id)
@@ -1022,21 +1040,81 @@ class Broker:
                                frames[frame[1]:frame[2]], sender)
                  for frame in wire.decode_batch(frames, len(frames))
                  if frame[0] == wire.MESSAGE and not wire.is_internal(frame[3])]
-        if items and not self.stopping:
-            sender.batches_put += 1
-            self.inbound.queue.put((sender, items))
+        if items:
+            self._put_from_other_machines(items)
+
+    def _put_from_other_machines(self, items: list[Any]) -> None:
+        if self.stopping:
+            self._bridge_missed = True     # read, never routed: not in the saved state
+            return
+        sender = self._other_machines
+        sender.batches_put += 1
+        self.inbound.queue.put((sender, items))
 
     def _lost_on_the_bridge(self, count: int, reason: str) -> None:
         """The bridge's thread: messages gone for good; every process here is told, with
-        ``lona.channels.lost``."""
+        ``lona.channels.lost``, in order with the messages around the gap (and, after a
+        restart, once the processes connected before are back: the hold keeps it)."""
         logger.warning('the bridge lost %d messages: %s; telling every process', count,
                        reason)
-        notice = wire.encode_json(wire.NOTICE, {
-            'lost': count, 'reason': f'messages between machines were lost: {reason}'})
-        with self.route_lock:
-            self.lost_total += count
-            for peer in list(self.peers.values()):
-                peer.deliver(notice, 0)
+        self._put_from_other_machines([(_LOST, self._other_machines, (count, reason))])
+
+    # the bridge's state, for a restart: where it read in the stream, and the last number
+    # of every other broker, so that a restarted broker reads on (and sees gaps)
+
+    def _bridge_state_path(self) -> str | None:
+        return statefile.bridge_path(self.state_file) if self._statefile_owned else None
+
+    def _load_bridge_state(self) -> dict | None:
+        path = self._bridge_state_path()
+        if path is None:
+            return None
+        try:
+            return statefile.read_bridge_state(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, statefile.StateFileError) as exc:
+            logger.warning('ignoring the bridge state file %s: %s; the bridge reads from '
+                           'the stream\'s end', path, exc)
+            return None
+
+    def _save_bridge_state(self, state: dict) -> None:
+        path = self._bridge_state_path()
+        if path is None:
+            return
+        with self._statefile_lock:
+            try:
+                statefile.write_bridge_state(path, state)
+            except OSError as exc:
+                if not self._bridge_warned:
+                    self._bridge_warned = True
+                    logger.warning('cannot write the bridge state file %s (%s): a restart '
+                                   'will read the stream from its end', path, exc)
+
+    def _bridge_tick(self) -> None:
+        """The bridge's thread, about once a second: save its state one tick late, once
+        every message it had handed over by then is routed (in its processes' outboxes).
+        A broker killed now reads again what it had not routed; its processes drop what
+        they had already (by each sender's sequence)."""
+        if self.holding or self.stopping:   # held messages are not routed yet
+            return
+        ready = self._bridge_snapshot
+        sender = self._other_machines
+        if ready is not None and sender.batches_routed >= ready[1]:
+            self._save_bridge_state(ready[0])
+            ready = None
+        if ready is None:
+            self._bridge_snapshot = (self.bridge.state(), sender.batches_put)
+
+    def _save_final_bridge_state(self) -> None:
+        """At stop, the bridge thread ended: its state now if all it handed over was
+        routed, else the last one that was."""
+        ready = self._bridge_snapshot
+        if not self._bridge_missed and not self.holding and \
+                self._other_machines.batches_routed >= self._other_machines.batches_put:
+            self._save_bridge_state(self.bridge.state())
+        elif ready is not None and self._other_machines.batches_routed >= ready[1]:
+            self._save_bridge_state(ready[0])
 
     def _drop_for_breaking_a_limit(self, peer: Peer, why: str) -> None:
         """Drop *peer*'s connection for breaking a limit (routing, under ``route_lock``):
@@ -1169,8 +1247,10 @@ class Broker:
         peers: list[Peer] = []
         for item in items:
             if type(item) is not RoutedMessage:
-                if self.holding and (item[0] == _PING or item[0] == _FENCE):
-                    # a PONG now would confirm held messages; a FENCE would claim them routed
+                if self.holding and (item[0] == _PING or item[0] == _FENCE
+                                     or item[0] == _LOST):
+                    # a PONG now would confirm held messages; a FENCE would claim them
+                    # routed; a loss is for the processes that are coming back
                     self._held.append(item)
                     continue
                 _hand_out(shares)          # what came before a control item goes first

@@ -345,9 +345,13 @@ def _stats(args: argparse.Namespace) -> int:
         state = 'connected' if bridge['connected'] else \
             f"DISCONNECTED for {bridge.get('down_for_s') or 0:.0f}s ({bridge.get('last_error')})"
         print(f"bridge {bridge['url']} {state}: sent {bridge['sent']}, received "
-              f"{bridge['received']}, lost {bridge['lost']}, position {bridge.get('position')}")
+              f"{bridge['received']}, lost {bridge['lost']}, not sent {bridge.get('dropped', 0)}, "
+              f"position {bridge.get('position')}")
         for peer in bridge['peers']:
             print(f"  broker {peer['broker']}: last heard {peer['last_heard_s']:.1f}s ago")
+        for kind in ('lost_reasons', 'dropped_reasons'):
+            for reason, count in (bridge.get(kind) or {}).items():
+                print(f"  {'lost' if kind == 'lost_reasons' else 'not sent'} {count}: {reason}")
     return 0
 
 

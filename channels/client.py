@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 __all__ = ['BrokerLink', 'LOST_TOPIC']
 
 LOST_TOPIC = 'lona.channels.lost'
-"""Sent locally when the broker had cut this process off for being too slow:
+"""Sent locally when messages for this process were lost for good (the broker had cut it
+off for being too slow, or messages from other machines went missing on the bridge):
 ``data == {'count': <messages lost>, 'reason': <text>}``."""
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,8 @@ class _Reader:
             elif kind == wire.NOTICE:
                 notice = wire.decode_json(batch[frame[1] + header:frame[2]])
                 if isinstance(notice, dict) and isinstance(notice.get('lost'), int):
-                    logger.warning('the broker cut this process off and %d messages for it '
-                                   'were lost: %s', notice['lost'], notice.get('reason'))
+                    logger.warning('the broker says %d messages for this process were '
+                                   'lost: %s', notice['lost'], notice.get('reason'))
                     machinery.runtime.send_event(LOST_TOPIC, {
                         'count': notice['lost'], 'reason': str(notice.get('reason', ''))})
                 else:

@@ -257,7 +257,8 @@ _SETTINGS.update({
     'BRIDGE_MAX_PENDING_BYTES': _Setting(
         64 * 1024 * 1024, _positive_int,
         '(broker) bytes of messages waiting for the engine to acknowledge them; past it '
-        'they are dropped, counted and reported as lost'),
+        "the excess is dropped, logged, counted (stats: dropped) and reported as lost by "
+        "the other machines' brokers to their processes"),
     'BRIDGE_RETENTION_ENTRIES': _Setting(
         100_000, _positive_int,
         '(broker) entries the engine keeps of the stream (Redis MAXLEN ~, JetStream '

@@ -42,6 +42,11 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
         with lock:
             return list(received.get(topic, []))
 
+    def count(topic: str) -> int:
+        """How many messages the channel on *topic* received (cheaper than received)."""
+        with lock:
+            return len(received.get(topic, []))
+
     def send(topic: str, data: dict, kwargs: dict) -> str:
         return Channel(topic).send(data, **kwargs).id
 
@@ -143,7 +148,7 @@ def run_agent(conn: Any, settings: dict[str, Any]) -> None:
 
     commands = {'fork_recorder': fork_recorder, 'wait_child': wait_child, 'pid': pid,
                 'subscribe': subscribe, 'unsubscribe': unsubscribe, 'flush': flush,
-                'received': get_received, 'send': send, 'send_many': send_many,
+                'received': get_received, 'count': count, 'send': send, 'send_many': send_many,
                 'send_paced': send_paced, 'subscribe_arrivals': subscribe_arrivals,
                 'arrivals': get_arrivals, 'publish': publish, 'link_counters': link_counters,
                 'connected': connected, 'running': running, 'shutdown': shutdown}

@@ -168,7 +168,19 @@ class AppProcess:
 
     def call(self, command: str, *args: Any, timeout: float = 30.0) -> Any:
         """Run *command* in the process and return its result (or raise its error)."""
+        self.begin(command, *args)
+        return self.finish(command, timeout)
+
+    def begin(self, command: str, *args: Any) -> None:
+        """Start *command* in the process; ``finish()`` waits for its result."""
         self.conn.send((command, args))
+
+    def busy(self) -> bool:
+        """True while the command begun last has not answered."""
+        return not self.conn.poll(0)
+
+    def finish(self, command: str = 'the command', timeout: float = 30.0) -> Any:
+        """The result of the command begun last (or raise its error)."""
         if not self.conn.poll(timeout):
             raise AssertionError(f'app process {self.process.pid} did not answer {command!r} '
                                  f'within {timeout}s')
