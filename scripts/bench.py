@@ -89,6 +89,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,9 +98,13 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:     # imported by path (the tests): find the package too
     sys.path.insert(0, str(SCRIPTS))
 
-from benchmarks.cases import (CASES, CROSS_CASES, CROSS_LIBS, FULL, GROUPS, LIBS,  # noqa: E402
-                              LONA_VERSION, QUICK, ROOT, SWEEP_SYSTEMS, cross_systems,
-                              plot_cases)
+from benchmarks.bridged_report import HEADER as BRIDGED_HEADER  # noqa: E402
+from benchmarks.bridged_report import build_bridged_rows  # noqa: E402
+from benchmarks.cases import (BRIDGED_CASES, BRIDGED_ENGINES, CASES, CROSS_CASES,  # noqa: E402
+                              CROSS_LIBS, FULL, GROUPS, LIBS, LONA_VERSION, QUICK, ROOT,
+                              SWEEP_SYSTEMS, cross_systems, plot_cases)
+from benchmarks.engines import KINDS as ENGINES  # noqa: E402
+from benchmarks.engines import NATS_SERVER, REDIS_SERVER  # noqa: E402
 from benchmarks.cross import run_cross_case  # noqa: E402
 from benchmarks.local import run_case  # noqa: E402
 from benchmarks.procs import run_child  # noqa: E402
@@ -108,13 +113,14 @@ from benchmarks.report import (build_cross_rows, build_rows, build_sweep_rows,  
 
 
 def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = GROUPS,
-            sweep: tuple[int, ...] = ()) -> dict:
+            sweep: tuple[int, ...] = (), engines: tuple[str, ...] = ENGINES) -> dict:
     """Run every case of *groups* ``runs`` times; return ``{(lib, case): [result]}``.
 
     With a *sweep* (``--plot``), also the throughput cases with that many subscriber
     processes and the latency case, unless *groups* measured them already. The
     cross-process cases and systems take turns in each round of runs, so that a noisy
-    neighbour hits them alike (see measure_cross).
+    neighbour hits them alike (see measure_cross); so do the bridged ones, of the
+    systems that go through one of *engines* (``--engine``).
     """
     results: dict = {}
     if 'local' in groups:
@@ -129,6 +135,10 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
                 results[lib, case] = runs
     if 'cross' in groups:
         measure_cross(results, CROSS_CASES, sizes, quick, progress)
+    if 'bridged' in groups:
+        measure_cross(results, BRIDGED_CASES, sizes, quick, progress,
+                      systems=tuple(lib for lib, kind in BRIDGED_ENGINES.items()
+                                    if kind in engines))
     if sweep:
         cases = [case for case in plot_cases(sweep)
                  if not any((lib, case) in results for lib in cross_systems(case))]
@@ -137,21 +147,25 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
 
 
 def measure_cross(results: dict, cases: list[str] | tuple[str, ...], sizes: dict,
-                  quick: bool, progress: bool) -> None:
-    """Run each cross-process case of *cases* ``cross_runs`` times into *results*.
+                  quick: bool, progress: bool, systems: tuple[str, ...] | None = None) -> None:
+    """Run each cross-process (or bridged) case of *cases* ``cross_runs`` (or
+    ``bridged_runs``) times into *results*, for each of its systems (those in *systems*
+    if given).
 
     Each round runs every case once for every system, in turn, so that a noisy spell
     on a shared machine hits all of them alike rather than one case.
     """
-    runs = sizes['cross_runs']
+    runs = sizes['bridged_runs' if set(cases) <= set(BRIDGED_CASES) else 'cross_runs']
     for n in range(runs):
         for case in cases:
             for lib in cross_systems(case):
+                if systems is not None and lib not in systems:
+                    continue
                 if progress:
                     print(f'  {lib:5} {case:16} run {n + 1}/{runs}', file=sys.stderr,
                           flush=True)
                 limit = sizes['timeout'] + 15
-                if case == 'cross_latency':
+                if case.endswith('_latency'):
                     limit += sizes['latency_seconds'] + sizes['latency_warmup']
                 results.setdefault((lib, case), []).append(run_child(lib, case, quick, limit))
 
@@ -166,7 +180,8 @@ def lona_version() -> str:
 
 
 def versions() -> dict[str, str]:
-    """The installed versions of Lona, pyzmq and libzmq (Lona without importing it)."""
+    """The installed versions of Lona, pyzmq and libzmq (Lona without importing it), of
+    redis-py, nats-py and the Redis and NATS servers."""
     from importlib import metadata
     found = {'lona': lona_version()}
     try:
@@ -175,6 +190,20 @@ def versions() -> dict[str, str]:
         found['libzmq'] = zmq.zmq_version()
     except (metadata.PackageNotFoundError, ImportError):
         found['pyzmq'] = found['libzmq'] = 'not installed'
+    for package in ('redis', 'nats-py', 'hiredis'):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = 'not installed'
+    for name, server in (('redis-server', REDIS_SERVER), ('nats-server', NATS_SERVER)):
+        try:
+            out = subprocess.run([server, '--version'], capture_output=True, text=True,
+                                 timeout=10).stdout
+            found[name] = next((word.removeprefix('v=').removeprefix('v')
+                                for word in out.split() if word[:1] in 'v0123456789'
+                                and any(c.isdigit() for c in word)), out.strip())
+        except OSError:
+            found[name] = 'not installed'
     return found
 
 
@@ -204,10 +233,18 @@ def main(argv: list[str] | None = None) -> int:
                              'message of each process, ...')
     parser.add_argument('--only', choices=(*GROUPS, 'plot'), action='append',
                         help='run only these cases: local (in one process, vs Lona), '
-                             'cross (across processes, vs Queue and ZeroMQ) or plot (only '
+                             'cross (across processes, vs Queue and ZeroMQ), bridged '
+                             '(across machines, vs Redis and NATS clients) or plot (only '
                              'what --plot needs); repeatable')
     parser.add_argument('--cross', action='append_const', dest='only', const='cross',
                         help='the same as --only cross')
+    parser.add_argument('--bridged', action='append_const', dest='only', const='bridged',
+                        help='the same as --only bridged: across machines, brokers bridged '
+                             'through Redis and NATS, vs the RedisManager and broadcaster '
+                             'patterns and nats-py core')
+    parser.add_argument('--engine', choices=ENGINES, action='append',
+                        help='the bridged cases only of the systems through this engine '
+                             '(repeatable; default: both)')
     parser.add_argument('--plot', metavar='FILE.png',
                         help='also measure throughput by subscriber processes (see --sweep) '
                              'and the latency of each system, print them, and draw them '
@@ -225,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs is not None:
         if args.runs < 1:
             parser.error('--runs must be 1 or more')
-        sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs}
+        sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs,
+                 'bridged_runs': args.runs}
     only = args.only or (*GROUPS, 'plot')
     groups = tuple(group for group in GROUPS if group in only)
     if 'plot' in only and not args.plot and args.only:
@@ -265,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     if ('cross' in groups or sweep) and found['pyzmq'] == 'not installed':
         print("warning: pyzmq is not installed (pip install -e '.[bench]'): the ZeroMQ "
               "runs will fail", file=sys.stderr)
+    if 'bridged' in groups:
+        for needed in ('redis', 'hiredis', 'nats-py', 'redis-server', 'nats-server'):
+            if found[needed] == 'not installed':
+                print(f"warning: {needed} is not installed (pip install -e '.[bench]'; "
+                      f"apt-get install redis-server nats-server): some bridged runs will "
+                      f"fail", file=sys.stderr)
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     try:
         results = measure(sizes, args.quick, progress=sys.stderr.isatty(), groups=groups,
-                          sweep=sweep)
+                          sweep=sweep, engines=tuple(args.engine or ENGINES))
     except KeyboardInterrupt:
         print('\ninterrupted; every process the benchmark started is stopped',
               file=sys.stderr)
@@ -299,6 +343,15 @@ def main(argv: list[str] | None = None) -> int:
             f'channels across processes vs a multiprocessing.Queue relay and a {zmq}; ' \
             f'{machine}'
         tables.append((title, rows, header, notes, None))
+    if 'bridged' in groups:
+        rows, notes = build_bridged_rows(results, sizes)
+        engines = f'Redis {found["redis-server"]} (redis-py {found["redis"]}, hiredis ' \
+            f'{found["hiredis"]}), NATS {found["nats-server"]} (nats-py {found["nats-py"]})'
+        title = f'Across machines, brokers bridged through {engines}:' if args.markdown \
+            else f'channels across machines vs the engines\' own clients; {engines}; {machine}'
+        notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the '
+                     f'runs, {load[1]:.1f} after ({os.cpu_count()} CPUs).')
+        tables.append((title, rows, BRIDGED_HEADER, notes, None))
     if sweep:
         rows, header, notes = build_sweep_rows(results, sizes, sweep)
         notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the runs, '
