@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark ``channels`` (this project) against Lona 1.16.2's ``lona.channels``.
+"""Benchmark ``channels`` (this project) against Lona 1.16.2's ``lona.channels``, across
+processes against a Queue relay and ZeroMQ, and across machines against Redis and NATS.
 
 What it measures, for both libraries on the same machine, in one run:
 
@@ -65,8 +66,29 @@ SUB unpickles; high-water marks off, so nothing is dropped):
    by ``scripts/benchplot.py`` (matplotlib, in the ``bench`` extra). The cases the
    tables measure in the same run (1 -> 1, 1 -> 4, latency) are not measured again.
 
-Each cross-process run is one fresh subprocess of this script, in its own process
-group, which starts the broker (or relay, or proxy) and forks the publisher and the
+Across machines (``--bridged``), each "machine" its own ``channels-broker`` (its own
+socket), all of them bridged (``--bridge URL``) through an engine this benchmark starts
+for each run (its own ``redis-server`` with ``appendonly yes`` or ``nats-server -js``,
+on a free port, data in a temporary directory, always stopped), in the same run as what
+users of those engines have today (``scripts/benchmarks/``: ``ours_bridged``,
+``socketio_redis``, ``broadcaster_stream``, ``nats_core``): python-socketio's
+RedisManager pattern (redis-py ``PUBLISH`` per message, ``SUBSCRIBE``, pickled),
+broadcaster's Redis-stream pattern (``XADD`` per message, ``XREAD count=1``) and nats-py
+core publish/subscribe with callbacks (at most once), each straight to the engine:
+
+9. **1 -> 1 and 1 -> 2 machines**: a publisher process on machine A, one subscriber
+   process on B (and one on C), as in case 5; ours: ``send()`` to a handler.
+10. **Latency** at 2,000 messages/s, 1 -> 1 machine, as in case 6.
+11. **Broker CPU per bridged message**: of broker A and of broker B (ours), and of the
+    engine (all), over the 1 -> 1 run and at 2,000 msg/s.
+
+The goals (ours through either engine: >= 100,000 msg/s 1 -> 1, >= 5x the RedisManager
+pattern, >= nats-py core's rate; p50 < 1 ms and p99 < 5 ms at 2,000 msg/s) are printed
+beside the figures, not asserted. ``--engine redis`` (or ``nats``) measures only the
+systems through that engine.
+
+Each cross-process (or bridged) run is one fresh subprocess of this script, in its own
+process group, which starts the broker (or relay, or proxy) and forks the publisher and the
 subscribers; it stops all of them in every case, and the parent kills the whole
 group (psutil as a last resort) if the run fails, times out or is interrupted.
 
@@ -76,6 +98,8 @@ Usage::
     PYTHONPATH=. python scripts/bench.py --markdown  # Markdown tables for the README
     PYTHONPATH=. python scripts/bench.py --quick     # small sizes: a smoke test (< 30 s)
     PYTHONPATH=. python scripts/bench.py --cross     # only the cross-process cases
+    PYTHONPATH=. python scripts/bench.py --bridged   # only the cases across machines
+    PYTHONPATH=. python scripts/bench.py --bridged --engine nats --quick  # one engine
     PYTHONPATH=. python scripts/bench.py --only local  # only the in-process cases
     PYTHONPATH=. python scripts/bench.py --only cross --plot docs/bench.png  # + picture
     PYTHONPATH=. python scripts/bench.py --only plot --plot out.png  # only the picture's
@@ -221,9 +245,11 @@ def _counts(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments; run one case (``--one``) or the whole benchmark."""
     parser = argparse.ArgumentParser(
-        description='Benchmark channels against Lona 1.16.2 in one process, and across '
-                    'processes against a multiprocessing.Queue relay and a ZeroMQ proxy; '
-                    'print the tables.')
+        description='Benchmark channels against Lona 1.16.2 in one process, across '
+                    'processes against a multiprocessing.Queue relay and a ZeroMQ proxy, '
+                    'and across machines (brokers bridged through Redis or NATS) against '
+                    'the RedisManager and broadcaster patterns and nats-py core; print the '
+                    'tables.')
     parser.add_argument('--quick', action='store_true',
                         help='small sizes and 1 run: a smoke test')
     parser.add_argument('--markdown', action='store_true',
@@ -306,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if 'bridged' in groups:
         for needed in ('redis', 'hiredis', 'nats-py', 'redis-server', 'nats-server'):
             if found[needed] == 'not installed':
-                print(f"warning: {needed} is not installed (pip install -e '.[bench]'; "
-                      f"apt-get install redis-server nats-server): some bridged runs will "
-                      f"fail", file=sys.stderr)
+                print(f"warning: {needed} is not installed (pip install -e "
+                      f"'.[bench,redis,nats]'; apt-get install redis-server nats-server): "
+                      f"some bridged runs will fail", file=sys.stderr)
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     try:

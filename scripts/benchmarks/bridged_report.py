@@ -7,7 +7,7 @@ The goals are printed beside the figures, not asserted.
 
 from __future__ import annotations
 
-from .cases import BRIDGED_CASES, BRIDGED_ENGINES, BRIDGED_SYSTEMS, PAYLOAD, ROUND_TRIP_SYSTEMS
+from .cases import BRIDGED_CASES, BRIDGED_SYSTEMS, PAYLOAD, ROUND_TRIP_SYSTEMS
 from .report import div, met, rate
 from .stats import median, median_cpu
 
@@ -151,7 +151,3 @@ def _notes(results: dict, sizes: dict) -> list[str]:
                          + (f' (and {len(warnings) - 1} more)' if len(warnings) > 1 else ''))
     return notes
 
-
-def engines_of(systems: tuple[str, ...]) -> tuple[str, ...]:
-    """The engines *systems* go through, each once, in order."""
-    return tuple(dict.fromkeys(BRIDGED_ENGINES[lib] for lib in systems))

@@ -150,9 +150,9 @@ def run_cross_case(lib: str, case: str, sizes: dict) -> dict:
         import zmq  # noqa: F401  (fail early and clearly: pip install -e '.[bench]')
     engine = BRIDGED_ENGINES.get(lib)
     if engine == 'redis':
-        import redis  # noqa: F401  (fail early and clearly: pip install -e '.[bench]')
+        import redis  # noqa: F401  (fail early and clearly: pip install -e '.[redis]')
     elif engine == 'nats':
-        import nats  # noqa: F401
+        import nats  # noqa: F401  (pip install -e '.[nats]')
     result: dict = {'lib': lib, 'case': case}
     warmup, messages = sizes['cross_warmup'], sizes['cross_messages']
     try:
