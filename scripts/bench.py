@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark ``channels`` (this project) against Lona 1.16.2's ``lona.channels``.
+"""Benchmark ``channels`` (this project) against Lona 1.16.2's ``lona.channels``, across
+processes against a Queue relay and ZeroMQ, and across machines against Redis and NATS.
 
 What it measures, for both libraries on the same machine, in one run:
 
@@ -65,8 +66,29 @@ SUB unpickles; high-water marks off, so nothing is dropped):
    by ``scripts/benchplot.py`` (matplotlib, in the ``bench`` extra). The cases the
    tables measure in the same run (1 -> 1, 1 -> 4, latency) are not measured again.
 
-Each cross-process run is one fresh subprocess of this script, in its own process
-group, which starts the broker (or relay, or proxy) and forks the publisher and the
+Across machines (``--bridged``), each "machine" its own ``channels-broker`` (its own
+socket), all of them bridged (``--bridge URL``) through an engine this benchmark starts
+for each run (its own ``redis-server`` with ``appendonly yes`` or ``nats-server -js``,
+on a free port, data in a temporary directory, always stopped), in the same run as what
+users of those engines have today (``scripts/benchmarks/``: ``ours_bridged``,
+``socketio_redis``, ``broadcaster_stream``, ``nats_core``): python-socketio's
+RedisManager pattern (redis-py ``PUBLISH`` per message, ``SUBSCRIBE``, pickled),
+broadcaster's Redis-stream pattern (``XADD`` per message, ``XREAD count=1``) and nats-py
+core publish/subscribe with callbacks (at most once), each straight to the engine:
+
+9. **1 -> 1 and 1 -> 2 machines**: a publisher process on machine A, one subscriber
+   process on B (and one on C), as in case 5; ours: ``send()`` to a handler.
+10. **Latency** at 2,000 messages/s, 1 -> 1 machine, as in case 6.
+11. **Broker CPU per bridged message**: of broker A and of broker B (ours), and of the
+    engine (all), over the 1 -> 1 run and at 2,000 msg/s.
+
+The goals (ours through either engine: >= 100,000 msg/s 1 -> 1, >= 5x the RedisManager
+pattern, >= nats-py core's rate; p50 < 1 ms and p99 < 5 ms at 2,000 msg/s) are printed
+beside the figures, not asserted. ``--engine redis`` (or ``nats``) measures only the
+systems through that engine.
+
+Each cross-process (or bridged) run is one fresh subprocess of this script, in its own
+process group, which starts the broker (or relay, or proxy) and forks the publisher and the
 subscribers; it stops all of them in every case, and the parent kills the whole
 group (psutil as a last resort) if the run fails, times out or is interrupted.
 
@@ -76,6 +98,8 @@ Usage::
     PYTHONPATH=. python scripts/bench.py --markdown  # Markdown tables for the README
     PYTHONPATH=. python scripts/bench.py --quick     # small sizes: a smoke test (< 30 s)
     PYTHONPATH=. python scripts/bench.py --cross     # only the cross-process cases
+    PYTHONPATH=. python scripts/bench.py --bridged   # only the cases across machines
+    PYTHONPATH=. python scripts/bench.py --bridged --engine nats --quick  # one engine
     PYTHONPATH=. python scripts/bench.py --only local  # only the in-process cases
     PYTHONPATH=. python scripts/bench.py --only cross --plot docs/bench.png  # + picture
     PYTHONPATH=. python scripts/bench.py --only plot --plot out.png  # only the picture's
@@ -89,6 +113,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,9 +122,13 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:     # imported by path (the tests): find the package too
     sys.path.insert(0, str(SCRIPTS))
 
-from benchmarks.cases import (CASES, CROSS_CASES, CROSS_LIBS, FULL, GROUPS, LIBS,  # noqa: E402
-                              LONA_VERSION, QUICK, ROOT, SWEEP_SYSTEMS, cross_systems,
-                              plot_cases)
+from benchmarks.bridged_report import HEADER as BRIDGED_HEADER  # noqa: E402
+from benchmarks.bridged_report import build_bridged_rows  # noqa: E402
+from benchmarks.cases import (BRIDGED_CASES, BRIDGED_ENGINES, CASES, CROSS_CASES,  # noqa: E402
+                              CROSS_LIBS, FULL, GROUPS, LIBS, LONA_VERSION, QUICK, ROOT,
+                              SWEEP_SYSTEMS, cross_systems, plot_cases)
+from benchmarks.engines import KINDS as ENGINES  # noqa: E402
+from benchmarks.engines import NATS_SERVER, REDIS_SERVER  # noqa: E402
 from benchmarks.cross import run_cross_case  # noqa: E402
 from benchmarks.local import run_case  # noqa: E402
 from benchmarks.procs import run_child  # noqa: E402
@@ -108,13 +137,14 @@ from benchmarks.report import (build_cross_rows, build_rows, build_sweep_rows,  
 
 
 def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = GROUPS,
-            sweep: tuple[int, ...] = ()) -> dict:
+            sweep: tuple[int, ...] = (), engines: tuple[str, ...] = ENGINES) -> dict:
     """Run every case of *groups* ``runs`` times; return ``{(lib, case): [result]}``.
 
     With a *sweep* (``--plot``), also the throughput cases with that many subscriber
     processes and the latency case, unless *groups* measured them already. The
     cross-process cases and systems take turns in each round of runs, so that a noisy
-    neighbour hits them alike (see measure_cross).
+    neighbour hits them alike (see measure_cross); so do the bridged ones, of the
+    systems that go through one of *engines* (``--engine``).
     """
     results: dict = {}
     if 'local' in groups:
@@ -129,6 +159,10 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
                 results[lib, case] = runs
     if 'cross' in groups:
         measure_cross(results, CROSS_CASES, sizes, quick, progress)
+    if 'bridged' in groups:
+        measure_cross(results, BRIDGED_CASES, sizes, quick, progress,
+                      systems=tuple(lib for lib, kind in BRIDGED_ENGINES.items()
+                                    if kind in engines))
     if sweep:
         cases = [case for case in plot_cases(sweep)
                  if not any((lib, case) in results for lib in cross_systems(case))]
@@ -137,21 +171,25 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
 
 
 def measure_cross(results: dict, cases: list[str] | tuple[str, ...], sizes: dict,
-                  quick: bool, progress: bool) -> None:
-    """Run each cross-process case of *cases* ``cross_runs`` times into *results*.
+                  quick: bool, progress: bool, systems: tuple[str, ...] | None = None) -> None:
+    """Run each cross-process (or bridged) case of *cases* ``cross_runs`` (or
+    ``bridged_runs``) times into *results*, for each of its systems (those in *systems*
+    if given).
 
     Each round runs every case once for every system, in turn, so that a noisy spell
     on a shared machine hits all of them alike rather than one case.
     """
-    runs = sizes['cross_runs']
+    runs = sizes['bridged_runs' if set(cases) <= set(BRIDGED_CASES) else 'cross_runs']
     for n in range(runs):
         for case in cases:
             for lib in cross_systems(case):
+                if systems is not None and lib not in systems:
+                    continue
                 if progress:
                     print(f'  {lib:5} {case:16} run {n + 1}/{runs}', file=sys.stderr,
                           flush=True)
                 limit = sizes['timeout'] + 15
-                if case == 'cross_latency':
+                if case.endswith('_latency'):
                     limit += sizes['latency_seconds'] + sizes['latency_warmup']
                 results.setdefault((lib, case), []).append(run_child(lib, case, quick, limit))
 
@@ -166,7 +204,8 @@ def lona_version() -> str:
 
 
 def versions() -> dict[str, str]:
-    """The installed versions of Lona, pyzmq and libzmq (Lona without importing it)."""
+    """The installed versions of Lona, pyzmq and libzmq (Lona without importing it), of
+    redis-py, nats-py and the Redis and NATS servers."""
     from importlib import metadata
     found = {'lona': lona_version()}
     try:
@@ -175,6 +214,20 @@ def versions() -> dict[str, str]:
         found['libzmq'] = zmq.zmq_version()
     except (metadata.PackageNotFoundError, ImportError):
         found['pyzmq'] = found['libzmq'] = 'not installed'
+    for package in ('redis', 'nats-py', 'hiredis'):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = 'not installed'
+    for name, server in (('redis-server', REDIS_SERVER), ('nats-server', NATS_SERVER)):
+        try:
+            out = subprocess.run([server, '--version'], capture_output=True, text=True,
+                                 timeout=10).stdout
+            found[name] = next((word.removeprefix('v=').removeprefix('v')
+                                for word in out.split() if word[:1] in 'v0123456789'
+                                and any(c.isdigit() for c in word)), out.strip())
+        except OSError:
+            found[name] = 'not installed'
     return found
 
 
@@ -192,9 +245,11 @@ def _counts(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments; run one case (``--one``) or the whole benchmark."""
     parser = argparse.ArgumentParser(
-        description='Benchmark channels against Lona 1.16.2 in one process, and across '
-                    'processes against a multiprocessing.Queue relay and a ZeroMQ proxy; '
-                    'print the tables.')
+        description='Benchmark channels against Lona 1.16.2 in one process, across '
+                    'processes against a multiprocessing.Queue relay and a ZeroMQ proxy, '
+                    'and across machines (brokers bridged through Redis or NATS) against '
+                    'the RedisManager and broadcaster patterns and nats-py core; print the '
+                    'tables.')
     parser.add_argument('--quick', action='store_true',
                         help='small sizes and 1 run: a smoke test')
     parser.add_argument('--markdown', action='store_true',
@@ -204,10 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                              'message of each process, ...')
     parser.add_argument('--only', choices=(*GROUPS, 'plot'), action='append',
                         help='run only these cases: local (in one process, vs Lona), '
-                             'cross (across processes, vs Queue and ZeroMQ) or plot (only '
+                             'cross (across processes, vs Queue and ZeroMQ), bridged '
+                             '(across machines, vs Redis and NATS clients) or plot (only '
                              'what --plot needs); repeatable')
     parser.add_argument('--cross', action='append_const', dest='only', const='cross',
                         help='the same as --only cross')
+    parser.add_argument('--bridged', action='append_const', dest='only', const='bridged',
+                        help='the same as --only bridged: across machines, brokers bridged '
+                             'through Redis and NATS, vs the RedisManager and broadcaster '
+                             'patterns and nats-py core')
+    parser.add_argument('--engine', choices=ENGINES, action='append',
+                        help='the bridged cases only of the systems through this engine '
+                             '(repeatable; default: both)')
     parser.add_argument('--plot', metavar='FILE.png',
                         help='also measure throughput by subscriber processes (see --sweep) '
                              'and the latency of each system, print them, and draw them '
@@ -225,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs is not None:
         if args.runs < 1:
             parser.error('--runs must be 1 or more')
-        sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs}
+        sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs,
+                 'bridged_runs': args.runs}
     only = args.only or (*GROUPS, 'plot')
     groups = tuple(group for group in GROUPS if group in only)
     if 'plot' in only and not args.plot and args.only:
@@ -265,11 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     if ('cross' in groups or sweep) and found['pyzmq'] == 'not installed':
         print("warning: pyzmq is not installed (pip install -e '.[bench]'): the ZeroMQ "
               "runs will fail", file=sys.stderr)
+    if 'bridged' in groups:
+        for needed in ('redis', 'hiredis', 'nats-py', 'redis-server', 'nats-server'):
+            if found[needed] == 'not installed':
+                print(f"warning: {needed} is not installed (pip install -e "
+                      f"'.[bench,redis,nats]'; apt-get install redis-server nats-server): "
+                      f"some bridged runs will fail", file=sys.stderr)
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     try:
         results = measure(sizes, args.quick, progress=sys.stderr.isatty(), groups=groups,
-                          sweep=sweep)
+                          sweep=sweep, engines=tuple(args.engine or ENGINES))
     except KeyboardInterrupt:
         print('\ninterrupted; every process the benchmark started is stopped',
               file=sys.stderr)
@@ -299,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
             f'channels across processes vs a multiprocessing.Queue relay and a {zmq}; ' \
             f'{machine}'
         tables.append((title, rows, header, notes, None))
+    if 'bridged' in groups:
+        rows, notes = build_bridged_rows(results, sizes)
+        engines = f'Redis {found["redis-server"]} (redis-py {found["redis"]}, hiredis ' \
+            f'{found["hiredis"]}), NATS {found["nats-server"]} (nats-py {found["nats-py"]})'
+        title = f'Across machines, brokers bridged through {engines}:' if args.markdown \
+            else f'channels across machines vs the engines\' own clients; {engines}; {machine}'
+        notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the '
+                     f'runs, {load[1]:.1f} after ({os.cpu_count()} CPUs).')
+        tables.append((title, rows, BRIDGED_HEADER, notes, None))
     if sweep:
         rows, header, notes = build_sweep_rows(results, sizes, sweep)
         notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the runs, '

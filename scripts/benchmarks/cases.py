@@ -35,6 +35,12 @@ FULL = {
     'latency_warmup': 0.5,        # case 6: seconds of paced sends before it, not counted
     'cross_subscriptions': 100_000,  # case 7: subscriptions of one app process
     'sweep': (1, 2, 4, 8),        # --plot: subscriber processes of the throughput runs
+    'bridged_runs': 3,            # across machines: measured runs per case and system
+    'bridged_warmup': 2_000,      # across machines: messages sent and handled before timing
+    'bridged_messages': 50_000,   # 1 -> 1 machine: messages per run
+    'bridged_fanout_messages': 20_000,  # 1 -> 2 machines: messages per run (each gets all)
+    'round_trip_messages': 10_000,         # the same, for the systems that await every
+    'round_trip_fanout_messages': 5_000,   # message's reply (ROUND_TRIP_SYSTEMS)
 }
 QUICK = {
     'name': 'quick',
@@ -59,6 +65,12 @@ QUICK = {
     'latency_warmup': 0.2,
     'cross_subscriptions': 20_000,
     'sweep': (1, 2, 4),
+    'bridged_runs': 1,
+    'bridged_warmup': 300,
+    'bridged_messages': 3_000,
+    'bridged_fanout_messages': 1_500,
+    'round_trip_messages': 1_000,
+    'round_trip_fanout_messages': 500,
 }
 
 LIBS = ('ours', 'lona')
@@ -72,8 +84,25 @@ CROSS_LIBS = {                    # cross-process cases, and the systems each on
 }
 CROSS_CASES = tuple(CROSS_LIBS)
 SWEEP_SYSTEMS = ('ours', 'queue', 'zmq')   # --plot: throughput by subscriber processes
-GROUPS = ('local', 'cross')       # --only: the in-process cases, the cross-process ones
-SYSTEM_NAMES = {'ours': 'mpchannels', 'queue': 'Queue relay', 'zmq': 'ZeroMQ proxy'}
+BRIDGED_ENGINES = {               # across machines: each system, and the engine it goes through
+    'ours_redis': 'redis', 'ours_nats': 'nats', 'socketio': 'redis', 'broadcaster': 'redis',
+    'nats_core': 'nats'}
+BRIDGED_SYSTEMS = tuple(BRIDGED_ENGINES)
+BRIDGED_LIBS = {                  # the cases across machines: 1 -> 1 and 1 -> 2 machines, latency
+    'bridged_1to1': BRIDGED_SYSTEMS,
+    'bridged_1to2': BRIDGED_SYSTEMS,
+    'bridged_latency': BRIDGED_SYSTEMS,
+}
+BRIDGED_CASES = tuple(BRIDGED_LIBS)
+OURS_SYSTEMS = ('ours', 'ours_redis', 'ours_nats')   # channels in the app processes
+ROUND_TRIP_SYSTEMS = ('socketio', 'broadcaster')
+"""They await Redis's reply to every message they send: a few thousand per second, so
+their runs send fewer messages (the rate is the same, the run shorter)."""
+GROUPS = ('local', 'cross', 'bridged')   # --only: in one process, across processes, machines
+SYSTEM_NAMES = {'ours': 'mpchannels', 'queue': 'Queue relay', 'zmq': 'ZeroMQ proxy',
+                'ours_redis': 'ours via Redis', 'ours_nats': 'ours via NATS',
+                'socketio': 'socketio RedisManager', 'broadcaster': 'broadcaster Redis stream',
+                'nats_core': 'nats-py core'}
 CROSS_TOPIC = 'bench'
 LONA_VERSION = '1.16.2'
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -104,10 +133,23 @@ def fanout_of(case: str) -> int | None:
 
 
 def cross_systems(case: str) -> tuple[str, ...]:
-    """The systems a cross-process case measures (none if it is no such case)."""
+    """The systems a cross-process or bridged case measures (none if it is no such case)."""
     if case in CROSS_LIBS:
         return CROSS_LIBS[case]
+    if case in BRIDGED_LIBS:
+        return BRIDGED_LIBS[case]
     return SWEEP_SYSTEMS if fanout_of(case) else ()
+
+
+def bridged_fanout(case: str) -> int | None:
+    """The subscriber machines of a bridged throughput case (``bridged_1to<N>``)."""
+    return {'bridged_1to1': 1, 'bridged_1to2': 2}.get(case)
+
+
+def bridged_count(system: str, machines: int, sizes: dict) -> int:
+    """The messages of one bridged throughput run of *system* to *machines* machines."""
+    prefix = 'round_trip' if system in ROUND_TRIP_SYSTEMS else 'bridged'
+    return sizes[f'{prefix}_messages' if machines == 1 else f'{prefix}_fanout_messages']
 
 
 def plot_cases(sweep: tuple[int, ...]) -> list[str]:

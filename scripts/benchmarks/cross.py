@@ -1,9 +1,11 @@
-"""The cross-process cases, for any system: the measured subprocess of one run.
+"""The cross-process and bridged cases, for any system: the measured subprocess of one run.
 
 ``run_cross_case()`` runs one case once for one system: it starts that system's
-processes (each system's ``setup()``: ``ours``, ``queue_relay``, ``zeromq``), drives
-them over their Pipes, and stops them all. The measured loops are in the systems'
-modules; here is only the clock around them and the checks of what arrived.
+processes (each system's ``setup()``: ``ours``, ``queue_relay``, ``zeromq`` on one
+machine; ``ours_bridged``, ``socketio_redis``, ``broadcaster_stream``, ``nats_core``
+across machines), drives them over their Pipes, and stops them all. The measured loops
+are in the systems' modules; here is only the clock around them and the checks of what
+arrived.
 """
 
 from __future__ import annotations
@@ -13,20 +15,28 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from . import ours, queue_relay, zeromq
-from .cases import ROOT, fanout_of
+from . import broadcaster_stream, nats_core, ours, ours_bridged, queue_relay, socketio_redis, \
+    zeromq
+from .cases import BRIDGED_ENGINES, OURS_SYSTEMS, ROOT, bridged_count, bridged_fanout, fanout_of
 from .procs import CLUSTERS, Child, Cluster, kill_descendants
 from .stats import cpu_us, percentiles
 
-Setup = Callable[[Cluster, int, tuple[int, ...], bool], tuple[Child, int, list[Child]]]
+Middles = dict[str, list[int]]
+Setup = Callable[[Cluster, int, tuple[int, ...], bool], tuple[Child, Middles, list[Child]]]
 SETUPS: dict[str, Setup] = {'ours': ours.setup, 'queue': queue_relay.setup,
-                            'zmq': zeromq.setup}
-"""Each system's ``setup(cluster, subscribers, marks, latency)``: (publisher, middle's
-pid, subscribers), once every subscriber is known to the middle (broker, relay, proxy)."""
+                            'zmq': zeromq.setup, 'ours_redis': ours_bridged.setup_redis,
+                            'ours_nats': ours_bridged.setup_nats,
+                            'socketio': socketio_redis.setup,
+                            'broadcaster': broadcaster_stream.setup, 'nats_core': nats_core.setup}
+"""Each system's ``setup(cluster, subscribers, marks, latency)``: (publisher, middles,
+subscribers), once every subscriber is known to the middle (broker, relay, proxy,
+engine). *middles* names the pids of each role between them: ``{'middle': [pid]}`` on
+one machine; across machines ``{'broker A': [pid], 'brokers B': [pid, ...], 'engine':
+[pid]}`` (the pattern systems have only an engine)."""
 
 
 def _setup_system(cluster: Cluster, system: str, subscribers: int, marks: tuple[int, ...],
-                  latency: bool) -> tuple[Child, int, list[Child]]:
+                  latency: bool) -> tuple[Child, Middles, list[Child]]:
     """Start *system*'s middle, subscribers and publisher (see ``SETUPS``)."""
     if system not in SETUPS:
         raise ValueError(f'unknown system {system!r}')
@@ -43,7 +53,7 @@ def _finish(cluster: Cluster, system: str, publisher: Child, subs: list[Child],
     publisher.send('end')
     if not publisher.expect('ended', timeout)[1]:
         cluster.warnings.append('channels.shutdown() returned False in the publisher')
-    if system == 'ours':
+    if system in OURS_SYSTEMS:
         for sub in subs:
             sub.send('finish')
     finals = [sub.expect('final', timeout) for sub in subs]
@@ -53,20 +63,28 @@ def _finish(cluster: Cluster, system: str, publisher: Child, subs: list[Child],
     return [final[1] for final in finals]
 
 
-def cross_throughput(system: str, subscribers: int, sizes: dict) -> dict:
-    """Case 5: one publisher process sends in a loop to *subscribers* processes."""
-    warmup = sizes['cross_warmup']
-    count = sizes['cross_messages'] if subscribers == 1 else sizes['fanout_messages']
+def _cpu_split(before: dict[int, float], after: dict[int, float], publisher: Child,
+               middles: Middles, subs: list[Child], messages: int) -> dict[str, float]:
+    """CPU µs per message of the publisher, each middle role and (each) subscriber."""
+    return {'publisher': cpu_us(before, after, [publisher.pid], messages),
+            **{role: cpu_us(before, after, pids, messages) for role, pids in middles.items()},
+            'subscriber': cpu_us(before, after, [sub.pid for sub in subs], messages)}
+
+
+def cross_throughput(system: str, subscribers: int, count: int, warmup: int,
+                     sizes: dict) -> dict:
+    """Case 5 (and the bridged 1 -> N): a publisher sends *count* messages in a loop to
+    *subscribers* processes, after *warmup* more."""
     timeout = sizes['timeout']
     with Cluster(timeout) as cluster:
-        publisher, middle, subs = _setup_system(cluster, system, subscribers,
-                                                (warmup, warmup + count), False)
+        publisher, middles, subs = _setup_system(cluster, system, subscribers,
+                                                 (warmup, warmup + count), False)
         publisher.send('send', warmup)
         publisher.expect('sent', timeout)
         for sub in subs:
             sub.expect('mark', timeout)
-        sub_pids = [sub.pid for sub in subs]
-        pids = [publisher.pid, middle, *sub_pids]
+        pids = [publisher.pid, *(pid for group in middles.values() for pid in group),
+                *(sub.pid for sub in subs)]
         before = cluster.cpu(pids)
         publisher.send('send', count)
         _, started, sent = publisher.expect('sent', timeout)
@@ -87,9 +105,7 @@ def cross_throughput(system: str, subscribers: int, sizes: dict) -> dict:
     return {'count': count, 'subscribers': subscribers, 'elapsed': elapsed,
             'send_loop': sent - started, 'per_second': rate, 'delivered': rate * subscribers,
             'value': rate * subscribers, 'counts': counts,
-            'cpu_us': {'publisher': cpu_us(before, after, [publisher.pid], count),
-                       'middle': cpu_us(before, after, [middle], count),
-                       'subscriber': cpu_us(before, after, sub_pids, count)}}
+            'cpu_us': _cpu_split(before, after, publisher, middles, subs, count)}
 
 
 def cross_latency(system: str, sizes: dict) -> dict:
@@ -98,8 +114,9 @@ def cross_latency(system: str, sizes: dict) -> dict:
     warmup = round(rate * sizes['latency_warmup'])
     count = round(rate * sizes['latency_seconds'])
     with Cluster(timeout) as cluster:
-        publisher, middle, subs = _setup_system(cluster, system, 1, (warmup + count,), True)
-        pids = [publisher.pid, middle, subs[0].pid]
+        publisher, middles, subs = _setup_system(cluster, system, 1, (warmup + count,), True)
+        pids = [publisher.pid, *(pid for group in middles.values() for pid in group),
+                subs[0].pid]
         before = cluster.cpu(pids)
         publisher.send('pace', warmup + count, rate)
         _, started, sent = publisher.expect('sent', (warmup + count) / rate + timeout)
@@ -116,11 +133,7 @@ def cross_latency(system: str, sizes: dict) -> dict:
             'p50_us': cuts[49] * 1e6, 'p99_us': cuts[98] * 1e6,
             'max_us': max(latencies) * 1e6, 'mean_us': statistics.fmean(latencies) * 1e6,
             'value': cuts[49] * 1e6,
-            'cpu_us': {'publisher': cpu_us(before, after, [pids[0]], total),
-                       'middle': cpu_us(before, after, [pids[1]], total),
-                       'subscriber': cpu_us(before, after, [pids[2]], total)}}
-
-
+            'cpu_us': _cpu_split(before, after, publisher, middles, subs, total)}
 
 
 def run_cross_case(lib: str, case: str, sizes: dict) -> dict:
@@ -135,18 +148,30 @@ def run_cross_case(lib: str, case: str, sizes: dict) -> dict:
         raise RuntimeError(f'imported {channels.__file__}, not this project\'s channels')
     if lib == 'zmq':
         import zmq  # noqa: F401  (fail early and clearly: pip install -e '.[bench]')
+    engine = BRIDGED_ENGINES.get(lib)
+    if engine == 'redis':
+        import redis  # noqa: F401  (fail early and clearly: pip install -e '.[redis]')
+    elif engine == 'nats':
+        import nats  # noqa: F401  (pip install -e '.[nats]')
     result: dict = {'lib': lib, 'case': case}
+    warmup, messages = sizes['cross_warmup'], sizes['cross_messages']
     try:
         if case == 'cross_1to1':
-            result.update(cross_throughput(lib, 1, sizes))
+            result.update(cross_throughput(lib, 1, messages, warmup, sizes))
         elif case == 'cross_1to4':
-            result.update(cross_throughput(lib, sizes['fanout'], sizes))
-        elif case == 'cross_latency':
+            result.update(cross_throughput(lib, sizes['fanout'], sizes['fanout_messages'],
+                                           warmup, sizes))
+        elif case in ('cross_latency', 'bridged_latency'):
             result.update(cross_latency(lib, sizes))
         elif case == 'cross_memory':
             result.update(ours.memory(sizes))
+        elif bridged_fanout(case):
+            machines = bridged_fanout(case)
+            result.update(cross_throughput(lib, machines, bridged_count(lib, machines, sizes),
+                                           sizes['bridged_warmup'], sizes))
         elif fanout_of(case):
-            result.update(cross_throughput(lib, fanout_of(case), sizes))
+            count = messages if fanout_of(case) == 1 else sizes['fanout_messages']
+            result.update(cross_throughput(lib, fanout_of(case), count, warmup, sizes))
         else:
             raise ValueError(f'unknown case {case!r}')
     finally:

@@ -75,13 +75,13 @@ def publisher(conn: Connection) -> None:
     serve_publisher(conn, send, pace, end=lambda: channels.shutdown(10.0))
 
 
-def wait_subscribed(cluster: Cluster, subs: list[Child]) -> None:
-    """Wait until the broker knows that every one of *subs* subscribes."""
+def wait_subscribed(cluster: Cluster, subs: list[Child], broker: str = 'broker') -> None:
+    """Wait until the broker called *broker* knows that every one of *subs* subscribes."""
     from channels.cli import fetch_stats
     deadline = time.monotonic() + cluster.timeout
     pids = [sub.pid for sub in subs]
     while True:
-        known = {p['pid'] for p in fetch_stats(cluster.address)['processes']
+        known = {p['pid'] for p in fetch_stats(cluster.address_of(broker))['processes']
                  if CROSS_TOPIC in p['subscriptions']}
         if known >= set(pids):
             return
@@ -95,8 +95,9 @@ def wait_subscribed(cluster: Cluster, subs: list[Child]) -> None:
 
 
 def setup(cluster: Cluster, subscribers: int, marks: tuple[int, ...],
-          latency: bool) -> tuple[Child, int, list[Child]]:
-    """Start the broker, the subscribers and the publisher; (publisher, broker pid, subs).
+          latency: bool) -> tuple[Child, dict[str, list[int]], list[Child]]:
+    """Start the broker, the subscribers and the publisher; (publisher,
+    ``{'middle': [broker pid]}``, subscribers).
 
     It returns once the broker knows every subscriber's subscription.
     """
@@ -104,7 +105,7 @@ def setup(cluster: Cluster, subscribers: int, marks: tuple[int, ...],
     subs = [cluster.start(f'subscriber {i + 1}', subscriber, marks, latency)
             for i in range(subscribers)]
     wait_subscribed(cluster, subs)
-    return cluster.start('publisher', publisher), broker, subs
+    return cluster.start('publisher', publisher), {'middle': [broker]}, subs
 
 
 def _noop(message: object) -> None:

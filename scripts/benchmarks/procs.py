@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .cases import BROKER_SCRIPT, ROOT
+from .engines import Engine
 
 BENCH_SCRIPT = ROOT / 'scripts' / 'bench.py'
 """The command that measures one run: ``bench.py --one LIB.CASE`` prints its result."""
@@ -139,18 +140,21 @@ class Child:
 class Cluster:
     """The processes of one cross-process run; ``close()`` stops every one of them.
 
-    The broker is started with its script; the other processes are forked from this
-    one (as a pre-forking server does), with ``CHANNELS_BROKER_ADDRESS`` set.
+    The brokers are started with their script (one, ``broker``, for the cross-process
+    cases; one per machine, bridged, for the bridged ones), the engines of the bridged
+    cases as servers of their own (:class:`benchmarks.engines.Engine`); the other
+    processes are forked from this one (as a pre-forking server does), with
+    ``CHANNELS_BROKER_ADDRESS`` set to their machine's broker.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.dir = tempfile.mkdtemp(prefix='mpch-bench-')
-        self.address = os.path.join(self.dir, 'broker.sock')
+        self.address = self.address_of('broker')
         self.context = multiprocessing.get_context('fork')
         self.children: list[Child] = []
-        self.broker: subprocess.Popen | None = None
-        self.broker_log = os.path.join(self.dir, 'broker.log')
+        self.brokers: dict[str, subprocess.Popen] = {}
+        self.engines: list[Engine] = []
         self.warnings: list[str] = []    # anything odd, for the result (see run_cross_case)
         self._psutil: dict[int, Any] = {}
         CLUSTERS.append(self)
@@ -161,38 +165,70 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start_broker(self) -> int:
-        """Start ``channels-broker`` and wait for its "listening" line; its pid."""
-        with open(self.broker_log, 'ab') as log:
-            self.broker = subprocess.Popen(
-                [sys.executable, str(BROKER_SCRIPT), '--address', self.address,
-                 '--log-level', 'WARNING'], stdout=subprocess.PIPE, stderr=log)
-        assert self.broker.stdout is not None
+    def address_of(self, name: str) -> str:
+        """The socket of the broker called *name* (``broker``, ``A``, ``B``, ...)."""
+        return os.path.join(self.dir, f'{name}.sock')
+
+    def _log_of(self, name: str) -> str:
+        return os.path.join(self.dir, f'{name}.log')
+
+    def start_engine(self, kind: str) -> Engine:
+        """Start a ``redis-server`` or ``nats-server -js`` of this run's own; it is ready."""
+        engine = Engine(kind)
+        self.engines.append(engine)
+        return engine.start(self.timeout)
+
+    def start_broker(self, name: str = 'broker', bridge: str | None = None) -> int:
+        """Start ``channels-broker`` (bridged through *bridge*, a URL, if given) and wait
+        for its "listening" line; its pid. The broker called ``broker`` is the one the
+        forked processes connect to unless ``start()`` says otherwise."""
+        address = self.address_of(name)
+        command = [sys.executable, str(BROKER_SCRIPT), '--address', address,
+                   '--log-level', 'WARNING']
+        if bridge is not None:
+            command += ['--bridge', bridge, '--bridge-namespace', 'bench']
+        with open(self._log_of(name), 'ab') as log:
+            broker = self.brokers[name] = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                                           stderr=log)
+        assert broker.stdout is not None
         ready = [None]
         reader = threading.Thread(target=lambda: ready.__setitem__(
-            0, self.broker.stdout.readline()), daemon=True)
+            0, broker.stdout.readline()), daemon=True)
         reader.start()
         reader.join(self.timeout)
         line = (ready[0] or b'').decode().strip()
-        if line != f'channels-broker: listening on {self.address}':
-            raise RuntimeError(f'the broker did not start: {line!r}; {self.broker_tail()}')
-        os.environ['CHANNELS_BROKER_ADDRESS'] = self.address     # for the forked processes
-        return self.broker.pid
+        if line != f'channels-broker: listening on {address}':
+            raise RuntimeError(f'broker {name} did not start: {line!r}; '
+                               f'{self.broker_tail(name)}')
+        if name == 'broker':
+            os.environ['CHANNELS_BROKER_ADDRESS'] = address     # for the forked processes
+        return broker.pid
 
-    def broker_tail(self) -> str:
-        """The last line the broker logged, if any."""
+    def broker_tail(self, name: str = 'broker') -> str:
+        """The last line the broker called *name* logged, if any."""
         try:
-            lines = Path(self.broker_log).read_text(errors='replace').strip().splitlines()
+            lines = Path(self._log_of(name)).read_text(errors='replace').strip().splitlines()
         except OSError:
             return 'no broker log'
         return f'broker log: {lines[-1]}' if lines else 'broker log empty'
 
-    def start(self, name: str, role: Any, *args: Any) -> Child:
-        """Fork a process that runs *role*; wait for its ('ready', pid)."""
+    def start(self, name: str, role: Any, *args: Any, broker: str | None = None) -> Child:
+        """Fork a process that runs *role*; wait for its ('ready', pid). With *broker*
+        (a broker's name), the process connects to that broker."""
         conn, child_conn = self.context.Pipe()
         process = self.context.Process(target=child_main, args=(role, child_conn, *args),
                                        name=name, daemon=True)
-        process.start()
+        saved = os.environ.get('CHANNELS_BROKER_ADDRESS')
+        if broker is not None:
+            os.environ['CHANNELS_BROKER_ADDRESS'] = self.address_of(broker)
+        try:
+            process.start()
+        finally:
+            if broker is not None:
+                if saved is None:
+                    os.environ.pop('CHANNELS_BROKER_ADDRESS', None)
+                else:
+                    os.environ['CHANNELS_BROKER_ADDRESS'] = saved
         child_conn.close()
         child = Child(name, process, conn)
         self.children.append(child)
@@ -210,30 +246,38 @@ class Cluster:
         return seconds
 
     def close(self) -> None:
-        """Stop the forked processes, then the broker; kill whatever is left."""
+        """Stop the forked processes, then the brokers, then the engines; kill whatever
+        is left."""
         for child in reversed(self.children):
             try:
                 child.stop()
             except Exception as exc:      # go on: the others must stop too
                 print(f'bench: stopping {child.name}: {exc!r}', file=sys.stderr)
-        broker = self.broker
-        if broker is not None:
+        for broker in self.brokers.values():
             if broker.poll() is None:
                 broker.terminate()
-                try:
-                    broker.wait(10.0)
-                except subprocess.TimeoutExpired:
-                    broker.kill()
-                    broker.wait(10.0)
+        for broker in self.brokers.values():
+            try:
+                broker.wait(10.0)
+            except subprocess.TimeoutExpired:
+                broker.kill()
+                broker.wait(10.0)
             if broker.stdout is not None:
                 broker.stdout.close()
+        for engine in self.engines:
+            try:
+                engine.stop()
+            except Exception as exc:
+                print(f'bench: stopping the {engine.kind} server: {exc!r}', file=sys.stderr)
         kill_descendants()
         os.environ.pop('CHANNELS_BROKER_ADDRESS', None)
-        try:
-            logged = Path(self.broker_log).read_text(errors='replace').splitlines()
-        except OSError:
-            logged = []
-        self.warnings.extend(f'broker log: {line}' for line in logged[:5])
+        for name in self.brokers:
+            try:
+                logged = Path(self._log_of(name)).read_text(errors='replace').splitlines()
+            except OSError:
+                logged = []
+            label = 'broker log' if name == 'broker' else f'broker {name} log'
+            self.warnings.extend(f'{label}: {line}' for line in logged[:5])
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -83,8 +83,9 @@ def publisher(conn: Connection, queue: Any) -> None:
 
 
 def setup(cluster: Cluster, subscribers: int, marks: tuple[int, ...],
-          latency: bool) -> tuple[Child, int, list[Child]]:
-    """Start the relay, the subscribers and the publisher; (publisher, relay pid, subs).
+          latency: bool) -> tuple[Child, dict[str, list[int]], list[Child]]:
+    """Start the relay, the subscribers and the publisher; (publisher,
+    ``{'middle': [relay pid]}``, subscribers).
 
     A Queue has nothing to join: the subscribers get every message put after this.
     """
@@ -93,4 +94,4 @@ def setup(cluster: Cluster, subscribers: int, marks: tuple[int, ...],
     relay_pid = cluster.start('relay', relay, inbound, outbound).pid
     subs = [cluster.start(f'subscriber {i + 1}', subscriber, queue, marks, latency)
             for i, queue in enumerate(outbound)]
-    return cluster.start('publisher', publisher, inbound), relay_pid, subs
+    return cluster.start('publisher', publisher, inbound), {'middle': [relay_pid]}, subs

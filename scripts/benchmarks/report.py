@@ -11,7 +11,7 @@ import os
 import statistics
 
 from .cases import CASES, CROSS_CASES, CROSS_LIBS, PAYLOAD, SWEEP_SYSTEMS, SYSTEM_NAMES, \
-    cross_systems, fanout_case, fanout_of, plot_cases, wildcard
+    bridged_fanout, cross_systems, fanout_case, fanout_of, plot_cases, wildcard
 from .stats import median, median_cpu, percentiles
 
 
@@ -313,24 +313,24 @@ def details(results: dict) -> list[str]:
                              f'{run["subscribe_calls"]:.2f} s, known to the broker after '
                              f'{run["subscribe_known"]:.2f} s; broker CPU '
                              f'{run["broker_cpu_us"]:.1f} µs/subscription)')
-            elif case == 'cross_latency':
-                cpu = run['cpu_us']
+            elif case.endswith('_latency'):
                 parts.append(f'p50 {run["p50_us"]:.0f} µs, p99 {run["p99_us"]:.0f} µs, '
                              f'max {run["max_us"]:,.0f} µs, mean {run["mean_us"]:.0f} µs at '
-                             f'{run["rate"]:,.0f} msg/s (CPU µs/msg: pub '
-                             f'{cpu["publisher"]:.1f}, middle {cpu["middle"]:.1f}, sub '
-                             f'{cpu["subscriber"]:.1f})')
-            elif case in CROSS_CASES or fanout_of(case):
-                cpu = run['cpu_us']
+                             f'{run["rate"]:,.0f} msg/s (CPU µs/msg: {_cpu_text(run)})')
+            elif case in CROSS_CASES or fanout_of(case) or bridged_fanout(case):
                 parts.append(f'{run["per_second"]:,.0f} msg/s x {run["subscribers"]} '
                              f'(send loop {run["send_loop"] / run["count"] * 1e6:.1f} µs/msg; '
-                             f'CPU µs/msg: pub {cpu["publisher"]:.1f}, middle '
-                             f'{cpu["middle"]:.1f}, sub {cpu["subscriber"]:.1f})')
+                             f'CPU µs/msg: {_cpu_text(run)})')
             else:
                 parts.append(f'{run["per_second"]:,.0f} msg/s '
                              f'(send loop {run["send_loop"] / run["count"] * 1e6:.1f} µs/msg)')
         lines.append(f'{lib:5} {case:16}: ' + '; '.join(parts))
     return lines
+
+
+def _cpu_text(run: dict) -> str:
+    """A run's CPU µs per message of each role: ``publisher 3.2, middle 1.8, ...``."""
+    return ', '.join(f'{role} {us:.1f}' for role, us in run['cpu_us'].items())
 
 
 def format_text(rows: list[list[str]], header: list[str]) -> str:

@@ -117,8 +117,9 @@ def publisher(conn: Connection, endpoint: str) -> None:
 
 
 def setup(cluster: Cluster, subscribers: int, marks: tuple[int, ...],
-          latency: bool) -> tuple[Child, int, list[Child]]:
-    """Start the proxy, the subscribers and the publisher; (publisher, proxy pid, subs).
+          latency: bool) -> tuple[Child, dict[str, list[int]], list[Child]]:
+    """Start the proxy, the subscribers and the publisher; (publisher,
+    ``{'middle': [proxy pid]}``, subscribers).
 
     It returns once every subscriber has seen a hello from the publisher: a SUB that
     connects late misses what was sent before (ZeroMQ's "slow joiner" problem).
@@ -132,4 +133,4 @@ def setup(cluster: Cluster, subscribers: int, marks: tuple[int, ...],
     publisher_.send('hello')
     for sub in subs:
         sub.expect('joined', cluster.timeout)
-    return publisher_, middle.pid, subs
+    return publisher_, {'middle': [middle.pid]}, subs
