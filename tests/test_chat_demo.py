@@ -154,6 +154,9 @@ def test_every_page_shows_each_message_once_in_order_across_workers(demo, browse
         sender.wait_for_function(
             'n => document.querySelectorAll("#messages li[data-id]").length >= n', arg=count,
             timeout=5_000)
+        # the stream may bring it back before the POST's answer: wait for that too
+        sender.wait_for_function(
+            '() => document.querySelector("input[name=text]").value === ""', timeout=5_000)
         note = sender.text_content('#note')
         assert note.startswith('sent through worker pid '), note
         sent_through.append(int(note.rsplit(' ', 1)[1]))

@@ -201,6 +201,9 @@ def _type(page, name: str, texts: list[str], already: int) -> list[int]:
         page.wait_for_function(
             'n => document.querySelectorAll("#messages li[data-id]").length >= n',
             arg=count, timeout=10_000)
+        # the stream may bring it back before the POST's answer: wait for that too
+        page.wait_for_function(
+            '() => document.querySelector("input[name=text]").value === ""', timeout=10_000)
         note = page.text_content('#note')
         assert note.startswith('sent through worker pid '), note
         took.append(int(note.rsplit(' ', 1)[1]))
