@@ -32,18 +32,9 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(params=['redis', 'nats'])
 def engine(request) -> Iterator[EngineServer]:
-    """A Redis or NATS JetStream server of this test's; always stopped."""
-    server = EngineServer(request.param)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def one_engine(request) -> Iterator[EngineServer]:
-    """One engine, for what the broker does whatever the engine (the tests of that say
-    which: ``@pytest.mark.parametrize('one_engine', [...], indirect=True)``)."""
+    """A Redis or NATS JetStream server of this test's; always stopped. What the broker
+    does whatever the engine is tested against one of them:
+    ``@pytest.mark.parametrize('engine', ['redis'], indirect=True)``."""
     server = EngineServer(request.param)
     try:
         yield server.start()
@@ -106,9 +97,9 @@ def test_a_message_reaches_every_matching_channel_on_every_machine_exactly_once(
             assert theirs == list(range(1000, 1050))
 
 
-@pytest.mark.parametrize('one_engine', ['nats'], indirect=True)
-def test_local_messages_never_leave_their_process_and_expired_ones_are_dropped(one_engine):
-    with machines(one_engine.url, 2) as (a, b), \
+@pytest.mark.parametrize('engine', ['nats'], indirect=True)
+def test_local_messages_never_leave_their_process_and_expired_ones_are_dropped(engine):
+    with machines(engine.url, 2) as (a, b), \
             app_processes(a.address, 1) as (a1,), app_processes(b.address, 1) as (b1,):
         b1.subscribe('news')
         assert b1.call('flush', 20)
@@ -374,9 +365,9 @@ def test_a_restarted_broker_reads_on_where_it_was_and_its_processes_miss_nothing
         assert _bridge(b)['lost'] == 0
 
 
-@pytest.mark.parametrize('one_engine', ['redis'], indirect=True)
-def test_the_bridge_state_file_is_private_and_a_corrupt_one_is_logged_and_ignored(one_engine):
-    with machines(one_engine.url, 2) as (a, b), app_processes(a.address, 1) as (a1,), \
+@pytest.mark.parametrize('engine', ['redis'], indirect=True)
+def test_the_bridge_state_file_is_private_and_a_corrupt_one_is_logged_and_ignored(engine):
+    with machines(engine.url, 2) as (a, b), app_processes(a.address, 1) as (a1,), \
             app_processes(b.address, 1) as (b1,):
         _subscribed(b, [b1], 'feed')
         _wait_bridged([a, b])
@@ -461,13 +452,13 @@ def test_past_the_bridge_bound_messages_are_dropped_counted_and_reported_lost_el
 
 # what else holds across machines --------------------------------------------------------------
 
-@pytest.mark.parametrize('one_engine', ['nats'], indirect=True)
-def test_a_message_that_expires_while_the_engine_is_down_is_dropped_on_arrival(one_engine):
-    with machines(one_engine.url, 2) as (a, b), app_processes(a.address, 1) as (a1,), \
+@pytest.mark.parametrize('engine', ['nats'], indirect=True)
+def test_a_message_that_expires_while_the_engine_is_down_is_dropped_on_arrival(engine):
+    with machines(engine.url, 2) as (a, b), app_processes(a.address, 1) as (a1,), \
             app_processes(b.address, 1) as (b1,):
         _subscribed(b, [b1], 'news')
         _wait_bridged([a, b])
-        one_engine.kill()
+        engine.kill()
         try:
             wait_until(lambda: not _bridge(a)['connected'], 10, what='A not connected')
             a1.send_many('news', 1, expiry=timedelta(seconds=0.5))
@@ -476,19 +467,19 @@ def test_a_message_that_expires_while_the_engine_is_down_is_dropped_on_arrival(o
             wait_until(lambda: _bridge(a)['pending_messages'] == 2, 10, what='both waiting')
             wait_until(lambda: time.time() > deadline + 0.1, 5, what='the expiry to pass')
         finally:
-            one_engine.start()
+            engine.start()
         _wait_count(b1, 'news', 1, 20)
         assert _numbers(b1, 'news') == {a1.pid: [1]}
         assert b.stats()['expired'] == 1           # dropped by B's broker, not only by b1
 
 
-@pytest.mark.parametrize('one_engine', ['redis'], indirect=True)
-def test_internal_topics_from_another_machine_are_never_routed(one_engine):
+@pytest.mark.parametrize('engine', ['redis'], indirect=True)
+def test_internal_topics_from_another_machine_are_never_routed(engine):
     from channels import wire
     from channels.bridge import Bridge
-    with machines(one_engine.url, 1) as (b,), app_processes(b.address, 1) as (b1,):
+    with machines(engine.url, 1) as (b,), app_processes(b.address, 1) as (b1,):
         _subscribed(b, [b1], '*', LOST)
-        forger = Bridge.from_url(one_engine.url, broker_id='forger', on_frames=lambda _: None,
+        forger = Bridge.from_url(engine.url, broker_id='forger', on_frames=lambda _: None,
                                  on_lost=lambda *_: None)
         forger.start()
         try:
