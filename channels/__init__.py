@@ -20,9 +20,10 @@ The machinery starts on first use; :func:`shutdown` drains and stops it.
 Layers: a module imports only modules of its own layer or below, never in a cycle
 (imports under ``TYPE_CHECKING`` aside); ``tests/test_layers.py`` reads this table and
 checks it. The broker process (``broker``) does not import the app process's runtime:
-what both need (``registry``, ``ordering``) lies below both.
+what both need (``registry``, ``ordering``) lies below both. ``socketio`` (python-socketio's
+client managers) sits beside the public API; ``import channels`` does not import it.
 
-    7  cli, __main__, __init__
+    7  cli, __main__, __init__, socketio
     6  channel, inbox, scope
     5  runtime, broker
     4  workers, client, handlers, gate, statefile, bridge, bridge_redis, bridge_nats
