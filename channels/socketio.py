@@ -150,7 +150,8 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
         ``socketio.<channel>``.
     :write_only: only emit, never listen (an emitter outside the server).
     :logger: python-socketio's ``logger`` (by default the server's).
-    :json: python-socketio's ``json`` module (only used when ``write_only``).
+    :json: python-socketio's ``json`` argument, accepted as its managers accept it; the
+        messages between processes are pickled by channels, not JSON.
     :maxsize: how many messages the process's inbox holds for the listener when it is
         behind. Past it the inbox is closed and opened again; the messages missed are
         logged as an error with their count.
