@@ -108,6 +108,7 @@ class _ChannelsPubSub:
         self.ready_timeout = float(ready_timeout)
         self._sender = Channel(self.topic)
         self._lock = threading.Lock()
+        self._started = False
 
     # python-socketio assigns host_id in its __init__; a forked child gets a new one
     @property
@@ -123,16 +124,20 @@ class _ChannelsPubSub:
         self._host_id = value
         self._host_pid = os.getpid()
 
-    def _start_for_callback(self) -> bool:
-        """Start listening if the server has not yet (no client connected to this process),
-        so that the answer to a callback can come back. True if it started now."""
-        server = self.server
+    def _first_start(self) -> bool:
+        """True the first time only: ``initialize()`` may be called by the server and by
+        :meth:`_start_for_callback` at once, and must listen once."""
         with self._lock:
-            if self.write_only or server is None or server.manager_initialized:
-                return False
+            started, self._started = self._started, True
+        return not started
+
+    def _start_for_callback(self) -> None:
+        """Start listening if the server has not yet (no client connected to this process),
+        so that the answer to a callback can come back."""
+        server = self.server
+        if not (self.write_only or server is None or self._started):
             server.manager_initialized = True
-        self.initialize()
-        return True
+            self.initialize()
 
     def __repr__(self) -> str:
         return (f'<{type(self).__module__}.{type(self).__qualname__} topic={self.topic!r} '
@@ -172,6 +177,8 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
 
     def initialize(self) -> None:
         """Start listening (python-socketio calls this on the first connection)."""
+        if not self._first_start():
+            return
         if not self.write_only:
             self._ready = asyncio.Event()
         super().initialize()
@@ -250,6 +257,7 @@ class Manager(_ChannelsPubSub, PubSubManager):
         super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
         self._queue: queue.Queue[dict] | None = None
         self._receiver: Channel | None = None
+        self._in_force = threading.Event()
         self.dropped = 0
         self._dropping = 0
 
@@ -266,15 +274,22 @@ class Manager(_ChannelsPubSub, PubSubManager):
     def initialize(self) -> None:
         """Subscribe and start listening (python-socketio calls this on the first
         connection, which waits until the subscription is in force at the broker)."""
+        if not self._first_start():
+            return
         if not self.write_only:
-            with self._lock:
-                if self._receiver is None:
-                    self._queue = queue.Queue(self.maxsize)
-                    self._receiver = Channel(self.topic, self._enqueue)
+            self._queue = queue.Queue(self.maxsize)
+            self._receiver = Channel(self.topic, self._enqueue)
             if not _runtime.flush(self.ready_timeout):
                 logger.warning('the Socket.IO subscription to %r is not in force after '
                                '%.1fs; going on regardless', self.topic, self.ready_timeout)
+            self._in_force.set()
         super().initialize()
+
+    def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
+        # the first connection waited in initialize(); one that came meanwhile waits here
+        if self._receiver is not None and not self._in_force.is_set():
+            self._in_force.wait(self.ready_timeout)
+        return super().pre_connect(eio_sid, namespace)
 
     def emit(self, event: str, data: Any, namespace: str | None = None, room: Any = None,
              skip_sid: Any = None, callback: Any = None, to: Any = None,

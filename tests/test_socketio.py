@@ -174,6 +174,44 @@ def test_an_async_listener_that_falls_behind_logs_what_it_missed_and_listens_aga
                         error), error
 
 
+def _callback_message(manager, sid: str, answer: str) -> dict:
+    """What the worker of *sid* publishes when its client acks the first callback."""
+    return {'method': 'callback', 'host_id': manager.host_id, 'sid': sid, 'namespace': '/',
+            'id': 1, 'args': [answer]}
+
+
+def test_a_sync_worker_without_clients_that_emits_with_a_callback_gets_the_answer():
+    import channels
+    import channels.socketio
+    manager = channels.socketio.Manager()
+    server = socketio.Server(async_mode='threading', client_manager=manager)
+    answers = []
+    server.emit('question', {'n': 1}, to='a sid elsewhere', callback=answers.append)
+    assert server.manager_initialized     # it listens now, with no client of its own
+    channels.Channel(manager.topic).send(_callback_message(manager, 'a sid elsewhere', 'yes'))
+    wait_until(lambda: answers, TIMEOUT, what='the answer')
+    assert answers == ['yes']
+
+
+def test_an_async_worker_without_clients_that_emits_with_a_callback_gets_the_answer():
+    import channels
+    import channels.socketio
+    manager = channels.socketio.AsyncManager()
+    server = socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+    answers = []
+
+    async def main():
+        await server.emit('question', {'n': 1}, to='a sid elsewhere',
+                          callback=answers.append)
+        assert server.manager_initialized
+        channels.Channel(manager.topic).send(_callback_message(manager, 'a sid elsewhere',
+                                                               'yes'))
+        await _until(lambda: answers, 'the answer')
+
+    _run_async(main())
+    assert answers == ['yes']
+
+
 # the servers -------------------------------------------------------------------------
 
 def _gunicorn(module: str, port: int, *extra: str) -> list[str]:
