@@ -435,6 +435,19 @@ def test_enter_room_of_a_sid_in_another_worker(server, clients):
         assert seqs == ([0, 'fence'] if client is target else ['fence']), (client.pid, seqs)
 
 
+def test_leave_room_of_a_sid_in_another_worker(server, clients):
+    asker, target = _apart(clients)
+    room, tag = _tag('left'), _tag('leave')
+    for member in (asker, target):
+        assert member.call('join', {'room': room}) == member.pid
+    assert asker.call('leave', {'room': room, 'sid': target.sid}) == asker.pid
+    asker.emit_through(to=room, data={'tag': tag, 'seq': 0})
+    asker.emit_through(data={'tag': tag, 'seq': 'fence'})
+    for client in clients:
+        seqs = [m['seq'] for m in client.wait_news(tag, 2 if client is asker else 1)]
+        assert seqs == ([0, 'fence'] if client is asker else ['fence']), (client.pid, seqs)
+
+
 def test_close_room_empties_it_in_every_worker(server, clients):
     closer, _ = _apart(clients)
     tag = _tag('close')

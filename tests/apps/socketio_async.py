@@ -12,8 +12,8 @@ with an ack):
 - ``whoami`` -> ``{'pid', 'sid'}`` (also on the namespace ``/other``);
 - ``emit`` ``{'event', 'data', 'to', 'skip_sid', 'namespace'}``: this worker emits
   ``data`` plus ``'by': pid``; -> pid;
-- ``join`` ``{'room', 'sid'}``: ``enter_room`` for *sid* (default: the caller), which may
-  be connected to another worker; -> pid;
+- ``join`` and ``leave`` ``{'room', 'sid'}``: ``enter_room``/``leave_room`` for *sid*
+  (default: the caller), which may be connected to another worker; -> pid;
 - ``close_room`` ``{'room'}``, ``disconnect_sid`` ``{'sid'}`` (a sid anywhere); -> pid;
 - ``call`` ``{'sid', 'event', 'data'}``: ``sio.call()`` to *sid*; -> ``{'pid', 'answer'}``;
 - ``subscriptions`` -> how many channels this worker has on the manager's topic.
@@ -68,6 +68,12 @@ async def on_emit(sid, request):
 @sio.event
 async def join(sid, request):
     await sio.enter_room(request.get('sid') or sid, request['room'])
+    return os.getpid()
+
+
+@sio.event
+async def leave(sid, request):
+    await sio.leave_room(request.get('sid') or sid, request['room'])
     return os.getpid()
 
 

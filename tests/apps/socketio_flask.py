@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from flask import Flask, request
-from flask_socketio import SocketIO, close_room, disconnect, emit, join_room
+from flask_socketio import SocketIO, close_room, disconnect, emit, join_room, leave_room
 
 import channels
 import channels.socketio
@@ -48,6 +48,12 @@ def on_emit(asked):
 @socketio.on('join')
 def on_join(asked):
     join_room(asked['room'], sid=asked.get('sid') or request.sid)
+    return os.getpid()
+
+
+@socketio.on('leave')
+def on_leave(asked):
+    leave_room(asked['room'], sid=asked.get('sid') or request.sid)
     return os.getpid()
 
 

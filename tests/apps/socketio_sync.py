@@ -56,6 +56,12 @@ def join(sid, request):
     return os.getpid()
 
 
+@sio.event
+def leave(sid, request):
+    sio.leave_room(request.get('sid') or sid, request['room'])
+    return os.getpid()
+
+
 @sio.on('close_room')
 def on_close_room(sid, request):
     sio.close_room(request['room'])
