@@ -56,6 +56,7 @@ import os
 import queue
 import threading
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 try:
@@ -211,7 +212,7 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
     async def _publish(self, data: dict) -> None:
         self._sender.send(data)
 
-    async def _listen(self):
+    async def _listen(self) -> AsyncIterator[dict]:
         """The messages of :attr:`topic`, from one inbox on the server's loop."""
         while True:
             try:
@@ -320,7 +321,7 @@ class Manager(_ChannelsPubSub, PubSubManager):
     def _publish(self, data: dict) -> None:
         self._sender.send(data)
 
-    def _listen(self):
+    def _listen(self) -> Iterator[dict]:
         """The messages of :attr:`topic`, from the queue the channel's handler fills."""
         while True:
             yield self._queue.get()
