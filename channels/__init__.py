@@ -21,9 +21,10 @@ Layers: a module imports only modules of its own layer or below, never in a cycl
 (imports under ``TYPE_CHECKING`` aside); ``tests/test_layers.py`` reads this table and
 checks it. The broker process (``broker``) does not import the app process's runtime:
 what both need (``registry``, ``ordering``) lies below both. ``lona`` (Lona's message broker
-class, ``channels.lona.MessageBroker``) imports Lona; nothing here imports it.
+class, ``channels.lona.MessageBroker``) imports Lona, and ``socketio`` (python-socketio's
+client managers) imports python-socketio; nothing here imports either.
 
-    7  cli, __main__, __init__, lona
+    7  cli, __main__, __init__, lona, socketio
     6  channel, inbox, scope
     5  runtime, broker
     4  workers, client, handlers, gate, statefile, bridge, bridge_redis, bridge_nats

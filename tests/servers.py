@@ -41,10 +41,11 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> str:
 
 class Launched:
     """``channels-broker --address A [BROKER_ARGS] -- COMMAND`` running, with its output in
-    files."""
+    files; *env* adds to the environment it inherits (less any ``CHANNELS_`` variable)."""
 
     def __init__(self, address: str, command: list[str], port: int, workers: int,
-                 out_dir: Path, log_dir: Path, broker_args: tuple[str, ...] = ()) -> None:
+                 out_dir: Path, log_dir: Path, broker_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.address = address
         self.port = port
         self.workers = workers
@@ -52,15 +53,16 @@ class Launched:
         self.stdout_path = log_dir / 'launcher.stdout'
         self.stderr_path = log_dir / 'launcher.stderr'
         self.known: dict[int, psutil.Process] = {}    # every process seen in the tree
-        env = {name: value for name, value in os.environ.items()
-               if not name.startswith('CHANNELS_')}
-        env['MPCH_OUT_DIR'] = str(out_dir)
-        env['PYTHONUNBUFFERED'] = '1'
+        environment = {name: value for name, value in os.environ.items()
+                       if not name.startswith('CHANNELS_')}
+        environment['MPCH_OUT_DIR'] = str(out_dir)
+        environment['PYTHONUNBUFFERED'] = '1'
+        environment.update(env or {})
         with open(self.stdout_path, 'wb') as stdout, open(self.stderr_path, 'wb') as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, str(BROKER_SCRIPT), '--address', address, *broker_args,
                  '--', *command],
-                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
+                stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=environment,
                 cwd=ROOT)
         self._remember(psutil.Process(self.process.pid))
 
