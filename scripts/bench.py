@@ -82,6 +82,17 @@ core publish/subscribe with callbacks (at most once), each straight to the engin
 11. **Broker CPU per bridged message**: of broker A and of broker B (ours), and of the
     engine (all), over the 1 -> 1 run and at 2,000 msg/s.
 
+python-socketio across workers (``--only socketio``), in the same run:
+
+12. **Socket.IO broadcast**: four uvicorn workers of one python-socketio ``AsyncServer``
+    app, each its own process on its own port, with two websocket clients each; one
+    worker emits to everyone, through ``channels.socketio.AsyncManager`` (and
+    ``channels-broker``) or python-socketio's own ``AsyncRedisManager`` (this run's own
+    ``redis-server``): events/s as fast as the worker emits, latency at 200 events/s,
+    and the CPU per event of the workers and of the broker or Redis
+    (``scripts/benchmarks/socketio_servers.py``). Goal: >= 3x AsyncRedisManager's
+    throughput and a lower p50.
+
 The goals (ours through either engine: >= 100,000 msg/s 1 -> 1, >= 5x the RedisManager
 pattern, >= nats-py core's rate; p50 < 1 ms and p99 < 5 ms at 2,000 msg/s) are printed
 beside the figures, not asserted. ``--engine redis`` (or ``nats``) measures only the
@@ -101,6 +112,7 @@ Usage::
     PYTHONPATH=. python scripts/bench.py --bridged   # only the cases across machines
     PYTHONPATH=. python scripts/bench.py --bridged --engine nats --quick  # one engine
     PYTHONPATH=. python scripts/bench.py --only local  # only the in-process cases
+    PYTHONPATH=. python scripts/bench.py --only socketio  # python-socketio across workers
     PYTHONPATH=. python scripts/bench.py --only cross --plot docs/bench.png  # + picture
     PYTHONPATH=. python scripts/bench.py --only plot --plot out.png  # only the picture's
 """
@@ -126,12 +138,14 @@ from benchmarks.bridged_report import HEADER as BRIDGED_HEADER  # noqa: E402
 from benchmarks.bridged_report import build_bridged_rows  # noqa: E402
 from benchmarks.cases import (BRIDGED_CASES, BRIDGED_ENGINES, CASES, CROSS_CASES,  # noqa: E402
                               CROSS_LIBS, FULL, GROUPS, LIBS, LONA_VERSION, QUICK, ROOT,
-                              SWEEP_SYSTEMS, cross_systems, plot_cases)
+                              SIO_LIBS, SWEEP_SYSTEMS, cross_systems, plot_cases)
 from benchmarks.engines import KINDS as ENGINES  # noqa: E402
 from benchmarks.engines import NATS_SERVER, REDIS_SERVER  # noqa: E402
 from benchmarks.cross import run_cross_case  # noqa: E402
 from benchmarks.local import run_case  # noqa: E402
 from benchmarks.procs import run_child  # noqa: E402
+from benchmarks.socketio_report import HEADER as SIO_HEADER  # noqa: E402
+from benchmarks.socketio_report import build_socketio_rows  # noqa: E402
 from benchmarks.report import (build_cross_rows, build_rows, build_sweep_rows,  # noqa: E402
                                details, print_table, write_plot)
 
@@ -163,6 +177,15 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
         measure_cross(results, BRIDGED_CASES, sizes, quick, progress,
                       systems=tuple(lib for lib, kind in BRIDGED_ENGINES.items()
                                     if kind in engines))
+    if 'socketio' in groups:
+        for n in range(sizes['sio_runs']):
+            for case, libs in SIO_LIBS.items():
+                for lib in libs:
+                    if progress:
+                        print(f'  {lib:9} {case:16} run {n + 1}/{sizes["sio_runs"]}',
+                              file=sys.stderr, flush=True)
+                    results.setdefault((lib, case), []).append(
+                        run_child(lib, case, quick, 2 * sizes['timeout'] + 15))
     if sweep:
         cases = [case for case in plot_cases(sweep)
                  if not any((lib, case) in results for lib in cross_systems(case))]
@@ -214,7 +237,7 @@ def versions() -> dict[str, str]:
         found['libzmq'] = zmq.zmq_version()
     except (metadata.PackageNotFoundError, ImportError):
         found['pyzmq'] = found['libzmq'] = 'not installed'
-    for package in ('redis', 'nats-py', 'hiredis'):
+    for package in ('redis', 'nats-py', 'hiredis', 'python-socketio'):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -260,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--only', choices=(*GROUPS, 'plot'), action='append',
                         help='run only these cases: local (in one process, vs Lona), '
                              'cross (across processes, vs Queue and ZeroMQ), bridged '
-                             '(across machines, vs Redis and NATS clients) or plot (only '
-                             'what --plot needs); repeatable')
+                             '(across machines, vs Redis and NATS clients), socketio '
+                             '(python-socketio across 4 workers, vs its AsyncRedisManager) '
+                             'or plot (only what --plot needs); repeatable')
     parser.add_argument('--cross', action='append_const', dest='only', const='cross',
                         help='the same as --only cross')
     parser.add_argument('--bridged', action='append_const', dest='only', const='bridged',
@@ -289,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1:
             parser.error('--runs must be 1 or more')
         sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs,
-                 'bridged_runs': args.runs}
+                 'bridged_runs': args.runs, 'sio_runs': args.runs}
     only = args.only or (*GROUPS, 'plot')
     groups = tuple(group for group in GROUPS if group in only)
     if 'plot' in only and not args.plot and args.only:
@@ -305,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.one:
         lib, _, case = args.one.partition('.')
+        if lib in SIO_LIBS.get(case, ()):
+            from benchmarks.socketio_servers import run_socketio_case
+            print(json.dumps(run_socketio_case(lib, case, sizes)), flush=True)
+            return 0
         if lib in cross_systems(case):
             sys.path.insert(0, str(ROOT))
             print(json.dumps(run_cross_case(lib, case, sizes)), flush=True)
@@ -378,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the '
                      f'runs, {load[1]:.1f} after ({os.cpu_count()} CPUs).')
         tables.append((title, rows, BRIDGED_HEADER, notes, None))
+    if 'socketio' in groups:
+        rows, notes = build_socketio_rows(results, sizes)
+        title = f'python-socketio {found["python-socketio"]} across workers, vs its own ' \
+            f'AsyncRedisManager on Redis {found["redis-server"]}:'
+        notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the '
+                     f'runs, {load[1]:.1f} after ({os.cpu_count()} CPUs).')
+        tables.append((title, rows, SIO_HEADER, notes, None))
     if sweep:
         rows, header, notes = build_sweep_rows(results, sizes, sweep)
         notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the runs, '

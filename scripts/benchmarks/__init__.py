@@ -7,6 +7,9 @@
 * ``ours_bridged``, ``socketio_redis``, ``broadcaster_stream``, ``nats_core``: each
   system's processes across machines (ours: a broker per machine, bridged), with their
   measured loops inline;
+* ``socketio_servers`` (with ``sio_app``, the server, and ``sio_clients``, the clients):
+  python-socketio across four uvicorn workers, ours against its ``AsyncRedisManager``;
+  ``socketio_report``, its table;
 * ``engines``: the run's own ``redis-server`` or ``nats-server -js``, always stopped;
 * ``cross``: the cross-process and bridged cases of any system (the clock, the checks);
 * ``procs``: starting, talking to and always stopping the processes;

@@ -41,6 +41,13 @@ FULL = {
     'bridged_fanout_messages': 20_000,  # 1 -> 2 machines: messages per run (each gets all)
     'round_trip_messages': 10_000,         # the same, for the systems that await every
     'round_trip_fanout_messages': 5_000,   # message's reply (ROUND_TRIP_SYSTEMS)
+    'sio_runs': 3,                # Socket.IO: measured runs per system
+    'sio_workers': 4,             # Socket.IO: uvicorn worker processes, clients spread over all
+    'sio_clients': 2,             # Socket.IO: websocket clients of each worker
+    'sio_warmup': 500,            # Socket.IO: events emitted before timing
+    'sio_messages': 5_000,        # Socket.IO: events emitted as fast as the worker can
+    'sio_rate': 200,              # Socket.IO latency: events/s, emitted to a schedule
+    'sio_latency_seconds': 3.0,   # Socket.IO latency: the measured part
 }
 QUICK = {
     'name': 'quick',
@@ -71,6 +78,13 @@ QUICK = {
     'bridged_fanout_messages': 1_500,
     'round_trip_messages': 1_000,
     'round_trip_fanout_messages': 500,
+    'sio_runs': 1,
+    'sio_workers': 4,
+    'sio_clients': 2,
+    'sio_warmup': 100,
+    'sio_messages': 500,
+    'sio_rate': 200,
+    'sio_latency_seconds': 1.0,
 }
 
 LIBS = ('ours', 'lona')
@@ -98,11 +112,16 @@ OURS_SYSTEMS = ('ours', 'ours_redis', 'ours_nats')   # channels in the app proce
 ROUND_TRIP_SYSTEMS = ('socketio', 'broadcaster')
 """They await Redis's reply to every message they send: a few thousand per second, so
 their runs send fewer messages (the rate is the same, the run shorter)."""
-GROUPS = ('local', 'cross', 'bridged')   # --only: in one process, across processes, machines
+SIO_LIBS = {'sio_broadcast': ('sio_ours', 'sio_redis')}
+"""The Socket.IO case: broadcast from one uvicorn worker to clients of four, through ours
+(``channels.socketio.AsyncManager``) or python-socketio's ``AsyncRedisManager``."""
+GROUPS = ('local', 'cross', 'bridged', 'socketio')   # --only: one process, processes, machines,
+#                                                       python-socketio's workers
 SYSTEM_NAMES = {'ours': 'mpchannels', 'queue': 'Queue relay', 'zmq': 'ZeroMQ proxy',
                 'ours_redis': 'ours via Redis', 'ours_nats': 'ours via NATS',
                 'socketio': 'socketio RedisManager', 'broadcaster': 'broadcaster Redis stream',
-                'nats_core': 'nats-py core'}
+                'nats_core': 'nats-py core', 'sio_ours': 'ours (channels.socketio)',
+                'sio_redis': 'AsyncRedisManager'}
 CROSS_TOPIC = 'bench'
 LONA_VERSION = '1.16.2'
 ROOT = Path(__file__).resolve().parent.parent.parent

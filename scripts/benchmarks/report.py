@@ -313,6 +313,11 @@ def details(results: dict) -> list[str]:
                              f'{run["subscribe_calls"]:.2f} s, known to the broker after '
                              f'{run["subscribe_known"]:.2f} s; broker CPU '
                              f'{run["broker_cpu_us"]:.1f} µs/subscription)')
+            elif case == 'sio_broadcast':
+                parts.append(f'{run["value"]:,.0f} events/s ({run["delivered"]:,.0f} to '
+                             f'clients/s), p50 {run["p50"] * 1e3:.2f} ms, p99 '
+                             f'{run["p99"] * 1e3:.2f} ms; CPU µs/event: workers '
+                             f'{run["cpu_workers_us"]:.0f}, carrier {run["cpu_carrier_us"]:.0f}')
             elif case.endswith('_latency'):
                 parts.append(f'p50 {run["p50_us"]:.0f} µs, p99 {run["p99_us"]:.0f} µs, '
                              f'max {run["max_us"]:,.0f} µs, mean {run["mean_us"]:.0f} µs at '
