@@ -22,7 +22,7 @@ Layers: a module imports only modules of its own layer or below, never in a cycl
 checks it. The broker process (``broker``) does not import the app process's runtime:
 what both need (``registry``, ``ordering``) lies below both.
 
-    7  cli, __main__, __init__
+    7  cli, asgi, __main__, __init__
     6  channel, inbox, scope
     5  runtime, broker
     4  workers, client, handlers, gate, statefile, bridge, bridge_redis, bridge_nats
