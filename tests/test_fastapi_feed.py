@@ -31,7 +31,7 @@ def _command(port: int) -> list[str]:
 
 @pytest.fixture(scope='module')
 def feed(tmp_path_factory) -> Iterator[Launched]:
-    """The example under ``channels-broker``, answering; shared by the module's tests
+    """The example under ``channels-broker``, every worker serving; shared by the module's tests
     (started before any test's own fixtures, so none sees it as left behind); always
     stopped."""
     directory = tmp_path_factory.mktemp('feed')
@@ -49,6 +49,13 @@ def feed(tmp_path_factory) -> Iterator[Launched]:
                 return False
             return True
         wait_until(answers, 30, interval=0.05, what=f'the example to answer on port {port}')
+        # every worker serving (each logs this once its lifespan started), so that new
+        # connections spread over all of them
+        def started() -> bool:
+            server._alive()
+            return server.stderr_path.read_text().count('Application startup complete.') \
+                >= WORKERS
+        wait_until(started, 30, interval=0.05, what=f'{WORKERS} workers started')
         yield server
     finally:
         status = server.stop()
