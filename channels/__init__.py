@@ -24,7 +24,7 @@ what both need (``registry``, ``ordering``) lies below both. ``lona`` (Lona's me
 class, ``channels.lona.MessageBroker``) imports Lona, and ``socketio`` (python-socketio's
 client managers) imports python-socketio; nothing here imports either.
 
-    7  cli, __main__, __init__, lona, socketio
+    7  cli, __main__, __init__, asgi, lona, socketio
     6  channel, inbox, scope
     5  runtime, broker
     4  workers, client, handlers, gate, statefile, bridge, bridge_redis, bridge_nats

@@ -58,11 +58,12 @@ from .topics import validate_topic
 if TYPE_CHECKING:
     from .message import Message
 
-__all__ = ['Inbox', 'listen', 'OVERFLOW_POLICIES']
+__all__ = ['Inbox', 'listen', 'close_all', 'OVERFLOW_POLICIES']
 
 logger = logging.getLogger(__name__)
 
 _inboxes: weakref.WeakSet[Inbox] = weakref.WeakSet()
+_inboxes_lock = threading.Lock()       # inboxes may be made on several threads' loops
 
 OVERFLOW_POLICIES = ('error', 'drop-oldest', 'drop-newest')
 """The values of ``listen(overflow=...)``; see the module's documentation."""
@@ -121,7 +122,8 @@ class Inbox:
         self._overflowed = False
         self._closed = False
         self._entered = False
-        _inboxes.add(self)
+        with _inboxes_lock:
+            _inboxes.add(self)
 
     def __repr__(self) -> str:
         state = 'closed' if self._closed else 'open' if self._entered else 'new'
@@ -255,6 +257,24 @@ class Inbox:
         return await self.get()
 
 
+def close_all(loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """Close every open inbox (entered, not yet closed), or only those consumed on *loop*.
+
+    Each unsubscribes at once; its consumer gets what is queued, then the end of
+    iteration (``async for`` ends), so a request handler that streams an inbox finishes.
+    Returns how many it closed. Works from any thread. :mod:`channels.asgi` calls it when
+    the server starts to stop.
+    """
+    with _inboxes_lock:
+        inboxes = list(_inboxes)
+    closed = 0
+    for inbox in inboxes:
+        if inbox._entered and not inbox._closed and (loop is None or inbox._loop is loop):
+            inbox.close()
+            closed += 1
+    return closed
+
+
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -283,6 +303,8 @@ def _wake_all_from_any_thread(loop: asyncio.AbstractEventLoop,
 def _after_fork_in_child() -> None:
     # An inherited inbox's consumer runs on a loop of the parent: in the child it takes
     # nothing more (and its lock may have been held by a parent thread at the fork).
+    global _inboxes_lock
+    _inboxes_lock = threading.Lock()
     for inbox in list(_inboxes):
         inbox._lock = threading.Lock()
         inbox._closed = True

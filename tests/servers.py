@@ -3,11 +3,14 @@ starting them, waiting for them, and always stopping their whole process tree.""
 
 from __future__ import annotations
 
+import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -162,6 +165,18 @@ class Launched:
 
     # stopping -------------------------------------------------------------------------
 
+    def sigterm_timed(self, timeout: float = 30.0) -> tuple[int | None, float]:
+        """SIGTERM to the launcher; its exit status (None if it had not exited within
+        *timeout*: ``stop()`` cleans up) and the seconds until it exited."""
+        self.tree()                          # every process, for the clean-up
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            status = None
+        return status, time.monotonic() - started
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM to the launcher (it forwards it to the server) and wait; then kill
         whatever is left of the process tree. The launcher's exit status (None if it had
@@ -197,3 +212,83 @@ def stats_or_error(address: str) -> object:
         return fetch_stats(address)
     except ChannelsError as exc:
         return exc
+
+
+class SSEStreams:
+    """*count* raw HTTP/1.1 ``GET path`` streams (Server-Sent Events) on *port*, read
+    together without blocking; ``received`` holds each one's bytes so far."""
+
+    def __init__(self, port: int, count: int, path: str = '/events') -> None:
+        self.selector = selectors.DefaultSelector()
+        self.received: dict[socket.socket, bytes] = {}
+        for _ in range(count):
+            sock = socket.create_connection(('127.0.0.1', port), timeout=5)
+            sock.sendall(f'GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'.encode())
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ)
+            self.received[sock] = b''
+        self.open = set(self.received)
+
+    def read(self, until, timeout: float) -> None:
+        """Read until ``until(data)`` holds for the bytes of every stream (or it closed)."""
+        deadline = time.monotonic() + timeout
+        waiting = {s for s in self.received if s in self.open and not until(self.received[s])}
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f'{len(waiting)} of {len(self.received)} streams not '
+                                     f'done in {timeout}s; one of them got '
+                                     f'{self.received[next(iter(waiting))][-300:]!r}')
+            for key, _ in self.selector.select(min(left, 0.2)):
+                sock = key.fileobj
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionError:
+                    chunk = b''
+                if chunk:
+                    self.received[sock] += chunk
+                else:
+                    self.open.discard(sock)
+                    self.selector.unregister(sock)
+                if not chunk or until(self.received[sock]):
+                    waiting.discard(sock)
+
+    def events(self) -> list[list[tuple[str, object]]]:
+        """Each stream's events so far, in order: (name, JSON data)."""
+        return [sse_events_in(data) for data in self.received.values()]
+
+    def ready_pids(self) -> list[int]:
+        """The pid in each stream's ``event: ready`` (``{"pid": ...}``), in order."""
+        return [next(data['pid'] for name, data in events if name == 'ready')
+                for events in self.events()]
+
+    def close(self) -> None:
+        for sock in self.received:
+            sock.close()
+        self.selector.close()
+
+
+def ended(data: bytes) -> bool:
+    """Whether *data* is a whole chunked response: it ends with the last chunk."""
+    return data.endswith(b'\r\n0\r\n\r\n')
+
+
+def sse_events_in(response: bytes) -> list[tuple[str, object]]:
+    """The events (name, JSON data) of a chunked HTTP response holding Server-Sent Events,
+    as far as it arrived; comments and incomplete events are left out."""
+    body, rest = b'', response.partition(b'\r\n\r\n')[2]
+    while rest:
+        size, sep, rest = rest.partition(b'\r\n')
+        if not sep or not size:
+            break
+        length = int(size, 16)
+        if length == 0:
+            break
+        body, rest = body + rest[:length], rest[length + 2:]
+    events = []
+    for block in body.decode().split('\n\n')[:-1]:
+        fields = dict(line.split(': ', 1) for line in block.splitlines()
+                      if line and not line.startswith(':'))
+        if 'data' in fields:
+            events.append((fields.get('event', 'message'), json.loads(fields['data'])))
+    return events

@@ -32,31 +32,29 @@ Per worker, a :class:`channels.Scope` opened at lifespan startup and closed at l
 shutdown counts the messages of every room (the "seen" figure on the page). The
 streams do not rely on it: each has its own subscription, in force before ``hello``.
 
-Streams never hold up a shutdown: ``http.disconnect`` ends a stream, and so does the
-worker's stop signal. uvicorn waits for open responses to finish *before* it sends the
-lifespan shutdown event, and a stream never finishes by itself, so the app chains its
-own step in front of the server's SIGINT/SIGTERM handlers at startup: it ends every
-stream (the browser's ``EventSource`` reconnects to whichever worker is left). Run it
-with ``--timeout-graceful-shutdown`` too if you change that.
+The streams are :func:`channels.asgi.sse_events`, and they never hold up a shutdown:
+``http.disconnect`` ends a stream, and :class:`channels.asgi.EndStreamsOnShutdown`,
+around the app, ends every stream of the worker when the server starts to stop (uvicorn
+waits for open responses to finish *before* it sends the lifespan shutdown event, and a
+stream never finishes by itself); the browser's ``EventSource`` reconnects to whatever
+runs next.
 """
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import logging
 import os
 import re
-import signal
 import socket
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, quote
 
 import channels
+from channels.asgi import EndStreamsOnShutdown, sse_event, sse_events
 
 __all__ = ['app', 'TOPIC_PREFIX', 'ROOMS']
 
@@ -79,43 +77,28 @@ PAGE = (Path(__file__).with_name('index.html')).read_text(encoding='utf-8')
 
 
 class Worker:
-    """This worker process's state: its scope, its open streams, its stop event."""
+    """This worker process's state: its scope and its open streams."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.seen: Counter[str] = Counter()      # messages per room since the scope opened
         self.streams = 0
         self.scope: channels.Scope | None = None
-        self.stopping: asyncio.Event | None = None
-        self._signals: dict[int, tuple[Any, Callable]] = {}   # signum: (previous, ours)
 
     async def start(self) -> None:
-        """Lifespan startup: open the scope and hook the stop signals."""
+        """Lifespan startup: open the scope."""
         self.pid = os.getpid()
         self.seen.clear()
-        self.stopping = asyncio.Event()
         self.scope = channels.Scope(on_error=self._on_error)
         self.scope.subscribe(TOPIC_PREFIX + '*', self._count)
-        self._chain_stop_signals(asyncio.get_running_loop())
         logger.info('chat worker %d ready', self.pid)
 
     async def stop(self) -> None:
-        """Lifespan shutdown: end the streams still open and close the scope."""
-        self.stop_streams()
-        for signum, (previous, ours) in self._signals.items():
-            if signal.getsignal(signum) is ours:      # else the server replaced it since
-                signal.signal(signum, previous)
-        self._signals.clear()
+        """Lifespan shutdown (the streams have ended): close the scope."""
         if self.scope is not None:
             self.scope.close()
             self.scope = None
         logger.info('chat worker %d stopped', self.pid)
-
-    def stop_streams(self) -> None:
-        """End every open stream of this worker (on the event loop's thread)."""
-        if self.stopping is not None and not self.stopping.is_set():
-            logger.info('chat worker %d: ending %d stream(s)', self.pid, self.streams)
-            self.stopping.set()
 
     async def _count(self, message: channels.Message) -> None:
         self.seen[message.topic[len(TOPIC_PREFIX):]] += 1
@@ -123,31 +106,11 @@ class Worker:
     def _on_error(self, exc: BaseException, message: channels.Message) -> None:
         logger.error('chat worker %d: handler failed on %s: %r', self.pid, message.topic, exc)
 
-    def _chain_stop_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run :meth:`stop_streams` before the server's own SIGINT/SIGTERM handler.
-
-        Only where the server installed a Python handler (uvicorn does, with
-        ``signal.signal``); a default or ignored disposition is left alone.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.getsignal(signum)
-            if not callable(previous):
-                continue
-
-            def handler(number: int, frame: Any, previous: Callable = previous) -> None:
-                loop.call_soon_threadsafe(self.stop_streams)
-                previous(number, frame)
-            self._signals[signum] = (previous, handler)
-            signal.signal(signum, handler)
-
 
 worker = Worker()
 
 
-async def app(scope: ASGIScope, receive: Receive, send: Send) -> None:
-    """The ASGI application."""
+async def _app(scope: ASGIScope, receive: Receive, send: Send) -> None:
     if scope['type'] == 'lifespan':
         await _lifespan(receive, send)
         return
@@ -167,6 +130,10 @@ async def app(scope: ASGIScope, receive: Receive, send: Send) -> None:
         await _text(send, 405, 'method not allowed\n')
     else:
         await _text(send, 404, 'not found\n')
+
+
+app = EndStreamsOnShutdown(_app)
+"""The ASGI application: its open streams end when the server starts to stop."""
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -213,86 +180,22 @@ async def _page(scope: ASGIScope, send: Send) -> None:
     await send({'type': 'http.response.body', 'body': body})
 
 
-class _Stream:
-    """One SSE response: writes never interleave."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self._lock = asyncio.Lock()
-
-    async def write(self, text: str) -> None:
-        async with self._lock:
-            await self._send({'type': 'http.response.body', 'body': text.encode(),
-                              'more_body': True})
-
-    async def event(self, name: str, data: dict[str, Any]) -> None:
-        await self.write(f'event: {name}\ndata: {json.dumps(data)}\n\n')
-
-
 async def _events(scope: ASGIScope, receive: Receive, send: Send) -> None:
     """The room's stream, until the client goes away or the worker stops."""
     room = _room(scope)
     if room is None:
         await _text(send, 400, 'room: 1 to 32 of a-z, 0-9 and -\n')
         return
-    await send({'type': 'http.response.start', 'status': 200,
-                'headers': [(b'content-type', b'text/event-stream; charset=utf-8'),
-                            (b'cache-control', b'no-store'),
-                            (b'x-accel-buffering', b'no')]})
-    stream = _Stream(send)
-    stopping = worker.stopping or asyncio.Event()
-    disconnected = False
+    # "hello" once listening: what any worker sends after the page sees it reaches it.
+    # A tab INBOX_SIZE messages behind gets "lagged" and the stream ends; it reconnects.
+    stream = sse_events(TOPIC_PREFIX + room, data=_public, retry=2000, keepalive=KEEPALIVE,
+                        ready=sse_event({'pid': worker.pid, 'room': room}, event='hello'),
+                        maxsize=INBOX_SIZE)
     worker.streams += 1
     try:
-        async with channels.listen(TOPIC_PREFIX + room, maxsize=INBOX_SIZE) as inbox:
-            # "hello" only now: listen() entered once the broker had applied the
-            # subscription, so what any worker sends after the page sees it reaches it
-            await stream.write('retry: 2000\n\n')
-            await stream.event('hello', {'pid': worker.pid, 'room': room})
-
-            async def forward() -> None:
-                try:
-                    async for message in inbox:
-                        await stream.event('message', _public(message))
-                except channels.InboxOverflowError as exc:
-                    # this tab fell INBOX_SIZE behind: say so and end; it reconnects
-                    logger.warning('stream of room %s fell behind; missed %d', room,
-                                   exc.dropped)
-                    await stream.event('lagged', {'missed': exc.dropped})
-
-            async def keepalive() -> None:
-                while True:
-                    await asyncio.sleep(KEEPALIVE)
-                    await stream.write(': keepalive\n\n')
-
-            async def client_gone() -> None:
-                while (await receive())['type'] != 'http.disconnect':
-                    pass
-
-            tasks = {name: asyncio.ensure_future(job()) for name, job in (
-                ('forward', forward), ('keepalive', keepalive), ('gone', client_gone))}
-            tasks['stopping'] = asyncio.ensure_future(stopping.wait())
-            try:
-                done, _ = await asyncio.wait(tasks.values(),
-                                             return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in tasks.values():
-                    task.cancel()
-                await asyncio.gather(*tasks.values(), return_exceptions=True)
-            disconnected = tasks['gone'] in done
-            for name in ('forward', 'keepalive'):
-                if tasks[name] in done and tasks[name].exception() is not None:
-                    raise tasks[name].exception()
-    except channels.BrokerUnavailableError as exc:
-        # the subscription is not in force: end the stream; EventSource reconnects
-        logger.warning('stream of room %s not started: %s', room, exc)
-    except OSError as exc:         # the client went away mid-write
-        logger.debug('stream of room %s ended: %r', room, exc)
-        disconnected = True
+        await stream(scope, receive, send)
     finally:
         worker.streams -= 1
-    if not disconnected:
-        await send({'type': 'http.response.body', 'body': b'', 'more_body': False})
 
 
 def _public(message: channels.Message) -> dict[str, Any]:
