@@ -118,16 +118,17 @@ def test_sigterm_while_messages_flow_stops_the_broker_cleanly_and_in_time(broker
 @pytest.mark.timeout(120)
 def test_a_slow_process_is_bounded_at_the_broker_and_told_what_it_lost(broker_address):
     import os
-    # its handlers take 100 messages/s, about 8 KB/s: so little that, on a Unix socket,
-    # the broker sees it take nothing for seconds at a time; a long STALL_TIMEOUT keeps
-    # this test about the byte bound (tests/test_hostile.py has the stall timeout's)
+    # its handlers take 500 messages/s, a tenth of the sender's rate, so what waits for it
+    # at the broker grows by about 4,500 messages/s; a long STALL_TIMEOUT keeps this test
+    # about the byte bound (tests/test_hostile.py has the stall timeout's). (At 100/s the
+    # lost message came 20 s late: it waits behind what the socket's buffers hold.)
     env = dict(os.environ, CHANNELS_MAX_PENDING_BYTES='500000', CHANNELS_STALL_TIMEOUT='60')
     broker = BrokerProcess(broker_address, env=env).start()
     try:
         with app_processes(broker_address, 2) as (sender, fast), \
                 app_processes(broker_address, 1, MAX_PENDING_TASKS=50) as (slow,):
             fast.subscribe('chat')
-            slow.subscribe('chat', 0.01)                   # handles 100 messages/s
+            slow.subscribe('chat', 0.002)                  # handles 500 messages/s
             slow.subscribe('lona.channels.lost')
             for app in (fast, slow):
                 broker.wait_subscribed(app.pid, ['chat'])
