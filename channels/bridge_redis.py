@@ -35,7 +35,7 @@ import time
 from typing import Any
 from urllib.parse import SplitResult
 
-from .engine import LIVENESS_SECONDS, Retention, missing_extra, redact_url
+from .engine import LIVENESS_SECONDS, Retention, Watchdog, missing_extra, redact_url
 from .errors import ConfigurationError
 
 __all__ = ['RedisEngine']
@@ -86,6 +86,8 @@ class RedisEngine:
         self.writer: Any = None
         self.reader: Any = None
         self._key = key = self.key.encode()
+        self._writing = Watchdog(LIVENESS_SECONDS)      # the sender's commands
+        self._reading = Watchdog(LIVENESS_SECONDS)      # the reader's
         # XADD key MAXLEN ~ N * d <entry>: all but the entry, packed once
         self._xadd_head = b'*8\r\n' + b''.join(
             b'$%d\r\n%s\r\n' % (len(arg), arg)
@@ -102,11 +104,11 @@ class RedisEngine:
             single_connection_client=True)
 
     @staticmethod
-    async def _call(client: Any, packed: list[bytes]) -> Any:
+    async def _call(client: Any, packed: list[bytes], watchdog: Watchdog) -> Any:
         """Send one packed command on *client*'s connection and read its reply (a
         ResponseError raised; redis-py connects again first if the connection was
         dropped, and drops it on any failure, a timeout too)."""
-        async with asyncio.timeout(LIVENESS_SECONDS):
+        with watchdog:
             connection = client.connection or (await client.initialize()).connection
             await connection.send_packed_command(packed, check_health=False)
             return await connection.read_response()
@@ -160,7 +162,7 @@ class RedisEngine:
     async def append(self, data: bytes, key: str | None) -> None:
         """XADD one entry; returns once Redis has it."""
         await self._call(self.writer, [self._xadd_head + b'$%d\r\n' % len(data), data,
-                                       b'\r\n'])
+                                       b'\r\n'], self._writing)
         now = time.time()
         if now - self._last_trim > 1.0:
             self._last_trim = now
@@ -208,7 +210,8 @@ class RedisEngine:
         self._count = max(1, count // 2)     # until it succeeds: a reply too large for
         reply = await self._call(            # client-output-buffer-limit kills the link
             self.reader, [_pack(b'XREAD', b'COUNT', b'%d' % count, b'BLOCK', _BLOCK,
-                               b'STREAMS', self._key, self.position.encode())])
+                               b'STREAMS', self._key, self.position.encode())],
+            self._reading)
         self._count = min(_READ_COUNT, count * 2)
         if not reply:
             return []
@@ -231,6 +234,8 @@ class RedisEngine:
 
     async def close(self) -> None:
         """Close both connections."""
+        self._writing.close()
+        self._reading.close()
         for client in (self.reader, self.writer):
             if client is not None:
                 if client.connection is not None:     # also one that failed half-way
