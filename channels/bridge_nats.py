@@ -36,7 +36,7 @@ import time
 from typing import Any
 from urllib.parse import SplitResult
 
-from .engine import LIVENESS_SECONDS, Retention, missing_extra, redact_url
+from .engine import LIVENESS_SECONDS, Retention, Watchdog, missing_extra, redact_url
 from .errors import ConfigurationError
 
 __all__ = ['NatsEngine']
@@ -85,6 +85,9 @@ class NatsEngine:
         self._heard = 0.0                     # when the consumer last sent something
         self._broken: str | None = None       # why the consumer must be made again
         self._buffer: list[bytes] = []
+        self._publishing = Watchdog(LIVENESS_SECONDS)
+        self._ticker: asyncio.TimerHandle | None = None
+        self._ticked = False                  # a second passed (the reader's idle checks)
         self._arrived = asyncio.Event()
         self._down = False
         self._recent_cause: tuple[float, str] | None = None
@@ -228,7 +231,7 @@ class NatsEngine:
         token = str(next(self._ack_numbers))
         future = self._ack_futures[token] = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(LIVENESS_SECONDS):
+            with self._publishing:
                 await self.nc.publish(self.subject, data, reply=self._ack_prefix + token,
                                       headers={'Nats-Msg-Id': key} if key else None)
                 await future
@@ -366,22 +369,31 @@ class NatsEngine:
     async def read(self) -> list[bytes]:
         """The entries delivered since the last call (waiting up to a second for some)."""
         self._check()
-        if not self._buffer:
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._arrived.wait()
-            except TimeoutError:
-                pass
+        if self._ticker is None:
+            self._tick()
+        while not self._buffer:
+            await self._arrived.wait()
             self._arrived.clear()
-            if not self._buffer:
-                self._check()
-                if time.monotonic() - self._heard > LIVENESS_SECONDS:
+            self._check()
+            if not self._buffer and self._ticked:      # about once a second: back to
+                self._ticked = False                   # the bridge, for its on_tick
+                quiet = time.monotonic() - self._heard
+                if quiet > LIVENESS_SECONDS:
                     self._break(f'the consumer sent nothing for {LIVENESS_SECONDS:g}s')
                     self._check()
-                await self.nc.flush(timeout=LIVENESS_SECONDS)    # proves the link is alive
+                if quiet >= 1.0:                       # not even a heartbeat:
+                    await self.nc.flush(timeout=LIVENESS_SECONDS)    # is the link alive?
                 return []
+        self._ticked = False
         entries, self._buffer = self._buffer, []
         return entries
+
+    def _tick(self) -> None:
+        """About once a second, wake the reader for its idle checks (one timer, not a
+        timeout per wait)."""
+        self._ticked = True
+        self._arrived.set()
+        self._ticker = asyncio.get_running_loop().call_later(1.0, self._tick)
 
     def _check(self) -> None:
         if self._down or self.nc is None or not self.nc.is_connected:
@@ -400,6 +412,10 @@ class NatsEngine:
 
     async def close(self) -> None:
         """Close the connection (without waiting for a server that does not answer)."""
+        self._publishing.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         for sub in (self.sub, self._acks):
             if sub is not None:
                 try:
