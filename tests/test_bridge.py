@@ -553,3 +553,31 @@ def test_a_missing_extra_names_what_to_install(scheme, module, extra, monkeypatc
     with pytest.raises(ConfigurationError, match=rf"pip install 'mpchannels\[{extra}\]'"):
         Bridge.from_url(f'{scheme}://127.0.0.1:1', broker_id='a', on_frames=print,
                         on_lost=print)
+
+
+# the event loop ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('with_uvloop', [True, False])
+def test_the_bridge_runs_on_uvloop_where_installed_else_on_asyncios_loop(with_uvloop, bridges,
+                                                                         monkeypatch):
+    import asyncio
+
+    import uvloop                        # in the redis, nats and test extras
+    if not with_uvloop:
+        real_import = builtins.__import__
+
+        def without(name, *args, **kwargs):
+            if name == 'uvloop':
+                raise ImportError("No module named 'uvloop'")
+            return real_import(name, *args, **kwargs)
+        monkeypatch.setattr(builtins, '__import__', without)
+    server = EngineServer('redis').start()
+    try:
+        sender, _ = bridges(server.url, 'a')
+        _, seen = bridges(server.url, 'b')
+        publish(sender, 'a', 5)
+        wait_until(lambda: len(seen.received()) == 5, 10, what='5 messages')
+        assert isinstance(sender._loop, uvloop.Loop if with_uvloop
+                          else asyncio.SelectorEventLoop)
+    finally:
+        server.stop()
