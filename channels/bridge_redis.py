@@ -5,8 +5,8 @@
   older than the retention's seconds.
 * Reading: ``XREAD COUNT 64 BLOCK 1000 STREAMS {ns}:stream <last id>`` on a second
   connection, again and again: an answer (even an empty one) at least once a second
-  proves the connection is alive; the socket timeout (``LIVENESS_SECONDS``) catches a
-  half-open one. A reply too large for the server's ``client-output-buffer-limit`` gets
+  proves the connection is alive; a command unanswered for ``LIVENESS_SECONDS`` catches
+  a half-open one. A reply too large for the server's ``client-output-buffer-limit`` gets
   the connection killed: the next read asks for half as many entries.
 * Reset and trimming: the key ``{ns}:epoch`` holds a random value set by the first
   bridge to connect; a Redis that lost its data (restarted without persistence, the keys
@@ -19,11 +19,12 @@ redis-py reconnects a dropped connection by itself on the next command, with TLS
 
 The two commands of every entry (``XADD`` on the writing connection, ``XREAD`` on the
 reading one) go straight to redis-py's connection (``send_packed_command``,
-``read_response``: hiredis parses the reply), packed here, each under one
-``asyncio.timeout``: the client's command layer (a lock, retries, metrics, response
-callbacks, and a task of ``asyncio.wait_for`` per write) cost each bridge some 50 µs
-of CPU per command, more than the rest of an entry's way. The rare commands (INFO,
-the epoch, XINFO, XTRIM) go through the client. Each connection has one user: the
+``read_response``: hiredis parses the reply), packed here, each bounded by the
+connection's :class:`~channels.engine.Watchdog`: the client's command layer (a lock,
+retries, metrics, response callbacks, and a task of ``asyncio.wait_for`` per write
+under a socket timeout) cost each bridge some 50 µs of CPU per command, more than the
+rest of an entry's way. The rare commands (INFO, the epoch, XINFO, XTRIM) go through
+the client, each under an ``asyncio.timeout``. Each connection has one user: the
 writing one the sender task, the reading one the reader task.
 """
 
@@ -97,7 +98,7 @@ class RedisEngine:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
         # No socket timeout of redis-py's (its writes would each make a task): every
-        # command here runs under an asyncio.timeout of LIVENESS_SECONDS instead.
+        # command here is bounded by LIVENESS_SECONDS by a watchdog or asyncio.timeout.
         return self._redis.asyncio.Redis.from_url(
             self.url, socket_timeout=None, socket_connect_timeout=2.0,
             retry=Retry(NoBackoff(), 0), client_name=f'mpchannels-bridge-{role}',
