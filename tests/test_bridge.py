@@ -317,6 +317,40 @@ def test_a_half_open_connection_is_noticed_within_seconds(engine, bridges, caplo
     wait_until(lambda: len(seen.received()) == 10, 15, what='messages after the pause')
 
 
+def _delete_consumers(url: str, stream: str) -> list[str]:
+    """Delete every JetStream consumer of *stream*, as an operator might; their names."""
+    import asyncio
+
+    import nats
+
+    async def delete() -> list[str]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            names = [info.name for info in await js.consumers_info(stream)]
+            for name in names:
+                await js.delete_consumer(stream, name)
+            return names
+        finally:
+            await nc.close()
+    return asyncio.run(delete())
+
+
+def test_a_consumer_deleted_on_the_nats_server_is_made_again_and_nothing_is_lost(bridges):
+    server = EngineServer('nats').start()
+    try:
+        sender, _ = bridges(server.url, 'a')
+        receiver, seen = bridges(server.url, 'b')
+        publish(sender, 'a', 10)
+        wait_until(lambda: len(seen.received()) == 10, 10, what='the first 10')
+        assert len(_delete_consumers(server.url, 'test')) == 2      # a's and b's
+        publish(sender, 'a', 10, start=10)
+        wait_until(lambda: len(seen.received()) == 20, 10, what='the 10 sent after')
+        assert seen.from_origin('a') == list(range(20)) and seen.losses == []
+    finally:
+        server.stop()
+
+
 def test_a_reading_connection_killed_by_redis_is_noticed_and_resumed(bridges, caplog):
     caplog.set_level(logging.WARNING, logger='channels.bridge')
     server = EngineServer('redis').start()
@@ -519,3 +553,31 @@ def test_a_missing_extra_names_what_to_install(scheme, module, extra, monkeypatc
     with pytest.raises(ConfigurationError, match=rf"pip install 'mpchannels\[{extra}\]'"):
         Bridge.from_url(f'{scheme}://127.0.0.1:1', broker_id='a', on_frames=print,
                         on_lost=print)
+
+
+# the event loop ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('with_uvloop', [True, False])
+def test_the_bridge_runs_on_uvloop_where_installed_else_on_asyncios_loop(with_uvloop, bridges,
+                                                                         monkeypatch):
+    import asyncio
+
+    import uvloop                        # in the redis, nats and test extras
+    if not with_uvloop:
+        real_import = builtins.__import__
+
+        def without(name, *args, **kwargs):
+            if name == 'uvloop':
+                raise ImportError("No module named 'uvloop'")
+            return real_import(name, *args, **kwargs)
+        monkeypatch.setattr(builtins, '__import__', without)
+    server = EngineServer('redis').start()
+    try:
+        sender, _ = bridges(server.url, 'a')
+        _, seen = bridges(server.url, 'b')
+        publish(sender, 'a', 5)
+        wait_until(lambda: len(seen.received()) == 5, 10, what='5 messages')
+        assert isinstance(sender._loop, uvloop.Loop if with_uvloop
+                          else asyncio.SelectorEventLoop)
+    finally:
+        server.stop()

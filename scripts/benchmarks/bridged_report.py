@@ -22,6 +22,15 @@ VS_SOCKETIO_GOAL = 5.0
 P50_GOAL_US, P99_GOAL_US = 1_000, 5_000
 
 
+def _bridge_loop() -> str:
+    """The event loop the brokers' bridges run on here (uvloop's where installed)."""
+    from importlib import metadata
+    try:
+        return f'uvloop {metadata.version("uvloop")}'
+    except metadata.PackageNotFoundError:
+        return 'asyncio\'s loop (uvloop is not installed)'
+
+
 def _us(x: float | None) -> str:
     if x is None:
         return '-'
@@ -135,6 +144,7 @@ def _notes(results: dict, sizes: dict) -> list[str]:
         f'{sizes["latency_warmup"]:g} s of warm-up; time.time() in the handler minus the '
         'send time (ours: message.timestamp, the others: a time in the data).',
         'met: ours via Redis / ours via NATS.',
+        f'The bridges ran their event loop on {_bridge_loop()}.',
     ]
     if sizes['name'] == 'quick':
         notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
