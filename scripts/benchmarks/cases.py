@@ -41,6 +41,12 @@ FULL = {
     'bridged_fanout_messages': 20_000,  # 1 -> 2 machines: messages per run (each gets all)
     'round_trip_messages': 10_000,         # the same, for the systems that await every
     'round_trip_fanout_messages': 5_000,   # message's reply (ROUND_TRIP_SYSTEMS)
+    'fan_runs': 3,                # fan-out in one process: measured runs per case and system
+    'fan_consumers': (1_000, 10_000),   # consumers of one topic in one process: few, many
+    'fan_deliveries': 1_000_000,  # timed deliveries per run (messages x consumers)
+    'fan_plain_deliveries': 200_000,    # the same with a thread per consumer (plain case)
+    'fan_warmup': 50_000,         # deliveries before timing
+    'fan_window': 50_000,         # deliveries outstanding at most (sent, not yet consumed)
 }
 QUICK = {
     'name': 'quick',
@@ -71,6 +77,12 @@ QUICK = {
     'bridged_fanout_messages': 1_500,
     'round_trip_messages': 1_000,
     'round_trip_fanout_messages': 500,
+    'fan_runs': 1,
+    'fan_consumers': (100, 1_000),
+    'fan_deliveries': 40_000,
+    'fan_plain_deliveries': 10_000,
+    'fan_warmup': 4_000,
+    'fan_window': 4_000,
 }
 
 LIBS = ('ours', 'lona')
@@ -98,11 +110,21 @@ OURS_SYSTEMS = ('ours', 'ours_redis', 'ours_nats')   # channels in the app proce
 ROUND_TRIP_SYSTEMS = ('socketio', 'broadcaster')
 """They await Redis's reply to every message they send: a few thousand per second, so
 their runs send fewer messages (the rate is the same, the run shorter)."""
-GROUPS = ('local', 'cross', 'bridged')   # --only: in one process, across processes, machines
+FANOUT_CASES = {                 # fan-out in one process: (kind, which of fan_consumers, broker)
+    'fanout_listen_few': ('listen', 0, False),
+    'fanout_listen_many': ('listen', 1, False),
+    'fanout_listen_few_broker': ('listen', 0, True),
+    'fanout_listen_many_broker': ('listen', 1, True),
+    'fanout_coroutine': ('coroutine', 0, False),
+    'fanout_plain': ('plain', 0, False),
+}
+FANOUT_SYSTEMS = ('ours', 'hand')   # ours, and the fan-out written by hand (see fanout)
+GROUPS = ('local', 'cross', 'bridged', 'fanout')   # --only: in one process, across processes,
+#                                                    machines, many consumers of one topic
 SYSTEM_NAMES = {'ours': 'mpchannels', 'queue': 'Queue relay', 'zmq': 'ZeroMQ proxy',
                 'ours_redis': 'ours via Redis', 'ours_nats': 'ours via NATS',
                 'socketio': 'socketio RedisManager', 'broadcaster': 'broadcaster Redis stream',
-                'nats_core': 'nats-py core'}
+                'nats_core': 'nats-py core', 'hand': 'by hand'}
 CROSS_TOPIC = 'bench'
 LONA_VERSION = '1.16.2'
 ROOT = Path(__file__).resolve().parent.parent.parent
