@@ -7,11 +7,19 @@ function without an error callback the runner is the handler itself, so the comm
 costs nothing extra.
 
 A coroutine function never runs on a task worker thread. Its runner, a
-:class:`CoroutineRunner`, appends the message to the subscription's own queue and, when
-no drain task is running, starts one on the subscription's event loop with
-``call_soon_threadsafe``; the drain task awaits one handler call after another. So the
-next message of a channel is not started before the previous coroutine finished, and a
-task worker thread never waits for an event loop.
+:class:`CoroutineRunner`, is a :class:`LoopRunner`: the routing thread hands each message
+to it directly (``handoff()``, no task worker in between), and it appends the message to
+the subscription's own queue and, when no drain task is running, asks the loop to start
+one; the drain task awaits one handler call after another. So the next message of a
+channel is not started before the previous coroutine finished, and no channels thread
+ever waits for an event loop.
+
+Every loop has one :class:`LoopDispatcher`, which carries what the threads hand to
+that loop's runners: they append to its queue, and only the first of a batch wakes the
+loop (one ``call_soon_threadsafe``, a write to the loop's self-pipe); the loop then runs
+all that arrived in one callback. So a thousand channels (or inboxes, see
+:mod:`channels.inbox`) of one loop that get a message cost the loop one wake-up, not a
+thousand. Shutdown waits for the dispatchers as for the runners.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ if TYPE_CHECKING:
     from .channel import Channel
     from .message import Message
 
-__all__ = ['ErrorCallback', 'CoroutineRunner', 'GuardedHandler', 'is_coroutine_handler',
-           'check_error_callback', 'make_runner', 'coroutine_runners_idle', 'busy_coroutine_runners', 'backlog']
+__all__ = ['ErrorCallback', 'LoopRunner', 'LoopDispatcher', 'CoroutineRunner', 'GuardedHandler',
+           'is_coroutine_handler', 'check_error_callback', 'make_runner', 'dispatcher_of',
+           'coroutine_runners_idle', 'busy_coroutine_runners', 'backlog']
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +50,15 @@ ErrorCallback = Callable[[BaseException, 'Message'], Any]
 handling, instead of only logging it."""
 
 _runners: weakref.WeakSet[CoroutineRunner] = weakref.WeakSet()
-_runners_lock = threading.Lock()
+_runners_lock = threading.Lock()       # also guards _dispatchers and _by_loop
+_dispatchers: weakref.WeakSet[LoopDispatcher] = weakref.WeakSet()
+# id(loop) -> its dispatcher, while a runner holds it (a new loop may reuse the id of a
+# closed one: dispatcher_of checks that the dispatcher is the loop's)
+_by_loop: weakref.WeakValueDictionary[int, LoopDispatcher] = weakref.WeakValueDictionary()
+
+DISPATCH_BUDGET = 4096
+"""Deliveries a dispatcher makes in one callback before it lets the loop run the rest
+(its consumers, other callbacks) and goes on in the next callback."""
 # id(channel) -> its latest coroutine runner, while that runner lives (it holds the
 # channel, so the id cannot be reused meanwhile)
 _latest: weakref.WeakValueDictionary[int, CoroutineRunner] = weakref.WeakValueDictionary()
@@ -87,6 +104,8 @@ def make_runner(channel: Channel, handler: Callable[[Message], Any],
     ``TypeError`` for a *loop* given with a plain handler or a non-callable *on_error*.
     """
     check_error_callback(on_error)
+    if isinstance(handler, LoopRunner):       # the library's own (an inbox's group)
+        return handler
     if is_coroutine_handler(handler):
         if loop is None:
             try:
@@ -142,17 +161,164 @@ class GuardedHandler:
             _report(error, self.handler, message, self.on_error, 'on a task worker thread')
 
 
-class CoroutineRunner:
+class LoopRunner:
+    """A subscription's runner whose work runs on an event loop.
+
+    The machinery hands it each message on the routing thread with :meth:`handoff`
+    instead of queuing a task (see ``Machinery.schedule``); it must not block there.
+    What it puts into its :class:`LoopDispatcher` runs on the loop as ``_arrive(item)``;
+    ``_cost`` is roughly what one such call delivers (the dispatcher's budget).
+    :meth:`loop_closed` is called once the dispatcher finds the loop closed.
+    """
+
+    __slots__ = ()
+    _cost = 1
+
+    def handoff(self, message: Message) -> None:
+        """Take *message* (a copy of this subscription's own) on a routing thread."""
+        raise NotImplementedError
+
+    def __call__(self, message: Message) -> None:
+        self.handoff(message)         # a task worker that runs it anyway (a custom one)
+
+    def _arrive(self, item: Any) -> None:
+        """On the loop: what this runner put into the dispatcher."""
+        raise NotImplementedError
+
+    def _dropped(self, item: Any, dispatcher: LoopDispatcher) -> None:
+        """What this runner put will not run: its loop closed, or runs in the parent
+        process of this forked child (``dispatcher.orphaned``)."""
+
+    def loop_closed(self) -> None:
+        """The loop has closed: nothing put for it will run."""
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing waits for or runs on the loop for this runner."""
+        return True
+
+    def backlog(self) -> int:
+        """Messages waiting for or running on the loop (approximate)."""
+        return 0
+
+
+class LoopDispatcher:
+    """What the channels threads hand to the runners of one event loop, in order.
+
+    ``put()`` (any thread) appends to the queue and, if no callback is due, schedules one
+    with ``call_soon_threadsafe``: one wake-up of the loop per batch, however many
+    runners it is for. The callback runs what arrived, in order, up to
+    ``DISPATCH_BUDGET`` deliveries, then lets the loop run and goes on in the next
+    callback (``call_soon``). A closed loop is found at the next ``put()`` (or by
+    shutdown): every runner of it is told (``loop_closed()``) and what waited is dropped.
+    """
+
+    __slots__ = ('loop', 'orphaned', 'closed', '_pending', '_scheduled', '_running',
+                 '_runners', '__weakref__')
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.orphaned = False        # inherited by a forked child: its loop runs elsewhere
+        self.closed = False          # its loop was found closed
+        self._pending: deque[tuple[LoopRunner, Any]] = deque()
+        self._scheduled = False      # a callback is due (set by put, reset by the callback)
+        self._running = False
+        self._runners: weakref.WeakSet[LoopRunner] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return f'<LoopDispatcher {self.loop!r} pending={len(self._pending)}>'
+
+    def register(self, runner: LoopRunner) -> None:
+        """*runner* puts its work here (it is told if the loop closes)."""
+        self._runners.add(runner)
+
+    def put(self, runner: LoopRunner, item: Any) -> None:
+        """Have the loop call ``runner._arrive(item)`` after what was put before (any
+        thread; never blocks)."""
+        if self.orphaned or self.closed:
+            runner._dropped(item, self)
+            return
+        self._pending.append((runner, item))
+        # The flag is reset by the callback before it takes the queue, so an item
+        # appended meanwhile is either taken by it or seen by a put that schedules the
+        # next one; two threads may both schedule one: the second finds little or nothing.
+        if self._scheduled and not self.loop.is_closed():
+            return
+        self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._run)
+        except RuntimeError:         # the loop is closed: nothing will run
+            self._close_down()
+
+    def _run(self) -> None:
+        self._scheduled = False
+        self._running = True
+        pending = self._pending
+        budget = DISPATCH_BUDGET
+        try:
+            while pending:
+                runner, item = pending.popleft()
+                try:
+                    runner._arrive(item)
+                except Exception:                   # not expected: a bug of the runner
+                    logger.exception('delivering to %r failed', runner)
+                budget -= runner._cost
+                if budget <= 0 and pending:
+                    self._scheduled = True
+                    self.loop.call_soon(self._run)  # the rest after what waits meanwhile
+                    return
+        finally:
+            self._running = False
+
+    def _close_down(self) -> None:
+        """The loop is closed: drop what waits and tell every runner of it (once)."""
+        self.closed = True
+        pending, self._pending = self._pending, deque()
+        for runner, item in pending:
+            runner._dropped(item, self)
+        for runner in list(self._runners):
+            try:
+                runner.loop_closed()
+            except Exception:
+                logger.exception('%r failed to close down for its closed loop', runner)
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing waits for the loop here (a closed loop's is dropped)."""
+        if not self._pending and not self._running:
+            return True
+        if self.loop.is_closed() and not self.closed:
+            self._close_down()
+            return True
+        return self.closed
+
+    def backlog(self) -> int:
+        """Items waiting here (approximate)."""
+        return len(self._pending)
+
+
+def dispatcher_of(loop: asyncio.AbstractEventLoop) -> LoopDispatcher:
+    """The dispatcher of *loop* (made on first use; one per loop)."""
+    with _runners_lock:
+        dispatcher = _by_loop.get(id(loop))
+        if dispatcher is None or dispatcher.loop is not loop:
+            dispatcher = _by_loop[id(loop)] = LoopDispatcher(loop)
+            _dispatchers.add(dispatcher)
+        return dispatcher
+
+
+class CoroutineRunner(LoopRunner):
     """Runs a coroutine handler on its event loop, one message at a time, in order.
 
-    Called on a task worker thread with each message of the subscription; never blocks.
-    ``errors`` counts what the handler raised; ``lost`` counts messages that could not
-    be handled because the loop closed or cancelled the drain task (each is logged).
+    Handed each message of the subscription on a routing thread (``handoff()``); never
+    blocks. ``errors`` counts what the handler raised; ``lost`` counts messages that
+    could not be handled because the loop closed or cancelled the drain task (each is
+    logged).
     """
 
     __slots__ = ('channel', 'handler', 'loop', 'on_error', 'subscription', 'errors',
-                 'lost', 'orphaned', 'dead', 'previous', '_pending', '_lock', '_draining',
-                 '_task', '__weakref__')
+                 'lost', 'orphaned', 'dead', 'previous', 'dispatcher', '_pending', '_lock',
+                 '_draining', '_task', '__weakref__')
 
     def __init__(self, channel: Channel, handler: Callable[[Message], Any],
                  loop: asyncio.AbstractEventLoop, on_error: ErrorCallback | None) -> None:
@@ -171,6 +337,8 @@ class CoroutineRunner:
         self._lock = threading.Lock()
         self._draining = False       # a drain task is scheduled or running
         self._task: asyncio.Task | None = None
+        self.dispatcher = dispatcher_of(loop)
+        self.dispatcher.register(self)
         with _runners_lock:
             _runners.add(self)
 
@@ -191,7 +359,13 @@ class CoroutineRunner:
         """True when no message waits for or runs in the handler."""
         return not self._draining
 
-    def __call__(self, message: Message) -> None:
+    def backlog(self) -> int:
+        """Messages waiting for or running in the handler (approximate)."""
+        return len(self._pending) + (self._task is not None)
+
+    def handoff(self, message: Message) -> None:
+        """Queue *message* for the handler; start a drain task unless one runs (any
+        thread: the routing thread, or a task worker's)."""
         if self.orphaned:
             self._pending.append(message)
             self._give_up('the subscription was inherited from the parent process, whose '
@@ -202,10 +376,23 @@ class CoroutineRunner:
             if self._draining and not self.loop.is_closed():
                 return
             self._draining = True
-        try:
-            self.loop.call_soon_threadsafe(self._start)
-        except RuntimeError:         # the loop is closed: nothing can run the handler
+        self.dispatcher.put(self, None)          # the loop calls _arrive: start a drain
+
+    __call__ = handoff
+
+    def _arrive(self, item: None) -> None:
+        self._start()
+
+    def _dropped(self, item: None, dispatcher: LoopDispatcher) -> None:
+        if dispatcher.orphaned:
+            self._give_up('the subscription was inherited from the parent process, whose '
+                          'event loop runs its handler; subscribe again in this process')
+        else:
             self._close_down()
+
+    def loop_closed(self) -> None:
+        """The loop is closed: give up what waits, and unsubscribe (once)."""
+        self._close_down()
 
     def _close_down(self) -> None:
         """The loop has closed: give up what waits, and unsubscribe (once)."""
@@ -218,6 +405,8 @@ class CoroutineRunner:
                 self.channel.unsubscribe()
 
     def _start(self) -> None:
+        if not self._draining:
+            return                # given up meanwhile (the loop cancelled a drain task)
         task = self.loop.create_task(self._drain(), name=f'channels handler '
                                                         f'{self.channel.topic}')
         task.add_done_callback(self._drained)
@@ -226,7 +415,8 @@ class CoroutineRunner:
     def _drained(self, task: asyncio.Task) -> None:
         # Runs however the task ended, even if it was cancelled before its first step
         # (asyncio.run's final cancellation does that), so the runner never stays busy.
-        self._task = None
+        if self._task is task:        # not a later drain's, started before this callback
+            self._task = None
         if task.cancelled():
             self._give_up('the event loop cancelled the task that runs the handler '
                           '(is the loop shutting down?)')
@@ -253,12 +443,16 @@ class CoroutineRunner:
                 # an earlier subscription's call is still running: one call at a time
                 await asyncio.wait([task])
         pending, lock, channel = self._pending, self._lock, self.channel
+        popleft = pending.popleft
         while True:
-            with lock:
-                if not pending:
-                    self._draining = False
-                    return
-                message = pending.popleft()
+            try:
+                message = popleft()   # only this task takes; handoff appends under the lock
+            except IndexError:
+                with lock:            # empty -> idle is one step with handoff's check
+                    if not pending:
+                        self._draining = False
+                        return
+                continue
             if self.subscription is not channel._subscription:
                 continue              # unsubscribed: no new call starts
             if message.deadline is not None and message.is_expired():
@@ -289,22 +483,37 @@ def _after_fork_in_child() -> None:
         runner._lock = threading.Lock()
         runner._draining = False
         runner._pending.clear()
+    for dispatcher in list(_dispatchers):
+        dispatcher.orphaned = True
+        dispatcher._pending.clear()
+        dispatcher._scheduled = dispatcher._running = False
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def busy_coroutine_runners() -> tuple[list[CoroutineRunner], list[CoroutineRunner]]:
-    """The runners with work left: those that can make progress while the caller waits,
-    and those that cannot (their loop is the caller's own, or is not running)."""
+def busy_coroutine_runners() -> tuple[list[Any], list[Any]]:
+    """The runners and dispatchers with work left: those that can make progress while the
+    caller waits, and those that cannot (their loop is the caller's own, or is not
+    running).
+
+    The dispatchers are asked first: what one delivers to a runner makes the runner
+    busy before the dispatcher is idle, so nothing in between is missed. A dispatcher
+    of a closed loop drops what waited and unsubscribes its runners (see
+    :class:`LoopDispatcher`), outside the lock that subscribing takes too.
+    """
     try:
         own_loop = asyncio.get_running_loop()
     except RuntimeError:
         own_loop = None
     with _runners_lock:
-        runners = [runner for runner in _runners if not runner.idle]
+        dispatchers = list(_dispatchers)
+    busy: list[Any] = [dispatcher for dispatcher in dispatchers if not dispatcher.idle]
+    with _runners_lock:
+        runners = list(_runners)
+    busy += [runner for runner in runners if not runner.idle]
     movable, stuck = [], []
-    for runner in runners:
+    for runner in busy:
         if runner.loop is not own_loop and runner.loop.is_running():
             movable.append(runner)
         else:
@@ -321,9 +530,10 @@ def coroutine_runners_idle() -> bool:
     return not busy_coroutine_runners()[0]
 
 
-def backlog(runners: list[CoroutineRunner]) -> int:
-    """Messages waiting for or running in the handlers of *runners* (approximate)."""
-    return sum(len(runner._pending) + (runner._task is not None) for runner in runners)
+def backlog(runners: list[Any]) -> int:
+    """Messages waiting for or running in the handlers of *runners*, or in dispatchers
+    (as :func:`busy_coroutine_runners` returns them; approximate)."""
+    return sum(runner.backlog() for runner in runners)
 
 
 def unawaited(handler: Any, result: Any, message: Message) -> bool:

@@ -44,8 +44,8 @@ from . import settings
 from .client import BrokerLink
 from .connection import load_authkey, parse_address
 from .errors import ConfigurationError, ShutdownError, SubscriptionLimitError
-from .handlers import (CoroutineRunner, backlog as handler_backlog, busy_coroutine_runners,
-                       coroutine_runners_idle, make_runner)
+from .handlers import (CoroutineRunner, LoopRunner, backlog as handler_backlog,
+                       busy_coroutine_runners, coroutine_runners_idle, make_runner)
 from .message import Message
 from .ordering import STOP, Mailbox, Sequencer
 from .prefork import prefork_server
@@ -178,9 +178,16 @@ class Machinery:
 
     def schedule(self, channel: Channel, message: Message, copy: bool = True) -> bool:
         """Queue a task of *channel* with a copy of *message* (or *message* itself, if
-        nobody else holds it); False if the channel is not subscribed."""
+        nobody else holds it); False if no task was queued: the channel is not
+        subscribed, or its subscription runs on an event loop (a coroutine handler, an
+        inbox), which is handed the message now instead (``LoopRunner.handoff``; shutdown
+        waits for the loop's runners as it does for tasks)."""
         subscription = channel._subscription
         if subscription is None:
+            return False
+        runner = subscription[0]
+        if isinstance(runner, LoopRunner):
+            runner.handoff(message.copy() if copy else message)
             return False
         box = channel._mailbox
         if box is None or box.machinery is not self:
