@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from .channel import Channel
     from .message import Message
 
-__all__ = ['ErrorCallback', 'LoopRunner', 'LoopDispatcher', 'CoroutineRunner', 'GuardedHandler',
+__all__ = ['ErrorCallback', 'LoopRunner', 'LoopDispatcher', 'LoopGroup', 'CoroutineRunner',
+           'GuardedHandler',
            'is_coroutine_handler', 'check_error_callback', 'make_runner', 'dispatcher_of',
            'coroutine_runners_idle', 'busy_coroutine_runners', 'backlog']
 
@@ -56,7 +57,10 @@ _dispatchers: weakref.WeakSet[LoopDispatcher] = weakref.WeakSet()
 # closed one: dispatcher_of checks that the dispatcher is the loop's)
 _by_loop: weakref.WeakValueDictionary[int, LoopDispatcher] = weakref.WeakValueDictionary()
 
-DISPATCH_BUDGET = 4096
+# (loop, topic) -> the LoopGroup of the coroutine channels of that loop on that topic
+_groups: dict[tuple[asyncio.AbstractEventLoop, str], LoopGroup] = {}
+
+DISPATCH_BUDGET = 32768
 """Deliveries a dispatcher makes in one callback before it lets the loop run the rest
 (its consumers, other callbacks) and goes on in the next callback."""
 # id(channel) -> its latest coroutine runner, while that runner lives (it holds the
@@ -166,23 +170,24 @@ class LoopRunner:
 
     The machinery hands it each message on the routing thread with :meth:`handoff`
     instead of queuing a task (see ``Machinery.schedule``); it must not block there.
-    What it puts into its :class:`LoopDispatcher` runs on the loop as ``_arrive(item)``;
-    ``_cost`` is roughly what one such call delivers (the dispatcher's budget).
+    What it puts into its :class:`LoopDispatcher` runs on the loop as ``_arrive(item)``,
+    which returns how many deliveries it made (None: one), for the dispatcher's budget.
     :meth:`loop_closed` is called once the dispatcher finds the loop closed.
     """
 
     __slots__ = ()
-    _cost = 1
 
     def handoff(self, message: Message) -> None:
-        """Take *message* (a copy of this subscription's own) on a routing thread."""
+        """Take *message* on a routing thread. Others may hold the same message: the
+        runner gives its handler a copy of its own (``message.copy()``), made as late as
+        it can (a copy that lives only for the call is cheap to collect)."""
         raise NotImplementedError
 
     def __call__(self, message: Message) -> None:
         self.handoff(message)         # a task worker that runs it anyway (a custom one)
 
-    def _arrive(self, item: Any) -> None:
-        """On the loop: what this runner put into the dispatcher."""
+    def _arrive(self, item: Any) -> int | None:
+        """On the loop: what this runner put into the dispatcher; the deliveries made."""
         raise NotImplementedError
 
     def _dropped(self, item: Any, dispatcher: LoopDispatcher) -> None:
@@ -259,10 +264,9 @@ class LoopDispatcher:
             while pending:
                 runner, item = pending.popleft()
                 try:
-                    runner._arrive(item)
+                    budget -= runner._arrive(item) or 1
                 except Exception:                   # not expected: a bug of the runner
                     logger.exception('delivering to %r failed', runner)
-                budget -= runner._cost
                 if budget <= 0 and pending:
                     self._scheduled = True
                     self.loop.call_soon(self._run)  # the rest after what waits meanwhile
@@ -307,6 +311,96 @@ def dispatcher_of(loop: asyncio.AbstractEventLoop) -> LoopDispatcher:
         return dispatcher
 
 
+class LoopGroup(LoopRunner):
+    """The coroutine channels of one event loop on one topic, as one entry in the index.
+
+    The routing threads find this entry, not each channel, so a message costs them one
+    hand-off (to the loop's dispatcher) however many channels of the loop match; on the
+    loop, :meth:`_arrive` gives it to each member's runner, which starts a drain task
+    unless one runs. ``Channel.get_channels()`` lists the members' channels instead
+    (and a custom ``MessageBroker`` that routes through it schedules each channel, whose
+    runner then takes the message itself). It looks like a channel to the routing:
+    ``topic``, and ``_subscription`` whose runner is itself.
+    """
+
+    __slots__ = ('topic', 'loop', 'dispatcher', '_subscription', '_mailbox', '_runners',
+                 '_members', '_queue', '_claim', '__weakref__')
+
+    def __init__(self, dispatcher: LoopDispatcher, topic: str) -> None:
+        self.topic = topic
+        self.loop = dispatcher.loop
+        self.dispatcher = dispatcher
+        self._subscription = (self, None)
+        self._mailbox = None
+        self._runners: dict[CoroutineRunner, None] = {}    # in the order they joined
+        self._members: tuple[CoroutineRunner, ...] | None = ()
+        # Messages handed over and not yet given to the members. The claim is held while
+        # the dispatcher has this group to run (taken as a runner's is): one item in the
+        # dispatcher per batch, and the members count as busy meanwhile.
+        self._queue: deque[Message] = deque()
+        self._claim = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f'<coroutine channels {self.topic!r} x{len(self._runners)} on {self.loop!r}>'
+
+    def channels(self) -> list[Channel]:
+        """The member channels, in the order they subscribed."""
+        with _runners_lock:
+            return [runner.channel for runner in self._runners]
+
+    def unsubscribe(self) -> None:
+        """Unsubscribe every member channel."""
+        for channel in self.channels():
+            channel.unsubscribe()
+
+    def _snapshot(self) -> tuple[CoroutineRunner, ...]:
+        members = self._members
+        if members is None:
+            with _runners_lock:
+                members = self._members = tuple(self._runners)
+        return members
+
+    def handoff(self, message: Message) -> None:
+        queue = self._queue
+        queue.append(message)
+        if self._claim.acquire(False):
+            self.dispatcher.put(self, None)
+        elif not len(queue) % 1024 and self.loop.is_closed():
+            self.dispatcher.put(self, None)     # finds the loop closed: drops, unsubscribes
+
+    def _arrive(self, item: None) -> int:
+        members = self._snapshot()
+        queue, claim = self._queue, self._claim
+        most = max(DISPATCH_BUDGET // max(len(members), 1), 1)     # messages in this call
+        done = 0
+        while True:
+            if done == most:                 # the rest after the loop ran a while
+                self.dispatcher._pending.append((self, None))      # still claimed
+                break
+            try:
+                message = queue.popleft()
+            except IndexError:
+                claim.release()              # then look again, as a drain does
+                if queue and claim.acquire(False):
+                    continue
+                break
+            for runner in members:
+                runner._take(message)
+            done += 1
+        return done * len(members)
+
+    def _dropped(self, item: None, dispatcher: LoopDispatcher) -> None:
+        queue = self._queue
+        messages = []
+        while queue:
+            messages.append(queue.popleft())
+        if self._claim.locked():
+            self._claim.release()
+        for runner in self._snapshot():
+            runner._pending.extend(messages)
+            runner._dropped(None, dispatcher)
+
+
 class CoroutineRunner(LoopRunner):
     """Runs a coroutine handler on its event loop, one message at a time, in order.
 
@@ -317,8 +411,8 @@ class CoroutineRunner(LoopRunner):
     """
 
     __slots__ = ('channel', 'handler', 'loop', 'on_error', 'subscription', 'errors',
-                 'lost', 'orphaned', 'dead', 'previous', 'dispatcher', '_pending', '_lock',
-                 '_draining', '_task', '__weakref__')
+                 'lost', 'orphaned', 'dead', 'previous', 'dispatcher', 'group', '_pending',
+                 '_claim', '_task', '__weakref__')
 
     def __init__(self, channel: Channel, handler: Callable[[Message], Any],
                  loop: asyncio.AbstractEventLoop, on_error: ErrorCallback | None) -> None:
@@ -334,8 +428,11 @@ class CoroutineRunner(LoopRunner):
         # the channel's runner before this one, whose last call may still be running
         self.previous: weakref.ref[CoroutineRunner] | None = None
         self._pending: deque[Message] = deque()
-        self._lock = threading.Lock()
-        self._draining = False       # a drain task is scheduled or running
+        # Held while a drain task is scheduled or running; taken and released only with
+        # non-blocking acquires (as a Mailbox's claim), so the routing thread never waits
+        # for the loop's thread, nor contends with it for a lock.
+        self._claim = threading.Lock()
+        self.group: LoopGroup | None = None        # its loop's group on its topic
         self._task: asyncio.Task | None = None
         self.dispatcher = dispatcher_of(loop)
         self.dispatcher.register(self)
@@ -346,18 +443,48 @@ class CoroutineRunner(LoopRunner):
         return (f'<CoroutineRunner {self.handler!r} topic={self.channel.topic!r} '
                 f'pending={len(self._pending)}>')
 
-    def attach(self, subscription: tuple) -> None:
-        """Become the runner of *subscription*, now the channel's (the runtime calls this)."""
+    def attach(self, subscription: tuple) -> LoopGroup:
+        """Become the runner of *subscription*, now the channel's, and join the group of
+        its loop and topic; return the group, which the index holds for all of them (the
+        runtime calls this, holding the registry's lock)."""
         self.subscription = subscription
+        key = (self.loop, self.channel.topic)
         with _runners_lock:
             previous = _latest.get(id(self.channel))
             _latest[id(self.channel)] = self
+            group = _groups.get(key)
+            if group is None or group.dispatcher is not self.dispatcher:
+                group = _groups[key] = LoopGroup(self.dispatcher, self.channel.topic)
+            group._runners[self] = None
+            group._members = None
+            self.group = group
         self.previous = None if previous is None else weakref.ref(previous)
+        return group
+
+    def detach(self) -> LoopGroup | None:
+        """Leave the group (the runtime calls this when the channel unsubscribes, holding
+        the registry's lock); the group if it is left empty, to take out of the index."""
+        key = (self.loop, self.channel.topic)
+        with _runners_lock:
+            group = _groups.get(key)
+            if group is None or group._runners.pop(self, 0) is not None:
+                return None       # not a member (attached in another process's run)
+            group._members = None
+            if group._runners:
+                return None
+            del _groups[key]
+            return group
 
     @property
     def idle(self) -> bool:
         """True when no message waits for or runs in the handler."""
         return not self._draining
+
+    @property
+    def _draining(self) -> bool:
+        """A drain task is scheduled or running, or its group has a message for it."""
+        group = self.group
+        return self._claim.locked() or (group is not None and group._claim.locked())
 
     def backlog(self) -> int:
         """Messages waiting for or running in the handler (approximate)."""
@@ -371,17 +498,23 @@ class CoroutineRunner(LoopRunner):
             self._give_up('the subscription was inherited from the parent process, whose '
                           'event loop runs its handler; subscribe again in this process')
             return
-        with self._lock:
-            self._pending.append(message)
-            if self._draining and not self.loop.is_closed():
-                return
-            self._draining = True
-        self.dispatcher.put(self, None)          # the loop calls _arrive: start a drain
+        pending = self._pending
+        pending.append(message)
+        if self._claim.acquire(False):
+            self.dispatcher.put(self, None)      # the loop calls _arrive: start a drain
+        elif not len(pending) % 1024 and self.loop.is_closed():
+            self._close_down()                   # the drain that holds it will never run
 
     __call__ = handoff
 
     def _arrive(self, item: None) -> None:
         self._start()
+
+    def _take(self, message: Message) -> None:
+        """On the loop: queue *message*, and start a drain unless one runs."""
+        self._pending.append(message)
+        if self._claim.acquire(False):
+            self._start()
 
     def _dropped(self, item: None, dispatcher: LoopDispatcher) -> None:
         if dispatcher.orphaned:
@@ -405,8 +538,8 @@ class CoroutineRunner(LoopRunner):
                 self.channel.unsubscribe()
 
     def _start(self) -> None:
-        if not self._draining:
-            return                # given up meanwhile (the loop cancelled a drain task)
+        if not self._claim.locked():
+            return                # given up meanwhile (its loop closed)
         task = self.loop.create_task(self._drain(), name=f'channels handler '
                                                         f'{self.channel.topic}')
         task.add_done_callback(self._drained)
@@ -426,10 +559,10 @@ class CoroutineRunner(LoopRunner):
             self._give_up('the task running the handler failed')
 
     def _give_up(self, why: str) -> None:
-        with self._lock:
-            lost = len(self._pending)
-            self._pending.clear()
-            self._draining = False
+        lost = len(self._pending)
+        self._pending.clear()
+        if self._claim.locked():
+            self._claim.release()
         if lost:
             self.lost += lost
             logger.warning('%d messages for %r were not handled: %s', lost, self.channel, why)
@@ -442,22 +575,24 @@ class CoroutineRunner(LoopRunner):
             if task is not None and previous.loop is self.loop and not task.done():
                 # an earlier subscription's call is still running: one call at a time
                 await asyncio.wait([task])
-        pending, lock, channel = self._pending, self._lock, self.channel
+        pending, claim, channel = self._pending, self._claim, self.channel
         popleft = pending.popleft
         while True:
             try:
-                message = popleft()   # only this task takes; handoff appends under the lock
+                message = popleft()   # only this task takes
             except IndexError:
-                with lock:            # empty -> idle is one step with handoff's check
-                    if not pending:
-                        self._draining = False
-                        return
-                continue
+                # Let go, then look again: a message appended before the release is seen
+                # here; one appended after it takes the claim itself and starts a drain.
+                claim.release()
+                if pending and claim.acquire(False):
+                    continue
+                return
             if self.subscription is not channel._subscription:
                 continue              # unsubscribed: no new call starts
             if message.deadline is not None and message.is_expired():
                 message.drop()
                 continue
+            message = message.copy()      # the handler's own (see LoopRunner.handoff)
             try:
                 await self.handler(message)
             except asyncio.CancelledError as error:
@@ -480,8 +615,7 @@ def _after_fork_in_child() -> None:
     _latest.clear()
     for runner in list(_runners):
         runner.orphaned = True
-        runner._lock = threading.Lock()
-        runner._draining = False
+        runner._claim = threading.Lock()
         runner._pending.clear()
     for dispatcher in list(_dispatchers):
         dispatcher.orphaned = True

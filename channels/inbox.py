@@ -271,7 +271,7 @@ class _Group(LoopRunner):
     """
 
     __slots__ = ('loop', 'topic', 'channel', 'dispatcher', 'orphaned', '_counts',
-                 '_members', '_cost', '__weakref__')
+                 '_members', '__weakref__')
 
     def __init__(self, loop: asyncio.AbstractEventLoop, topic: str) -> None:
         self.loop = loop
@@ -279,7 +279,6 @@ class _Group(LoopRunner):
         self.orphaned = False        # inherited by a forked child: its loop runs elsewhere
         self._counts: dict[Inbox, int] = {}
         self._members: tuple[Inbox, ...] | None = ()
-        self._cost = 1
         self.dispatcher = dispatcher_of(loop)
         self.dispatcher.register(self)
         self.channel = Channel(topic)
@@ -291,7 +290,6 @@ class _Group(LoopRunner):
         # under _groups_lock: the next arrival builds the tuple (joining N inboxes costs
         # O(N), not O(N^2))
         self._members = None
-        self._cost = max(len(self._counts), 1)
 
     def handoff(self, message: Message) -> None:
         if not self.orphaned:
@@ -299,7 +297,7 @@ class _Group(LoopRunner):
 
     __call__ = handoff
 
-    def _arrive(self, message: Message) -> None:
+    def _arrive(self, message: Message) -> int:
         members = self._members
         if members is None:
             with _groups_lock:
@@ -317,6 +315,7 @@ class _Group(LoopRunner):
                             waiter.set_result(None)
             elif not inbox._overflowed:
                 inbox._full(message)
+        return len(members)
 
     def loop_closed(self) -> None:
         """The loop has closed: its inboxes can take nothing more; unsubscribe them."""
