@@ -57,15 +57,16 @@ _dispatchers: weakref.WeakSet[LoopDispatcher] = weakref.WeakSet()
 # closed one: dispatcher_of checks that the dispatcher is the loop's)
 _by_loop: weakref.WeakValueDictionary[int, LoopDispatcher] = weakref.WeakValueDictionary()
 
+# id(channel) -> its latest coroutine runner, while that runner lives (it holds the
+# channel, so the id cannot be reused meanwhile)
+_latest: weakref.WeakValueDictionary[int, CoroutineRunner] = weakref.WeakValueDictionary()
 # (loop, topic) -> the LoopGroup of the coroutine channels of that loop on that topic
 _groups: dict[tuple[asyncio.AbstractEventLoop, str], LoopGroup] = {}
 
 DISPATCH_BUDGET = 32768
-"""Deliveries a dispatcher makes in one callback before it lets the loop run the rest
-(its consumers, other callbacks) and goes on in the next callback."""
-# id(channel) -> its latest coroutine runner, while that runner lives (it holds the
-# channel, so the id cannot be reused meanwhile)
-_latest: weakref.WeakValueDictionary[int, CoroutineRunner] = weakref.WeakValueDictionary()
+"""Deliveries a dispatcher makes in one callback (a few ms of appending to queues) before
+it lets the loop run the rest (the consumers, other callbacks) and goes on in the next
+callback. Larger batches cost fewer wake-ups of each consumer per message."""
 
 
 def is_coroutine_handler(handler: Any) -> bool:
@@ -384,8 +385,10 @@ class LoopGroup(LoopRunner):
                 if queue and claim.acquire(False):
                     continue
                 break
-            for runner in members:
-                runner._take(message)
+            for runner in members:       # runner._take(message), inline
+                runner._pending.append(message)
+                if runner._claim.acquire(False):
+                    runner._start()
             done += 1
         return done * len(members)
 

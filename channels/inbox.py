@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING
 from .channel import Channel
 from .errors import BrokerUnavailableError, InboxOverflowError
 from .handlers import LoopDispatcher, LoopRunner, dispatcher_of
-from .runtime import FLUSH_TIMEOUT, runtime as _runtime
+from .runtime import FLUSH_TIMEOUT, SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
 from .topics import validate_topic
 
 if TYPE_CHECKING:
@@ -332,8 +332,10 @@ def _join(inbox: Inbox, loop: asyncio.AbstractEventLoop, topic: str) -> None:
         group = _groups.get((loop, topic))
         if group is None or group.dispatcher.closed:
             group = _Group(loop, topic)
-            group.channel.subscribe(group)
+            group.channel.subscribe(group)       # sends lona.channels.subscribe
             _groups[loop, topic] = group
+        else:       # each inbox's topic is a subscription of its own, as for the events
+            _runtime.send_event(SUBSCRIBE_TOPIC, {'topic': topic})
         group._counts[inbox] = group._counts.get(inbox, 0) + 1
         group._changed()
         inbox._groups.append(group)
@@ -344,16 +346,23 @@ def _leave(inbox: Inbox) -> None:
     with _groups_lock:
         groups, inbox._groups = inbox._groups, []
         emptied = []
-        for group in groups:
-            if group._counts.pop(inbox, None) is None:
-                continue                 # a topic given twice: left already
+        for group in groups:             # once per topic (a topic given twice: twice)
+            count = group._counts.get(inbox, 0)
+            if not count:
+                continue
+            if count > 1:
+                group._counts[inbox] = count - 1
+            else:
+                del group._counts[inbox]
             group._changed()
             if not group._counts:
                 if _groups.get((group.loop, group.topic)) is group:
                     del _groups[group.loop, group.topic]
                 emptied.append(group)
+            else:
+                _runtime.send_event(UNSUBSCRIBE_TOPIC, {'topic': group.topic})
         for group in emptied:
-            group.channel.unsubscribe()
+            group.channel.unsubscribe()          # sends lona.channels.unsubscribe
 
 
 def _wake(waiter: asyncio.Future) -> None:

@@ -283,3 +283,81 @@ def test_closing_the_last_inbox_of_a_group_unsubscribes_at_the_broker(broker):
         assert 'room' not in topics()
 
     asyncio.run(main())
+
+
+def test_each_inbox_of_a_group_sends_its_own_subscribe_and_unsubscribe_events():
+    events = []
+    Channel('lona.channels.*', lambda message: events.append((message.topic,
+                                                               message.data['topic'])))
+
+    async def main():
+        inboxes = [channels.listen('room') for _ in range(3)]
+        await enter_all(inboxes)
+        for inbox in inboxes:
+            inbox.close()
+        assert await channels.flush_async(TIMEOUT)
+
+    asyncio.run(main())
+    wait_until(lambda: len(events) >= 7, TIMEOUT, what='the events')
+    assert events[1:] == [('lona.channels.subscribe', 'room')] * 3 \
+        + [('lona.channels.unsubscribe', 'room')] * 3
+
+
+def test_get_channels_lists_each_coroutine_channel_of_a_loop_and_a_custom_broker_reaches_each():
+    channels.configure(CHANNEL_MESSAGE_BROKER_CLASS=ChannelByChannelBroker)
+    got: dict[int, list[int]] = {n: [] for n in range(5)}
+
+    def handler_of(n: int):
+        async def handler(message):
+            got[n].append(message.data['n'])
+        return handler
+
+    async def main():
+        subscribed = [Channel('room', handler_of(n)) for n in range(5)]
+        assert Channel.get_channels('room') == subscribed    # each one, in order
+        send('room', *range(50))
+        while any(len(ns) < 50 for ns in got.values()):
+            await asyncio.sleep(0.005)
+        subscribed[0].unsubscribe()
+        assert Channel.get_channels('room') == subscribed[1:]
+
+    asyncio.run(main())
+    assert all(ns == list(range(50)) for ns in got.values())
+
+
+class ChannelByChannelBroker(channels.MessageBroker):
+    """A user's broker as the spec writes it: every channel that get_channels lists."""
+
+    def run(self):
+        message = self.get_message()
+        for channel in Channel.get_channels(topic=message.topic):
+            self.schedule_task(channel=channel, message=message)
+
+
+def test_a_forked_child_drops_what_reaches_an_inherited_inbox_and_listens_on_its_own():
+    import multiprocessing
+
+    def child(conn):
+        Channel('room').send({'n': 1})          # reaches the inherited group: dropped
+
+        async def listen_here():
+            async with channels.listen('room') as inbox:
+                send('room', 2)
+                return numbers(await take(inbox, 1))
+        conn.send((asyncio.run(listen_here()), channels.shutdown(TIMEOUT)))
+
+    async def main():
+        async with channels.listen('room') as inbox:
+            process = multiprocessing.get_context('fork').Process(target=child,
+                                                                  args=(child_conn,))
+            process.start()
+            try:
+                assert await asyncio.to_thread(parent_conn.poll, TIMEOUT)
+                result = parent_conn.recv()
+            finally:
+                await asyncio.to_thread(process.join, TIMEOUT)
+            assert len(inbox) == 0                # the child's messages stayed there
+        return result, process.exitcode
+
+    parent_conn, child_conn = multiprocessing.Pipe()
+    assert asyncio.run(main()) == (([2], True), 0)
