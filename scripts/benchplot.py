@@ -193,7 +193,7 @@ def plot_fanout(path: str | Path, series: Mapping[str, Mapping[int, Sequence[Map
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
     lines = sum(len(textwrap.wrap(line, CAPTION_WIDTH)) or 1
                 for line in caption.split('\n')) if caption else 0
@@ -245,7 +245,7 @@ def plot_fanout(path: str | Path, series: Mapping[str, Mapping[int, Sequence[Map
         if any(len(line.get_xdata()) for line in right.get_lines()):
             right.set_yscale('log')
             right.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f'{y:g}'))
-            right.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f'{y:g}'))
+            right.yaxis.set_minor_formatter(NullFormatter())
             right.legend(loc='best', fontsize='small')
     left.yaxis.set_major_formatter(FuncFormatter(_rate))
     fig.suptitle(title, fontsize='large', fontweight='bold')

@@ -78,11 +78,11 @@ QUICK = {
     'round_trip_messages': 1_000,
     'round_trip_fanout_messages': 500,
     'fan_runs': 1,
-    'fan_consumers': (100, 1_000),
-    'fan_deliveries': 40_000,
-    'fan_plain_deliveries': 10_000,
-    'fan_warmup': 4_000,
-    'fan_window': 4_000,
+    'fan_consumers': (50, 500),
+    'fan_deliveries': 10_000,
+    'fan_plain_deliveries': 2_000,
+    'fan_warmup': 1_000,
+    'fan_window': 2_000,
 }
 
 LIBS = ('ours', 'lona')

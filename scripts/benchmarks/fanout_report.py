@@ -78,7 +78,8 @@ def build_fanout_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list
         low = row(f'fanout_listen_few{suffix}', True)
         high = row(f'fanout_listen_many{suffix}', True)
         flat = None if low is None or high is None else high / low
-        rows.append([f'  ratio at {many:,} vs at {few:,}', _ratio(flat), '', '', '', '',
+        where = 'through the broker' if suffix else 'no broker'
+        rows.append([f'  ratio at {many:,} vs at {few:,}, {where}', _ratio(flat), '', '', '', '',
                      f'>= 1x (no worse; {FLAT_SLACK:.0%} slack)',
                      met(None if flat is None else flat >= 1 - FLAT_SLACK)])
     row('fanout_coroutine', True)
