@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import logging
 import os
 import threading
@@ -322,10 +323,15 @@ class LoopGroup(LoopRunner):
     (and a custom ``MessageBroker`` that routes through it schedules each channel, whose
     runner then takes the message itself). It looks like a channel to the routing:
     ``topic``, and ``_subscription`` whose runner is itself.
+
+    Each message handed over gets a number; a runner that joins takes one too, and gets
+    only the messages numbered after it: those routed before it subscribed (to the
+    channel's earlier subscription, say) do not reach it, as they would not reach a
+    channel of its own.
     """
 
     __slots__ = ('topic', 'loop', 'dispatcher', '_subscription', '_mailbox', '_runners',
-                 '_members', '_queue', '_claim', '__weakref__')
+                 '_joining', '_members', '_numbers', '_queue', '_claim', '__weakref__')
 
     def __init__(self, dispatcher: LoopDispatcher, topic: str) -> None:
         self.topic = topic
@@ -334,11 +340,13 @@ class LoopGroup(LoopRunner):
         self._subscription = (self, None)
         self._mailbox = None
         self._runners: dict[CoroutineRunner, None] = {}    # in the order they joined
-        self._members: tuple[CoroutineRunner, ...] | None = ()
-        # Messages handed over and not yet given to the members. The claim is held while
-        # the dispatcher has this group to run (taken as a runner's is): one item in the
-        # dispatcher per batch, and the members count as busy meanwhile.
-        self._queue: deque[Message] = deque()
+        self._joining: dict[CoroutineRunner, int] = {}     # -> its number: not yet given any
+        self._members: tuple[CoroutineRunner, ...] | None = ()   # None: to build again
+        self._numbers = itertools.count()          # next() is one step: any thread
+        # (number, message) handed over and not yet given to the members. The claim is
+        # held while the dispatcher has this group to run (taken as a runner's is): one
+        # item in the dispatcher per batch, and the members count as busy meanwhile.
+        self._queue: deque[tuple[int, Message]] = deque()
         self._claim = threading.Lock()
 
     def __repr__(self) -> str:
@@ -354,16 +362,37 @@ class LoopGroup(LoopRunner):
         for channel in self.channels():
             channel.unsubscribe()
 
-    def _snapshot(self) -> tuple[CoroutineRunner, ...]:
-        members = self._members
-        if members is None:
-            with _runners_lock:
-                members = self._members = tuple(self._runners)
+    def join(self, runner: CoroutineRunner) -> None:
+        """Add *runner* (under ``_runners_lock``): it gets what is handed over from now."""
+        self._runners[runner] = None
+        self._joining[runner] = next(self._numbers)
+        self._members = None
+
+    def leave(self, runner: CoroutineRunner) -> bool:
+        """Take *runner* out (under ``_runners_lock``); False if it was not in."""
+        if self._runners.pop(runner, 0) is not None:
+            return False
+        self._joining.pop(runner, None)
+        self._members = None
+        return True
+
+    def _snapshot(self, number: int = -1) -> tuple[CoroutineRunner, ...]:
+        """The members that get message *number* (those that joined before it)."""
+        with _runners_lock:
+            for runner, since in list(self._joining.items()):
+                if since < number:
+                    del self._joining[runner]
+                    self._members = None
+            members = self._members
+            if members is None:
+                joining = self._joining
+                members = self._members = tuple(runner for runner in self._runners
+                                                if runner not in joining)
         return members
 
     def handoff(self, message: Message) -> None:
         queue = self._queue
-        queue.append(message)
+        queue.append((next(self._numbers), message))
         if self._claim.acquire(False):
             self.dispatcher.put(self, None)
         elif not len(queue) % 1024 and self.loop.is_closed():
@@ -373,34 +402,40 @@ class LoopGroup(LoopRunner):
         members = self._snapshot()
         queue, claim = self._queue, self._claim
         most = max(DISPATCH_BUDGET // max(len(members), 1), 1)     # messages in this call
-        done = 0
+        done = delivered = 0
         while True:
             if done == most:                 # the rest after the loop ran a while
                 self.dispatcher._pending.append((self, None))      # still claimed
                 break
             try:
-                message = queue.popleft()
+                number, message = queue.popleft()
             except IndexError:
                 claim.release()              # then look again, as a drain does
                 if queue and claim.acquire(False):
                     continue
                 break
+            if self._joining or self._members is None:
+                members = self._snapshot(number)
             for runner in members:       # runner._take(message), inline
                 runner._pending.append(message)
                 if runner._claim.acquire(False):
                     runner._start()
             done += 1
-        return done * len(members)
+            delivered += len(members)
+        return delivered
 
     def _dropped(self, item: None, dispatcher: LoopDispatcher) -> None:
+        # each member counts what it would have got as lost (see CoroutineRunner._dropped)
         queue = self._queue
-        messages = []
+        runners: dict[CoroutineRunner, None] = {}
         while queue:
-            messages.append(queue.popleft())
+            number, message = queue.popleft()
+            for runner in self._snapshot(number):
+                runner._pending.append(message)
+                runners[runner] = None
         if self._claim.locked():
             self._claim.release()
-        for runner in self._snapshot():
-            runner._pending.extend(messages)
+        for runner in runners:
             runner._dropped(None, dispatcher)
 
 
@@ -458,8 +493,7 @@ class CoroutineRunner(LoopRunner):
             group = _groups.get(key)
             if group is None or group.dispatcher is not self.dispatcher:
                 group = _groups[key] = LoopGroup(self.dispatcher, self.channel.topic)
-            group._runners[self] = None
-            group._members = None
+            group.join(self)
             self.group = group
         self.previous = None if previous is None else weakref.ref(previous)
         return group
@@ -470,9 +504,8 @@ class CoroutineRunner(LoopRunner):
         key = (self.loop, self.channel.topic)
         with _runners_lock:
             group = _groups.get(key)
-            if group is None or group._runners.pop(self, 0) is not None:
-                return None       # not a member (attached in another process's run)
-            group._members = None
+            if group is None or not group.leave(self):
+                return None       # not a member
             if group._runners:
                 return None
             del _groups[key]

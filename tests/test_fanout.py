@@ -339,6 +339,7 @@ def test_a_forked_child_drops_what_reaches_an_inherited_inbox_and_listens_on_its
 
     def child(conn):
         Channel('room').send({'n': 1})          # reaches the inherited group: dropped
+        assert channels.flush(TIMEOUT)          # routed before the child listens
 
         async def listen_here():
             async with channels.listen('room') as inbox:
@@ -361,3 +362,28 @@ def test_a_forked_child_drops_what_reaches_an_inherited_inbox_and_listens_on_its
 
     parent_conn, child_conn = multiprocessing.Pipe()
     assert asyncio.run(main()) == (([2], True), 0)
+
+
+def test_a_coroutine_channel_subscribed_again_gets_nothing_routed_to_its_earlier_subscription():
+    got: dict[str, list[int]] = {'again': [], 'other': []}
+
+    def recorder(name: str):
+        async def handler(message):
+            got[name].append(message.data['n'])
+        return handler
+
+    async def main():
+        Channel('room', recorder('other'))          # keeps the loop's group on the topic
+        channel = Channel('room', recorder('again'))
+        group = channel._subscription[0].group
+        send('room', 1)
+        # hold the loop until the message waits in the group for both channels
+        wait_until(lambda: len(group._queue) == 1, TIMEOUT, what='the message')
+        channel.unsubscribe()
+        channel.subscribe(recorder('again'))
+        send('room', 2)
+        while len(got['other']) < 2 or not got['again']:
+            await asyncio.sleep(0.002)
+
+    asyncio.run(main())
+    assert got == {'again': [2], 'other': [1, 2]}
