@@ -55,11 +55,11 @@ import threading
 import weakref
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .channel import Channel
 from .errors import BrokerUnavailableError, InboxOverflowError
-from .handlers import LoopDispatcher, LoopRunner, dispatcher_of
+from .handlers import LoopRunner, dispatcher_of
 from .runtime import FLUSH_TIMEOUT, SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
 from .topics import validate_topic
 
@@ -123,8 +123,9 @@ class Inbox:
         self.overflow = overflow
         self.ready_timeout = ready_timeout
         self.dropped = 0
-        # Appended to and taken from on the inbox's loop only (by its groups and get());
-        # the lock makes get()'s "closed?, else wait" one step with close() from any thread.
+        # The queue and the waiters change on the inbox's loop only (its groups, get(),
+        # close() there or by a callback there); the lock makes a close() from several
+        # threads at once log its drops once.
         self._queue: deque[Message] = deque()
         self._lock = threading.Lock()
         self._groups: list[_Group] = []     # one per topic, while subscribed
@@ -181,15 +182,21 @@ class Inbox:
         self._unsubscribe()
         with self._lock:
             first_close, self._closed = not self._closed, True
-            waiters, self._waiters = self._waiters, []
-        if waiters:
-            _wake_all_from_any_thread(self._loop, waiters)
+        loop = self._loop
+        if loop is not None:
+            # the waiters as they are when this runs on the loop: one that get() adds
+            # before it is woken too, and one added after sees the inbox closed
+            _call_on(loop, self._wake_waiters)
         if self.dropped and first_close:
             logger.warning('%r closed; it dropped %d messages by its overflow policy %r',
                            self, self.dropped, self.overflow)
 
     def _unsubscribe(self) -> None:
         _leave(self)
+
+    def _wake_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        _wake_all(waiters)
 
     # the producer side: its groups, on the inbox's loop ------------------------------------
 
@@ -231,25 +238,23 @@ class Inbox:
             if not self._entered:
                 raise RuntimeError('use the inbox in an async with block: '
                                    'async with channels.listen(...) as inbox')
-            with self._lock:
-                if queue:
-                    continue
-                if self._overflowed and self.overflow == 'error':
-                    raise InboxOverflowError(
-                        f'{self!r} overflowed: its consumer fell {self.maxsize} messages '
-                        f'behind and missed {self.dropped} (so far); it has unsubscribed. '
-                        f'Consume faster, raise maxsize, or choose a drop-* overflow policy',
-                        dropped=self.dropped)
-                if self._closed:
-                    raise StopAsyncIteration
-                waiter = self._loop.create_future()
-                self._waiters.append(waiter)
+            if self._overflowed and self.overflow == 'error':
+                raise InboxOverflowError(
+                    f'{self!r} overflowed: its consumer fell {self.maxsize} messages '
+                    f'behind and missed {self.dropped} (so far); it has unsubscribed. '
+                    f'Consume faster, raise maxsize, or choose a drop-* overflow policy',
+                    dropped=self.dropped)
+            if self._closed:
+                raise StopAsyncIteration
+            waiter = self._loop.create_future()
+            waiters = self._waiters
+            waiters.append(waiter)
             try:
                 await waiter
             finally:
-                with self._lock:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
+                waiters = self._waiters      # woken: a new list; cancelled: maybe still in
+                if waiters and waiter in waiters:
+                    waiters.remove(waiter)
 
     def __aiter__(self) -> Inbox:
         return self
@@ -375,17 +380,17 @@ def _wake_all(waiters: list[asyncio.Future]) -> None:
         _wake(waiter)
 
 
-def _wake_all_from_any_thread(loop: asyncio.AbstractEventLoop,
-                              waiters: list[asyncio.Future]) -> None:
+def _call_on(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    """Call *callback* on *loop*: now if this is its thread, else soon from the loop."""
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
     if running is loop:
-        _wake_all(waiters)
+        callback()
         return
     try:
-        loop.call_soon_threadsafe(_wake_all, waiters)
+        loop.call_soon_threadsafe(callback)
     except RuntimeError:         # the consumer's loop is closed: nobody waits
         pass
 
