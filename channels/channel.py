@@ -2,7 +2,9 @@
 
 The channels of a process live in one registry (a :class:`~channels.topics.TopicIndex`
 owned by the runtime), so ``Channel.get_channels(topic)`` finds the matching ones
-without scanning every subscription.
+without scanning every subscription. The coroutine channels of one event loop on one
+topic are one entry there (a :class:`~channels.handlers.LoopGroup`), which
+``get_channels`` lists as its channels.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import runtime as _runtime
-from .handlers import ErrorCallback
+from .handlers import ErrorCallback, LoopGroup
 from .message import Message
 from .registry import registry as _registry
 from .topics import too_long, topic_size, validate_topic
@@ -66,7 +68,12 @@ class Channel:
         """The subscribed channels of this process whose topic matches *topic*."""
         if type(topic) is not str or not topic:
             topic = validate_topic(topic)
-        return _registry.index.match(topic)     # lookups take no lock
+        found = _registry.index.match(topic)    # lookups take no lock
+        if any(type(item) is LoopGroup for item in found):
+            # the coroutine channels of one loop and topic are one entry: list each
+            found = [channel for item in found for channel in
+                     (item.channels() if type(item) is LoopGroup else (item,))]
+        return found
 
     def subscribe(self, handler: Handler, *,
                   loop: asyncio.AbstractEventLoop | None = None,

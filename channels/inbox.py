@@ -6,14 +6,21 @@
         async for message in inbox:
             ...
 
-An :class:`Inbox` subscribes one channel per topic when its ``async with`` block starts
-and unsubscribes them when it ends, also when the block is left by an exception or by
+An :class:`Inbox` subscribes to its topics when its ``async with`` block starts and
+unsubscribes when it ends, also when the block is left by an exception or by
 cancellation of the task that runs it. The block is entered only once the broker has
 applied the subscriptions (a fence, see :func:`channels.flush`; at once without a
 broker): from then on, every message that any process sends to those topics reaches
-the inbox. The channels' handler runs on a task worker
-thread and only appends to the inbox's bounded queue; the consumer awaits on its own
-event loop.
+the inbox. The consumer awaits on its own event loop.
+
+The inboxes of one event loop on one topic share one channel (one entry in the index,
+one subscription at the broker), whose runner, a :class:`_Group`, is handed each
+message by the routing thread and passes it to the loop's dispatcher (see
+:class:`channels.handlers.LoopDispatcher`): one wake-up of the loop for all that
+arrived meanwhile, for every group of that loop. On the loop, the group appends the
+message to the queue of each of its inboxes and wakes the consumers that wait; ``get()``
+hands out a copy of its own. So a message costs the threads one hand-off per loop and
+topic, not one task per consumer, and each consumer still gets its own copy.
 
 The queue holds at most *maxsize* messages. What happens when a message arrives and it
 is full is the *overflow* policy:
@@ -34,9 +41,9 @@ Every drop is counted in ``inbox.dropped``; the first one of an inbox is logged 
 warning and the total when it closes. A message that expires while it waits in the
 inbox is dropped, not handed out.
 
-Each topic of an inbox is a channel of its own, as with ``Channel``: messages of one
-topic come in order, and a message that matches two of its topics (``listen('a.*',
-'a.b')``) comes twice.
+Each topic of an inbox is subscribed on its own, as with one ``Channel`` per topic:
+messages of one topic come in order, and a message that matches two of its topics
+(``listen('a.*', 'a.b')``) comes twice (so does one of a topic given twice).
 """
 
 from __future__ import annotations
@@ -48,11 +55,12 @@ import threading
 import weakref
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .channel import Channel
 from .errors import BrokerUnavailableError, InboxOverflowError
-from .runtime import FLUSH_TIMEOUT, runtime as _runtime
+from .handlers import LoopRunner, dispatcher_of
+from .runtime import FLUSH_TIMEOUT, SUBSCRIBE_TOPIC, UNSUBSCRIBE_TOPIC, runtime as _runtime
 from .topics import validate_topic
 
 if TYPE_CHECKING:
@@ -64,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 _inboxes: weakref.WeakSet[Inbox] = weakref.WeakSet()
 _inboxes_lock = threading.Lock()       # inboxes may be made on several threads' loops
+_groups: dict[tuple[asyncio.AbstractEventLoop, str], _Group] = {}   # (loop, topic) -> group
+_groups_lock = threading.Lock()      # joining and leaving groups; taken before the registry's
 
 OVERFLOW_POLICIES = ('error', 'drop-oldest', 'drop-newest')
 """The values of ``listen(overflow=...)``; see the module's documentation."""
@@ -114,9 +124,12 @@ class Inbox:
         self.overflow = overflow
         self.ready_timeout = ready_timeout
         self.dropped = 0
+        # The queue and the waiters change on the inbox's loop only (its groups, get(),
+        # close() there or by a callback there); the lock makes a close() from several
+        # threads at once log its drops once.
         self._queue: deque[Message] = deque()
         self._lock = threading.Lock()
-        self._channels: list[Channel] = []
+        self._groups: list[_Group] = []     # one per topic, while subscribed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future] = []    # consumers awaiting a message
         self._overflowed = False
@@ -148,7 +161,7 @@ class Inbox:
         self._loop = asyncio.get_running_loop()
         try:
             for topic in self.topics:
-                self._channels.append(Channel(topic, self._put))
+                _join(self, self._loop, topic)
             if not await _runtime.fence_async(self.ready_timeout, local=False):
                 link = _runtime.machinery and _runtime.machinery.link
                 where = f' on {link.address_text}' if link is not None else ''
@@ -167,55 +180,49 @@ class Inbox:
         self.close()
 
     def close(self) -> None:
-        """Unsubscribe and end iteration once the queue is empty (idempotent)."""
+        """Unsubscribe and end iteration once the queue is empty (idempotent; any thread)."""
         self._unsubscribe()
         with self._lock:
             first_close, self._closed = not self._closed, True
-            waiters, self._waiters = self._waiters, []
-        if waiters:
-            _wake_all_from_any_thread(self._loop, waiters)
+        loop = self._loop
+        if loop is not None:
+            # the waiters as they are when this runs on the loop: one that get() adds
+            # before it is woken too, and one added after sees the inbox closed
+            _call_on(loop, self._wake_waiters)
         if self.dropped and first_close:
             logger.warning('%r closed; it dropped %d messages by its overflow policy %r',
                            self, self.dropped, self.overflow)
 
     def _unsubscribe(self) -> None:
-        channels, self._channels = self._channels, []
-        for channel in channels:
-            channel.unsubscribe()
+        _leave(self)
 
-    # the producer side: a task worker thread ----------------------------------------------
+    def _wake_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        _wake_all(waiters)
 
-    def _put(self, message: Message) -> None:
-        with self._lock:
-            if self._closed or self._overflowed:
-                if self._overflowed:
-                    self.dropped += 1
-                return
-            queue = self._queue
-            dropped = message
-            if len(queue) >= self.maxsize:
-                self.dropped += 1
-                first = self.dropped == 1
-                if self.overflow == 'drop-oldest':
-                    dropped = queue.popleft()
-                    queue.append(message)
-                elif self.overflow == 'error':
-                    self._overflowed = True
-                # 'drop-newest': the message is not queued
-            else:
-                queue.append(message)
-                first = False
-            waiters, self._waiters = self._waiters, []
-        if first:
+    # the producer side: its groups, on the inbox's loop ------------------------------------
+
+    def _full(self, message: Message) -> None:
+        """*message* arrived and the queue is full: apply the overflow policy."""
+        queue = self._queue
+        self.dropped += 1
+        dropped = message
+        if self.overflow == 'drop-oldest':
+            dropped = queue.popleft()
+            queue.append(message)
+        elif self.overflow == 'error':
+            self._overflowed = True
+        # 'drop-newest': the message is not queued
+        if self.dropped == 1:
             logger.warning('%r is full (maxsize=%d): it dropped %s by its overflow policy %r; '
                            'the consumer is slower than its messages', self, self.maxsize,
                            dropped, self.overflow)
-        if self._overflowed and self.overflow == 'error':
-            # No more deliveries: the consumer learns of the gap from InboxOverflowError.
-            # Unsubscribing here is safe: the channel's handler is this very call.
+        if self._overflowed:
+            # No more deliveries: the consumer learns of the gap from InboxOverflowError
+            # once it has taken what is queued.
             self._unsubscribe()
-        if waiters:
-            _wake_all_from_any_thread(self._loop, waiters)
+            waiters, self._waiters = self._waiters, []
+            _wake_all(waiters)
 
     # the consumer side: the event loop ------------------------------------------------------
 
@@ -223,38 +230,146 @@ class Inbox:
         """The next message; waits for one. Raises :class:`InboxOverflowError` after the
         messages queued before an overflow (policy ``'error'``), and
         ``StopAsyncIteration`` once the inbox is closed and empty."""
-        if not self._entered:
-            raise RuntimeError('use the inbox in an async with block: '
-                               'async with channels.listen(...) as inbox')
+        queue = self._queue
         while True:
-            with self._lock:
-                while self._queue:
-                    message = self._queue.popleft()
-                    if message.deadline is None or not message.is_expired():
-                        return message
-                    message.drop()       # it expired while it waited here
-                if self._overflowed and self.overflow == 'error':
-                    raise InboxOverflowError(
-                        f'{self!r} overflowed: its consumer fell {self.maxsize} messages '
-                        f'behind and missed {self.dropped} (so far); it has unsubscribed. '
-                        f'Consume faster, raise maxsize, or choose a drop-* overflow policy',
-                        dropped=self.dropped)
-                if self._closed:
-                    raise StopAsyncIteration
-                waiter = self._loop.create_future()
-                self._waiters.append(waiter)
+            while queue:
+                message = queue.popleft()
+                if message.deadline is None or not message.is_expired():
+                    return message.copy()     # the queued one is its group's, shared
+                message.drop()       # it expired while it waited here
+            if not self._entered:
+                raise RuntimeError('use the inbox in an async with block: '
+                                   'async with channels.listen(...) as inbox')
+            if self._overflowed and self.overflow == 'error':
+                raise InboxOverflowError(
+                    f'{self!r} overflowed: its consumer fell {self.maxsize} messages '
+                    f'behind and missed {self.dropped} (so far); it has unsubscribed. '
+                    f'Consume faster, raise maxsize, or choose a drop-* overflow policy',
+                    dropped=self.dropped)
+            if self._closed:
+                raise StopAsyncIteration
+            waiter = self._loop.create_future()
+            waiters = self._waiters
+            waiters.append(waiter)
             try:
                 await waiter
             finally:
-                with self._lock:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
+                waiters = self._waiters      # woken: a new list; cancelled: maybe still in
+                if waiters and waiter in waiters:
+                    waiters.remove(waiter)
 
     def __aiter__(self) -> Inbox:
         return self
 
-    async def __anext__(self) -> Message:
-        return await self.get()
+    __anext__ = get
+
+
+class _Group(LoopRunner):
+    """The inboxes of one event loop on one topic, and the one channel they share.
+
+    Its channel's runner: the routing thread hands it each message (``handoff``), which
+    it puts into its loop's dispatcher; on the loop, ``_arrive`` appends it to each
+    member's queue (or applies the member's overflow policy) and wakes its consumers;
+    each inbox hands out a copy of its own when it is taken (``get()``), so a queued
+    message is one object for all the group's inboxes, and a copy lives only as long as
+    its consumer keeps it. Members join and leave under ``_groups_lock``; the loop reads
+    ``_members``, a tuple built again at the first arrival after a change (an inbox
+    given a topic twice is in it twice).
+    """
+
+    __slots__ = ('loop', 'topic', 'channel', 'dispatcher', 'orphaned', '_counts',
+                 '_members', '__weakref__')
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, topic: str) -> None:
+        self.loop = loop
+        self.topic = topic
+        self.orphaned = False        # inherited by a forked child: its loop runs elsewhere
+        self._counts: dict[Inbox, int] = {}
+        self._members: tuple[Inbox, ...] | None = ()
+        self.dispatcher = dispatcher_of(loop)
+        self.dispatcher.register(self)
+        self.channel = Channel(topic)
+
+    def __repr__(self) -> str:
+        return f'<inbox group {self.topic!r} inboxes={len(self._counts)}>'
+
+    def _changed(self) -> None:
+        # under _groups_lock: the next arrival builds the tuple (joining N inboxes costs
+        # O(N), not O(N^2))
+        self._members = None
+
+    def handoff(self, message: Message) -> None:
+        if not self.orphaned:
+            self.dispatcher.put(self, message)
+
+    __call__ = handoff
+
+    def _arrive(self, message: Message) -> int:
+        members = self._members
+        if members is None:
+            with _groups_lock:
+                members = self._members = tuple(inbox for inbox, count in self._counts.items()
+                                                for _ in range(count))
+        for inbox in members:
+            queue = inbox._queue
+            if len(queue) < inbox.maxsize:
+                queue.append(message)
+                waiters = inbox._waiters
+                if waiters:
+                    inbox._waiters = []
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+            elif not inbox._overflowed:
+                inbox._full(message)
+        return len(members)
+
+    def loop_closed(self) -> None:
+        """The loop has closed: its inboxes can take nothing more; unsubscribe them."""
+        for inbox in list(self._counts):
+            inbox.close()
+
+
+def _join(inbox: Inbox, loop: asyncio.AbstractEventLoop, topic: str) -> None:
+    """Add *inbox* to the group of (*loop*, *topic*), subscribing a new group's channel.
+
+    Raises what subscribing raises (``SubscriptionLimitError``, ...); the inbox is then
+    not in that group."""
+    with _groups_lock:
+        group = _groups.get((loop, topic))
+        if group is None or group.dispatcher.closed:
+            group = _Group(loop, topic)
+            group.channel.subscribe(group)       # sends lona.channels.subscribe
+            _groups[loop, topic] = group
+        else:       # each inbox's topic is a subscription of its own, as for the events
+            _runtime.send_event(SUBSCRIBE_TOPIC, {'topic': topic})
+        group._counts[inbox] = group._counts.get(inbox, 0) + 1
+        group._changed()
+        inbox._groups.append(group)
+
+
+def _leave(inbox: Inbox) -> None:
+    """Take *inbox* out of its groups; a group left empty unsubscribes its channel."""
+    with _groups_lock:
+        groups, inbox._groups = inbox._groups, []
+        emptied = []
+        for group in groups:             # once per topic (a topic given twice: twice)
+            count = group._counts.get(inbox, 0)
+            if not count:
+                continue
+            if count > 1:
+                group._counts[inbox] = count - 1
+            else:
+                del group._counts[inbox]
+            group._changed()
+            if not group._counts:
+                if _groups.get((group.loop, group.topic)) is group:
+                    del _groups[group.loop, group.topic]
+                emptied.append(group)
+            else:
+                _runtime.send_event(UNSUBSCRIBE_TOPIC, {'topic': group.topic})
+        for group in emptied:
+            group.channel.unsubscribe()          # sends lona.channels.unsubscribe
 
 
 def close_all(loop: asyncio.AbstractEventLoop | None = None) -> int:
@@ -285,30 +400,39 @@ def _wake_all(waiters: list[asyncio.Future]) -> None:
         _wake(waiter)
 
 
-def _wake_all_from_any_thread(loop: asyncio.AbstractEventLoop,
-                              waiters: list[asyncio.Future]) -> None:
+def _call_on(loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+    """Call *callback* on *loop*: now if this is its thread, else soon from the loop."""
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
         running = None
     if running is loop:
-        _wake_all(waiters)
+        callback()
         return
     try:
-        loop.call_soon_threadsafe(_wake_all, waiters)
+        loop.call_soon_threadsafe(callback)
     except RuntimeError:         # the consumer's loop is closed: nobody waits
         pass
 
 
 def _after_fork_in_child() -> None:
     # An inherited inbox's consumer runs on a loop of the parent: in the child it takes
-    # nothing more (and its lock may have been held by a parent thread at the fork).
-    global _inboxes_lock
+    # nothing more (and a lock may have been held by a parent thread at the fork). The
+    # groups' channels stay subscribed, as the child's other inherited channels do; what
+    # reaches them is dropped.
+    global _inboxes_lock, _groups_lock
     _inboxes_lock = threading.Lock()
+    _groups_lock = threading.Lock()
+    for group in list(_groups.values()):
+        group.orphaned = True
+        group._counts.clear()
+        group._members = ()
+    _groups.clear()
     for inbox in list(_inboxes):
         inbox._lock = threading.Lock()
         inbox._closed = True
         inbox._waiters = []
+        inbox._groups = []
         inbox._queue.clear()
 
 

@@ -44,8 +44,8 @@ from . import settings
 from .client import BrokerLink
 from .connection import load_authkey, parse_address
 from .errors import ConfigurationError, ShutdownError, SubscriptionLimitError
-from .handlers import (CoroutineRunner, backlog as handler_backlog, busy_coroutine_runners,
-                       coroutine_runners_idle, make_runner)
+from .handlers import (CoroutineRunner, LoopRunner, backlog as handler_backlog,
+                       busy_coroutine_runners, coroutine_runners_idle, make_runner)
 from .message import Message
 from .ordering import STOP, Mailbox, Sequencer
 from .prefork import prefork_server
@@ -178,9 +178,17 @@ class Machinery:
 
     def schedule(self, channel: Channel, message: Message, copy: bool = True) -> bool:
         """Queue a task of *channel* with a copy of *message* (or *message* itself, if
-        nobody else holds it); False if the channel is not subscribed."""
+        nobody else holds it); False if no task was queued: the channel is not
+        subscribed, or its subscription runs on an event loop (a coroutine handler, an
+        inbox), which is handed *message* now instead (``LoopRunner.handoff``, which
+        copies it where its handler takes it; shutdown waits for the loops' runners as it
+        does for tasks)."""
         subscription = channel._subscription
         if subscription is None:
+            return False
+        runner = subscription[0]
+        if isinstance(runner, LoopRunner):
+            runner.handoff(message)
             return False
         box = channel._mailbox
         if box is None or box.machinery is not self:
@@ -578,21 +586,25 @@ class Runtime:
             self.patterns += pattern
             # a new tuple per subscription: tasks of an earlier one are told apart and dropped
             subscription = (runner, handler)
+            entry: Any = channel        # what the index holds: the channel, or its group
             if isinstance(runner, CoroutineRunner):
-                runner.attach(subscription)
+                entry = runner.attach(subscription)
             channel._subscription = subscription
-            if self.registry.add(channel.topic, channel) and machinery.link is not None:
+            if self.registry.add(channel.topic, entry) and machinery.link is not None:
                 machinery.link.subscribe(channel.topic)
         self._send_event(machinery, SUBSCRIBE_TOPIC, channel.topic)
 
     def unsubscribe(self, channel: Channel) -> None:
         """Unregister *channel*; its pending tasks are dropped. A no-op if not subscribed."""
         with self.registry_lock:
-            if channel._subscription is None:
+            subscription = channel._subscription
+            if subscription is None:
                 return
             channel._subscription = None
             machinery = self.machinery
-            if self.registry.remove(channel.topic, channel):
+            entry = subscription[0].detach() if isinstance(subscription[0], CoroutineRunner) \
+                else channel            # a group leaves the index with its last channel
+            if entry is not None and self.registry.remove(channel.topic, entry):
                 self.unanchored -= is_unanchored(channel.topic)
                 self.patterns -= is_pattern(channel.topic)
                 if machinery is not None and machinery.link is not None:

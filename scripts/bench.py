@@ -98,6 +98,19 @@ pattern, >= nats-py core's rate; p50 < 1 ms and p99 < 5 ms at 2,000 msg/s) are p
 beside the figures, not asserted. ``--engine redis`` (or ``nats``) measures only the
 systems through that engine.
 
+Many consumers of one topic in one process (``--only fanout``), against the fan-out a
+user would write by hand (one coroutine ``Channel`` putting each message into an
+``asyncio.Queue`` per consumer), every consumer on one event loop (see
+``scripts/benchmarks/fanout.py``; the publisher is a thread of the same process):
+
+12. **listen()**: an inbox per consumer, 1,000 and 10,000 consumers, without a broker
+    and through a real ``channels-broker``: delivered/s (messages x consumers), the
+    ratio to the fan-out by hand in the same round, and the p50 latency at saturation.
+13. **Coroutine handlers**: a ``Channel(topic, async_fn)`` per consumer, 1,000 of them.
+14. **Plain handlers** (the Flask/gthread pattern): 1,000 channels each putting into its
+    own ``queue.Queue``, read by a thread each, beside one plain channel putting into
+    all 1,000 (printed). ``--plot FILE.png`` draws these into ``FILE-fanout.png``.
+
 Each cross-process (or bridged) run is one fresh subprocess of this script, in its own
 process group, which starts the broker (or relay, or proxy) and forks the publisher and the
 subscribers; it stops all of them in every case, and the parent kills the whole
@@ -115,6 +128,7 @@ Usage::
     PYTHONPATH=. python scripts/bench.py --only socketio  # python-socketio across workers
     PYTHONPATH=. python scripts/bench.py --only cross --plot docs/bench.png  # + picture
     PYTHONPATH=. python scripts/bench.py --only plot --plot out.png  # only the picture's
+    PYTHONPATH=. python scripts/bench.py --only fanout --plot out.png  # out-fanout.png
 """
 
 from __future__ import annotations
@@ -137,11 +151,15 @@ if str(SCRIPTS) not in sys.path:     # imported by path (the tests): find the pa
 from benchmarks.bridged_report import HEADER as BRIDGED_HEADER  # noqa: E402
 from benchmarks.bridged_report import build_bridged_rows  # noqa: E402
 from benchmarks.cases import (BRIDGED_CASES, BRIDGED_ENGINES, CASES, CROSS_CASES,  # noqa: E402
-                              CROSS_LIBS, FULL, GROUPS, LIBS, LONA_VERSION, QUICK, ROOT,
-                              SIO_LIBS, SWEEP_SYSTEMS, cross_systems, plot_cases)
+                              CROSS_LIBS, FANOUT_CASES, FANOUT_SYSTEMS, FULL, GROUPS, LIBS,
+                              LONA_VERSION, QUICK, ROOT, SIO_LIBS, SWEEP_SYSTEMS, cross_systems,
+                              plot_cases)
 from benchmarks.engines import KINDS as ENGINES  # noqa: E402
 from benchmarks.engines import NATS_SERVER, REDIS_SERVER  # noqa: E402
 from benchmarks.cross import run_cross_case  # noqa: E402
+from benchmarks.fanout import run_fanout_case  # noqa: E402
+from benchmarks.fanout_report import HEADER as FANOUT_HEADER  # noqa: E402
+from benchmarks.fanout_report import build_fanout_rows, fanout_plot_data  # noqa: E402
 from benchmarks.local import run_case  # noqa: E402
 from benchmarks.procs import run_child  # noqa: E402
 from benchmarks.socketio_report import HEADER as SIO_HEADER  # noqa: E402
@@ -186,6 +204,8 @@ def measure(sizes: dict, quick: bool, progress: bool, groups: tuple[str, ...] = 
                               file=sys.stderr, flush=True)
                     results.setdefault((lib, case), []).append(
                         run_child(lib, case, quick, 2 * sizes['timeout'] + 15))
+    if 'fanout' in groups:
+        measure_fanout(results, sizes, quick, progress)
     if sweep:
         cases = [case for case in plot_cases(sweep)
                  if not any((lib, case) in results for lib in cross_systems(case))]
@@ -215,6 +235,45 @@ def measure_cross(results: dict, cases: list[str] | tuple[str, ...], sizes: dict
                 if case.endswith('_latency'):
                     limit += sizes['latency_seconds'] + sizes['latency_warmup']
                 results.setdefault((lib, case), []).append(run_child(lib, case, quick, limit))
+
+
+def measure_fanout(results: dict, sizes: dict, quick: bool, progress: bool) -> None:
+    """Run each fan-out case ``fan_runs`` times into *results*, ours and by hand in turn
+    in each round (so that the ratio within a round compares runs of the same moment)."""
+    runs = sizes['fan_runs']
+    for n in range(runs):
+        for case in FANOUT_CASES:
+            for lib in FANOUT_SYSTEMS:
+                if progress:
+                    print(f'  {lib:5} {case:26} run {n + 1}/{runs}', file=sys.stderr,
+                          flush=True)
+                results.setdefault((lib, case), []).append(
+                    run_child(lib, case, quick, sizes['timeout'] * 2 + 15))
+
+
+def fanout_plot_path(plot: str) -> str:
+    """Where ``--plot FILE.png`` draws the fan-out picture: ``FILE-fanout.png``."""
+    path = Path(plot)
+    return str(path.with_name(f'{path.stem}-fanout{path.suffix or ".png"}'))
+
+
+def write_fanout_plot(path: str, results: dict, sizes: dict, machine: str,
+                      load: tuple[float, float]) -> None:
+    """Draw the fan-out cases of *results* into *path* (``scripts/benchplot.py``)."""
+    import benchplot
+    caption = '\n'.join([
+        f'{datetime.date.today().isoformat()} · {machine} · load average {load[0]:.1f} '
+        f'before the runs, {load[1]:.1f} after',
+        'Every consumer on one event loop of one process (plain: a thread each), counting '
+        'each message; the publisher a thread of the same process (through the broker: '
+        'to channels-broker and back). By hand: one coroutine Channel putting into an '
+        'asyncio.Queue per consumer (plain: one plain Channel into a queue.Queue each).',
+        f'Median of {sizes["fan_runs"]} run(s), bars from the slowest run to the fastest; '
+        f'p50 at saturation: at most {sizes["fan_window"]:,} deliveries outstanding.',
+    ])
+    benchplot.plot_fanout(path, fanout_plot_data(results, sizes), caption=caption,
+                          title='mpchannels: many consumers of one topic in one process, '
+                                'vs a fan-out written by hand')
 
 
 def lona_version() -> str:
@@ -283,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--only', choices=(*GROUPS, 'plot'), action='append',
                         help='run only these cases: local (in one process, vs Lona), '
                              'cross (across processes, vs Queue and ZeroMQ), bridged '
-                             '(across machines, vs Redis and NATS clients), socketio '
-                             '(python-socketio across 4 workers, vs its AsyncRedisManager) '
-                             'or plot (only what --plot needs); repeatable')
+                             '(across machines, vs Redis and NATS clients), fanout (many '
+                             'consumers of one topic in one process, vs a fan-out by '
+                             'hand), socketio (python-socketio across 4 workers, vs its '
+                             'AsyncRedisManager) or plot (only what --plot needs); repeatable')
     parser.add_argument('--cross', action='append_const', dest='only', const='cross',
                         help='the same as --only cross')
     parser.add_argument('--bridged', action='append_const', dest='only', const='bridged',
@@ -313,14 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1:
             parser.error('--runs must be 1 or more')
         sizes = {**sizes, 'runs': args.runs, 'cross_runs': args.runs,
-                 'bridged_runs': args.runs, 'sio_runs': args.runs}
+                 'bridged_runs': args.runs, 'fan_runs': args.runs, 'sio_runs': args.runs}
     only = args.only or (*GROUPS, 'plot')
     groups = tuple(group for group in GROUPS if group in only)
     if 'plot' in only and not args.plot and args.only:
         parser.error('--only plot needs --plot FILE.png')
     if args.sweep and not args.plot:
         parser.error('--sweep needs --plot FILE.png')
-    sweep = (args.sweep or sizes['sweep']) if args.plot else ()
+    # the cross-process picture's runs, unless only the fan-out cases were asked for
+    sweep = (args.sweep or sizes['sweep']) if args.plot and set(only) - {'fanout'} else ()
     if args.plot and not args.one:
         try:
             import matplotlib  # noqa: F401  (fail now, not after minutes of measuring)
@@ -332,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         if lib in SIO_LIBS.get(case, ()):
             from benchmarks.socketio_servers import run_socketio_case
             print(json.dumps(run_socketio_case(lib, case, sizes)), flush=True)
+            return 0
+        if case in FANOUT_CASES and lib in FANOUT_SYSTEMS:
+            sys.path.insert(0, str(ROOT))
+            print(json.dumps(run_fanout_case(lib, case, sizes)), flush=True)
             return 0
         if lib in cross_systems(case):
             sys.path.insert(0, str(ROOT))
@@ -413,6 +478,15 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the '
                      f'runs, {load[1]:.1f} after ({os.cpu_count()} CPUs).')
         tables.append((title, rows, SIO_HEADER, notes, None))
+    if 'fanout' in groups:
+        rows, notes = build_fanout_rows(results, sizes)
+        few, many = sizes['fan_consumers']
+        title = f'Many consumers of one topic in one process ({few:,} and {many:,}), vs a ' \
+            f'fan-out by hand:' if args.markdown else \
+            f'channels with many consumers of one topic vs a fan-out by hand; {machine}'
+        notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the runs, '
+                     f'{load[1]:.1f} after ({os.cpu_count()} CPUs).')
+        tables.append((title, rows, FANOUT_HEADER, notes, None))
     if sweep:
         rows, header, notes = build_sweep_rows(results, sizes, sweep)
         notes.append(f'Load average (1 min) of this machine: {load[0]:.1f} before the runs, '
@@ -426,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table(title, rows, header, notes, args.markdown, align)
     if sweep:
         write_plot(args.plot, results, sizes, sweep, machine, found, load)
+    if args.plot and 'fanout' in groups:
+        write_fanout_plot(fanout_plot_path(args.plot), results, sizes, machine, load)
     if args.details or args.quick:
         print()
         print('\n'.join(details(results)))

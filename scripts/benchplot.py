@@ -1,7 +1,9 @@
-"""Draw the cross-process benchmark's figure from plain data (no measuring here).
+"""Draw the benchmark's figures from plain data (no measuring here).
 
-``scripts/bench.py --plot FILE.png`` measures, then calls :func:`plot_cross` with the
-figures it measured; a test calls it with made-up figures. Matplotlib is imported
+``scripts/bench.py --plot FILE.png`` measures, then calls :func:`plot_cross` (across
+processes) and :func:`plot_fanout` (many consumers of one topic, into
+``FILE-fanout.png``) with the figures it measured; a test calls them with made-up
+figures. Matplotlib is imported
 when a figure is drawn, and only its Agg canvas is used: no screen, no pyplot state.
 """
 
@@ -13,9 +15,10 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b')
+COLORS = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2',
+          '#7f7f7f')
 """One colour per system, in the order the systems are first named; both panels agree."""
-MARKERS = ('o', 's', '^', 'D', 'v', 'P')
+MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
 PERCENTILES = (50, 99)
 """The percentiles marked on each latency curve and given in the legend."""
 DODGE = 1.04
@@ -170,6 +173,81 @@ def plot_cross(path: str | Path, throughput: Mapping[str, Mapping[int, Sequence[
         right.legend(loc='upper left', fontsize='small')
     right.grid(True, which='major', alpha=0.3)
 
+    fig.suptitle(title, fontsize='large', fontweight='bold')
+    if caption:
+        wrapped = '\n'.join(textwrap.fill(line, CAPTION_WIDTH) for line in caption.split('\n'))
+        fig.supxlabel(wrapped, fontsize='small', color='#444444')
+    fig.savefig(path, dpi=dpi, format='png')
+
+
+def plot_fanout(path: str | Path, series: Mapping[str, Mapping[int, Sequence[Mapping]]], *,
+                title: str, caption: str = '', dpi: int = 110) -> None:
+    """Write a two-panel PNG to *path*: delivered/s and p50 latency by consumers.
+
+    *series* maps a line's label to ``{consumers of one topic: [run, ...]}``, each run a
+    mapping with ``delivered`` (msg/s) and ``p50_us`` (µs, or None). Each panel draws
+    the median of the runs per count (a line with markers; a single count is a point)
+    and the range of the runs as an error bar when there are several; a label whose
+    name starts with "by hand" is dashed. Counts with no runs, and series with none at
+    all, are left out.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    lines = sum(len(textwrap.wrap(line, CAPTION_WIDTH)) or 1
+                for line in caption.split('\n')) if caption else 0
+    fig = Figure(figsize=(12.0, 5.2 + 0.22 * lines), layout='constrained')
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    names = [name for name, by_count in series.items() if any(by_count.values())]
+    counts: set[int] = set()
+    top = 0.0
+    for i, name in enumerate(names):
+        color, marker = COLORS[i % len(COLORS)], MARKERS[i % len(MARKERS)]
+        style = '--' if name.startswith('by hand') else '-'
+        points = sorted((n, runs) for n, runs in series[name].items() if runs)
+        for panel, key, scale in ((left, 'delivered', 1.0), (right, 'p50_us', 1e-3)):
+            xs, mids, low, high = [], [], [], []
+            for n, runs in points:
+                values = sorted(run[key] * scale for run in runs if run.get(key) is not None)
+                if not values:
+                    continue
+                mid = statistics.median(values)
+                xs.append(n * DODGE ** (i - (len(names) - 1) / 2))
+                mids.append(mid)
+                low.append(mid - values[0])
+                high.append(values[-1] - mid)
+                if panel is left:
+                    top = max(top, values[-1])
+            if xs:
+                several = any(h or lo for h, lo in zip(high, low))
+                panel.errorbar(xs, mids, yerr=[low, high] if several else None, color=color,
+                               marker=marker, markersize=7, linewidth=2, linestyle=style,
+                               capsize=4, label=name)
+        counts.update(n for n, _ in points)
+    left.set_title('Delivered messages/s by consumers of one topic')
+    left.set_ylabel('delivered messages/s (all consumers)')
+    right.set_title('p50 latency at saturation')
+    right.set_ylabel('p50 latency (ms, log scale)')
+    for panel in (left, right):
+        panel.set_xlabel('consumers of one topic in one process')
+        panel.grid(True, alpha=0.3)
+        if counts:
+            panel.set_xscale('log')
+            panel.xaxis.set_major_locator(FixedLocator(sorted(counts)))
+            panel.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f'{x:,.0f}'))
+            panel.xaxis.set_minor_locator(NullLocator())
+            panel.set_xlim(min(counts) / 1.6, max(counts) * 1.6)
+    if counts:
+        left.set_ylim(0, top * 1.15 if top else 1)
+        left.legend(loc='best', fontsize='small')
+        if any(len(line.get_xdata()) for line in right.get_lines()):
+            right.set_yscale('log')
+            right.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f'{y:g}'))
+            right.yaxis.set_minor_formatter(NullFormatter())
+            right.legend(loc='best', fontsize='small')
+    left.yaxis.set_major_formatter(FuncFormatter(_rate))
     fig.suptitle(title, fontsize='large', fontweight='bold')
     if caption:
         wrapped = '\n'.join(textwrap.fill(line, CAPTION_WIDTH) for line in caption.split('\n'))

@@ -167,3 +167,16 @@ def test_empty_prefix_patterns_have_no_literal_prefix_and_miss_the_topic_sent_to
         assert not matches(pattern, cases.WILD_TARGET)
     prefixed = cases.wildcard(7, star=False)
     assert literal_prefix(prefixed) and not matches(prefixed, cases.WILD_TARGET)
+
+
+def test_the_fanout_picture_of_synthetic_data_is_a_valid_png(tmp_path):
+    runs = lambda *rates: [{'delivered': rate, 'p50_us': 20e6 / rate} for rate in rates]  # noqa: E731
+    series = {'listen()': {1000: runs(9e5, 1e6), 10000: runs(5e5)},
+              'by hand': {1000: runs(1.1e6), 10000: runs(3e5, 2.9e5)},
+              'coroutine handlers': {1000: runs(8e5)},
+              'plain handlers (plain, threads)': {1000: [{'delivered': 5e4, 'p50_us': None}]},
+              'nothing measured': {1000: []}}
+    out = tmp_path / 'fanout.png'
+    benchplot.plot_fanout(out, series, title='fan-out', caption='one\ntwo')
+    _assert_png(out)
+

@@ -10,12 +10,15 @@
 * ``socketio_servers`` (with ``sio_app``, the server, and ``sio_clients``, the clients):
   python-socketio across four uvicorn workers, ours against its ``AsyncRedisManager``;
   ``socketio_report``, its table;
+* ``fanout``: many consumers of one topic in one process, ours (``listen()``, coroutine
+  and plain handlers) and the fan-out written by hand, with their measured loops inline;
 * ``engines``: the run's own ``redis-server`` or ``nats-server -js``, always stopped;
 * ``cross``: the cross-process and bridged cases of any system (the clock, the checks);
 * ``procs``: starting, talking to and always stopping the processes;
 * ``stats``: medians over runs, percentiles, CPU time per message;
 * ``report``: the tables (text or Markdown), their notes, and the picture;
-* ``bridged_report``: the table across machines and its notes.
+* ``bridged_report``: the table across machines and its notes;
+* ``fanout_report``: the fan-out table, its notes and its picture's figures.
 
 ``scripts/`` is no package: ``bench.py`` puts it on ``sys.path`` (running it does
 anyway) and imports this package as ``benchmarks``.

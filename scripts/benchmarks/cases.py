@@ -48,6 +48,12 @@ FULL = {
     'sio_messages': 5_000,        # Socket.IO: events emitted as fast as the worker can
     'sio_rate': 200,              # Socket.IO latency: events/s, emitted to a schedule
     'sio_latency_seconds': 3.0,   # Socket.IO latency: the measured part
+    'fan_runs': 3,                # fan-out in one process: measured runs per case and system
+    'fan_consumers': (1_000, 10_000),   # consumers of one topic in one process: few, many
+    'fan_deliveries': 1_000_000,  # timed deliveries per run (messages x consumers)
+    'fan_plain_deliveries': 200_000,    # the same with a thread per consumer (plain case)
+    'fan_warmup': 50_000,         # deliveries before timing
+    'fan_window': 50_000,         # deliveries outstanding at most (sent, not yet consumed)
 }
 QUICK = {
     'name': 'quick',
@@ -85,6 +91,12 @@ QUICK = {
     'sio_messages': 500,
     'sio_rate': 200,
     'sio_latency_seconds': 1.0,
+    'fan_runs': 1,
+    'fan_consumers': (50, 500),
+    'fan_deliveries': 10_000,
+    'fan_plain_deliveries': 2_000,
+    'fan_warmup': 1_000,
+    'fan_window': 2_000,
 }
 
 LIBS = ('ours', 'lona')
@@ -115,13 +127,22 @@ their runs send fewer messages (the rate is the same, the run shorter)."""
 SIO_LIBS = {'sio_broadcast': ('sio_ours', 'sio_redis')}
 """The Socket.IO case: broadcast from one uvicorn worker to clients of four, through ours
 (``channels.socketio.AsyncManager``) or python-socketio's ``AsyncRedisManager``."""
-GROUPS = ('local', 'cross', 'bridged', 'socketio')   # --only: one process, processes, machines,
-#                                                       python-socketio's workers
+FANOUT_CASES = {                 # fan-out in one process: (kind, which of fan_consumers, broker)
+    'fanout_listen_few': ('listen', 0, False),
+    'fanout_listen_many': ('listen', 1, False),
+    'fanout_listen_few_broker': ('listen', 0, True),
+    'fanout_listen_many_broker': ('listen', 1, True),
+    'fanout_coroutine': ('coroutine', 0, False),
+    'fanout_plain': ('plain', 0, False),
+}
+FANOUT_SYSTEMS = ('ours', 'hand')   # ours, and the fan-out written by hand (see fanout)
+GROUPS = ('local', 'cross', 'bridged', 'fanout', 'socketio')   # --only: in one process, across
+#       processes, machines, many consumers of one topic, python-socketio's workers
 SYSTEM_NAMES = {'ours': 'mpchannels', 'queue': 'Queue relay', 'zmq': 'ZeroMQ proxy',
                 'ours_redis': 'ours via Redis', 'ours_nats': 'ours via NATS',
                 'socketio': 'socketio RedisManager', 'broadcaster': 'broadcaster Redis stream',
-                'nats_core': 'nats-py core', 'sio_ours': 'ours (channels.socketio)',
-                'sio_redis': 'AsyncRedisManager'}
+                'nats_core': 'nats-py core', 'hand': 'by hand',
+                'sio_ours': 'ours (channels.socketio)', 'sio_redis': 'AsyncRedisManager'}
 CROSS_TOPIC = 'bench'
 LONA_VERSION = '1.16.2'
 ROOT = Path(__file__).resolve().parent.parent.parent

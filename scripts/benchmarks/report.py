@@ -10,8 +10,8 @@ import datetime
 import os
 import statistics
 
-from .cases import CASES, CROSS_CASES, CROSS_LIBS, PAYLOAD, SWEEP_SYSTEMS, SYSTEM_NAMES, \
-    bridged_fanout, cross_systems, fanout_case, fanout_of, plot_cases, wildcard
+from .cases import CASES, CROSS_CASES, CROSS_LIBS, FANOUT_CASES, PAYLOAD, SWEEP_SYSTEMS, \
+    SYSTEM_NAMES, bridged_fanout, cross_systems, fanout_case, fanout_of, plot_cases, wildcard
 from .stats import median, median_cpu, percentiles
 
 
@@ -322,6 +322,9 @@ def details(results: dict) -> list[str]:
                 parts.append(f'p50 {run["p50_us"]:.0f} µs, p99 {run["p99_us"]:.0f} µs, '
                              f'max {run["max_us"]:,.0f} µs, mean {run["mean_us"]:.0f} µs at '
                              f'{run["rate"]:,.0f} msg/s (CPU µs/msg: {_cpu_text(run)})')
+            elif case in FANOUT_CASES:
+                parts.append(f'{run["delivered"]:,.0f} delivered/s to {run["consumers"]:,} '
+                             f'consumers, p50 {run.get("p50_us", 0) / 1000:.1f} ms')
             elif case in CROSS_CASES or fanout_of(case) or bridged_fanout(case):
                 parts.append(f'{run["per_second"]:,.0f} msg/s x {run["subscribers"]} '
                              f'(send loop {run["send_loop"] / run["count"] * 1e6:.1f} µs/msg; '
