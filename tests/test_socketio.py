@@ -139,8 +139,10 @@ async def _until(predicate, what: str) -> None:
 
 
 def test_an_async_listener_that_falls_behind_logs_what_it_missed_and_listens_again(caplog):
+    import asyncio
     import channels
     import channels.socketio
+    from channels.handlers import dispatcher_of
     manager = channels.socketio.AsyncManager(maxsize=2)
     socketio.AsyncServer(async_mode='asgi', client_manager=manager)
     handled = []
@@ -155,10 +157,13 @@ def test_an_async_listener_that_falls_behind_logs_what_it_missed_and_listens_aga
     async def main():
         manager.initialize()
         await manager._listening()
-        # the loop is held up while they arrive, so the inbox overflows
+        # the loop is held up until all five wait for it, so its inbox overflows when
+        # they arrive together
         for n in range(5):
             channels.Channel(manager.topic).send(_emit_message(n))
-        wait_until(lambda: logged('channels.inbox'), TIMEOUT, what='the inbox to overflow')
+        dispatcher = dispatcher_of(asyncio.get_running_loop())
+        wait_until(lambda: dispatcher.backlog() == 5, TIMEOUT, what='the messages to wait')
+        await _until(lambda: logged('channels.inbox'), 'the inbox to overflow')
         await _until(lambda: logged('channels.socketio') and
                      channels.Channel.get_channels(manager.topic), 'the listener to resume')
         channels.Channel(manager.topic).send(_emit_message(5))
