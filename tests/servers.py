@@ -142,6 +142,19 @@ class Launched:
         except AssertionError as exc:
             raise AssertionError(f'{exc}\n{self.log}') from None
 
+    def wait_forked(self, timeout: float = 20.0) -> None:
+        """Wait until the server's master has all ``self.workers`` children (gunicorn
+        forks its workers a random tenth of a second apart, so one may answer HTTP well
+        before the last exists)."""
+        def forked() -> bool:
+            self._alive()
+            return len(self.server().children()) >= self.workers
+        try:
+            wait_until(forked, timeout, interval=0.02,
+                       what=f'the server to have {self.workers} workers')
+        except AssertionError as exc:
+            raise AssertionError(f'{exc}\n{self.log}') from None
+
     def subscribed_workers(self, topic: str = SUBSCRIPTION) -> set[int]:
         """The server's worker processes that the broker lists as subscribed to *topic*."""
         self.tree()

@@ -266,6 +266,7 @@ def server(request, tmp_path_factory) -> Iterator[Launched]:
     try:
         launched.wait_listening()
         launched.wait_http(30)
+        launched.wait_forked(30)    # all of them: the tests' clean-up counts new processes
         yield launched
     finally:
         launched.stop()
