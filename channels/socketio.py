@@ -87,11 +87,26 @@ _UNSUPPORTED_MODES = ('eventlet', 'gevent', 'gevent_uwsgi')
 
 
 class _ChannelsPubSub:
-    """What both managers share: the topic, the arguments, a fork-safe ``host_id``."""
+    """What both managers share: the arguments, the topic, a fork-safe ``host_id``, and
+    listening early for the answer to a callback."""
 
+    name = 'mpchannels'
     topic: str
     maxsize: int
     ready_timeout: float
+
+    def __init__(self, channel: str = 'socketio', write_only: bool = False,
+                 logger: Any = None, json: Any = None, *, maxsize: int = MAXSIZE,
+                 ready_timeout: float = FLUSH_TIMEOUT) -> None:
+        self._configure(channel, maxsize, ready_timeout)
+        # python-socketio's AsyncPubSubManager or PubSubManager, next in the MRO
+        super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
+        self._init_listener()
+
+    def _init_listener(self) -> None:
+        """Set up what the manager's own listening needs (after python-socketio's
+        ``__init__``)."""
+        raise NotImplementedError
 
     def _configure(self, channel: str, maxsize: int, ready_timeout: float) -> None:
         if not isinstance(channel, str) or not channel or is_pattern(channel):
@@ -167,13 +182,7 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
     Raises ``ValueError`` for a channel with wildcards and for bad numbers.
     """
 
-    name = 'mpchannels'
-
-    def __init__(self, channel: str = 'socketio', write_only: bool = False,
-                 logger: Any = None, json: Any = None, *, maxsize: int = MAXSIZE,
-                 ready_timeout: float = FLUSH_TIMEOUT) -> None:
-        self._configure(channel, maxsize, ready_timeout)
-        super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
+    def _init_listener(self) -> None:
         self._ready: asyncio.Event | None = None
 
     def initialize(self) -> None:
@@ -249,13 +258,7 @@ class Manager(_ChannelsPubSub, PubSubManager):
     ``ValueError`` when given to a server whose async mode is eventlet or gevent.
     """
 
-    name = 'mpchannels'
-
-    def __init__(self, channel: str = 'socketio', write_only: bool = False,
-                 logger: Any = None, json: Any = None, *, maxsize: int = MAXSIZE,
-                 ready_timeout: float = FLUSH_TIMEOUT) -> None:
-        self._configure(channel, maxsize, ready_timeout)
-        super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
+    def _init_listener(self) -> None:
         self._queue: queue.Queue[dict] | None = None
         self._receiver: Channel | None = None
         self._in_force = threading.Event()

@@ -1,5 +1,6 @@
 """Real servers launched by ``channels-broker --address A -- COMMAND`` for the tests:
-starting them, waiting for them, and always stopping their whole process tree."""
+starting them, waiting for them, and always stopping their whole process tree; and the
+headless Chromium that opens their pages."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -24,6 +27,12 @@ from channels.errors import ChannelsError
 
 SUBSCRIPTION = 'chat.*'
 """The topic the test apps subscribe to in every worker."""
+
+CHROMIUM = Path('/usr/bin/chromium')
+"""Debian's Chromium, which Playwright drives (``apt-get install -y chromium``)."""
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+                 '--no-first-run', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync']
 
 
 def free_port() -> int:
@@ -118,12 +127,12 @@ class Launched:
             return self.stdout_path.read_text().startswith(expected)
         wait_until(said, timeout, what=f'{expected!r} from the launcher', interval=0.02)
 
-    def wait_http(self, timeout: float = 20.0) -> None:
-        """Wait until the server answers ``GET /pid``."""
+    def wait_http(self, timeout: float = 20.0, path: str = '/pid') -> None:
+        """Wait until the server answers ``GET path``."""
         def answers() -> bool:
             self._alive()
             try:
-                http_get(self.port, '/pid', timeout=1.0)
+                http_get(self.port, path, timeout=1.0)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 return False
             return True
@@ -133,8 +142,21 @@ class Launched:
         except AssertionError as exc:
             raise AssertionError(f'{exc}\n{self.log}') from None
 
-    def subscribed_workers(self) -> set[int]:
-        """The server's worker processes that the broker lists as subscribed to chat.*."""
+    def wait_forked(self, timeout: float = 20.0) -> None:
+        """Wait until the server's master has all ``self.workers`` children (gunicorn
+        forks its workers a random tenth of a second apart, so one may answer HTTP well
+        before the last exists)."""
+        def forked() -> bool:
+            self._alive()
+            return len(self.server().children()) >= self.workers
+        try:
+            wait_until(forked, timeout, interval=0.02,
+                       what=f'the server to have {self.workers} workers')
+        except AssertionError as exc:
+            raise AssertionError(f'{exc}\n{self.log}') from None
+
+    def subscribed_workers(self, topic: str = SUBSCRIPTION) -> set[int]:
+        """The server's worker processes that the broker lists as subscribed to *topic*."""
         self.tree()
         workers = {child.pid for child in self.server().children()}
         try:
@@ -142,20 +164,21 @@ class Launched:
         except ChannelsError:
             return set()
         return {line['pid'] for line in stats['processes']
-                if line['pid'] in workers and SUBSCRIPTION in line['subscriptions']}
+                if line['pid'] in workers and topic in line['subscriptions']}
 
-    def wait_workers(self, timeout: float = 20.0) -> set[int]:
-        """Wait until ``self.workers`` workers are connected and subscribed; their pids."""
+    def wait_workers(self, timeout: float = 20.0, topic: str = SUBSCRIPTION) -> set[int]:
+        """Wait until ``self.workers`` workers are connected and subscribed to *topic*;
+        their pids."""
         found: set[int] = set()
 
         def ready() -> bool:
             nonlocal found
             self._alive()
-            found = self.subscribed_workers()
+            found = self.subscribed_workers(topic)
             return len(found) >= self.workers
         try:
             wait_until(ready, timeout, interval=0.05,
-                       what=f'{self.workers} workers subscribed to {SUBSCRIPTION!r} at the '
+                       what=f'{self.workers} workers subscribed to {topic!r} at the '
                             f'broker')
         except AssertionError as exc:
             raise AssertionError(f'{exc}; subscribed workers: {sorted(found)}; broker: '
@@ -292,3 +315,33 @@ def sse_events_in(response: bytes) -> list[tuple[str, object]]:
         if 'data' in fields:
             events.append((fields.get('event', 'message'), json.loads(fields['data'])))
     return events
+
+
+@contextmanager
+def chromium() -> Iterator[object]:
+    """Headless Chromium driven by Playwright (a ``Browser``); always closed."""
+    assert CHROMIUM.exists(), f'{CHROMIUM} is missing: apt-get install -y chromium'
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def new_page(browser, timeout: float, **context: object) -> object:
+    """A page of *browser* in a browser context of its own (*context*: the arguments of
+    ``new_context``, such as ``viewport``), waiting *timeout* s at most by default."""
+    page = browser.new_context(**context).new_page()
+    page.set_default_timeout(timeout * 1000)
+    return page
+
+
+def open_page(browser, url: str, ready: str, timeout: float, **context: object) -> object:
+    """:func:`new_page` at *url*, once the selector *ready* matches."""
+    page = new_page(browser, timeout, **context)
+    page.goto(url)
+    page.wait_for_selector(ready)
+    return page

@@ -1,10 +1,16 @@
-"""Helpers shared by the tests: waiting with a deadline, and recording handlers."""
+"""Helpers shared by the tests: waiting with a deadline, recording handlers, and sending
+and taking numbered messages."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import channels
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, *,
@@ -15,6 +21,32 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, *,
         if time.monotonic() > deadline:
             raise AssertionError(f'timed out after {timeout}s waiting for {what}')
         time.sleep(interval)
+
+
+async def eventually(predicate: Callable[[], object], what: str, timeout: float = 10.0
+                     ) -> None:
+    """Wait (off the event loop, so that it runs) until *predicate()* is true."""
+    await asyncio.to_thread(wait_until, predicate, timeout, what=what)
+
+
+def send(topic: str, *ns: int) -> None:
+    """Send ``{'n': n}`` to *topic* for each of *ns*, in order."""
+    from channels import Channel
+    channel = Channel(topic)
+    for n in ns:
+        channel.send({'n': n})
+
+
+def numbers(messages) -> list[int]:
+    """The ``n`` of each message sent by :func:`send`."""
+    return [message.data['n'] for message in messages]
+
+
+async def take(inbox: channels.Inbox, count: int, timeout: float = 10.0) -> list:
+    """The next *count* messages of *inbox*, within *timeout* s in all."""
+    async def taken() -> list:
+        return [await inbox.get() for _ in range(count)]
+    return await asyncio.wait_for(taken(), timeout)
 
 
 class Recorder:

@@ -18,24 +18,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from brokers import ROOT
-from support import wait_until
-from servers import Launched, free_port, http_get
-
-from channels.cli import fetch_stats
-from channels.errors import ChannelsError
+from servers import Launched, chromium, free_port, open_page
 
 logger = logging.getLogger(__name__)
 
-CHROMIUM = Path('/usr/bin/chromium')
-CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
-                 '--no-first-run', '--disable-background-networking',
-                 '--disable-component-update', '--disable-sync']
 WORKERS = 4
 ROOM = 'lobby'
 SCOPE_TOPIC = 'chat.rooms.*'          # each worker's Scope subscribes to it at startup
@@ -49,6 +40,7 @@ MESSAGES = [
     'the last one',
 ]
 NAME = 'alice <&>'
+VIEWPORT = {'width': 860, 'height': 600}
 
 
 def _demo_command(port: int) -> list[str]:
@@ -57,16 +49,12 @@ def _demo_command(port: int) -> list[str]:
             '--workers', str(WORKERS), '--host', '127.0.0.1', '--port', str(port)]
 
 
-def _scope_workers(server: Launched) -> set[int]:
-    """The server's workers that the broker lists as subscribed to ``chat.rooms.*``."""
-    server.tree()
-    workers = {child.pid for child in server.server().children()}
-    try:
-        stats = fetch_stats(server.address)
-    except ChannelsError:
-        return set()
-    return {line['pid'] for line in stats['processes']
-            if line['pid'] in workers and SCOPE_TOPIC in line['subscriptions']}
+def wait_demo(server: Launched, timeout: float = 30.0) -> None:
+    """Wait until the demo's launcher is listening, the demo answers ``GET /stats``, and
+    every worker's Scope is subscribed to ``chat.rooms.*`` at the broker."""
+    server.wait_listening()
+    server.wait_http(timeout, path='/stats')
+    server.wait_workers(timeout, topic=SCOPE_TOPIC)
 
 
 @pytest.fixture
@@ -76,28 +64,7 @@ def demo(broker_address: str, tmp_path: Path) -> Iterator[Launched]:
     server = Launched(broker_address, _demo_command(port), port, WORKERS,
                       out_dir=tmp_path, log_dir=tmp_path)
     try:
-        server.wait_listening()
-
-        def answers() -> bool:
-            server._alive()
-            try:
-                http_get(port, '/stats', timeout=1.0)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                return False
-            return True
-        wait_until(answers, 30, interval=0.05, what=f'the demo to answer on port {port}')
-        found: set[int] = set()
-
-        def subscribed() -> bool:
-            nonlocal found
-            server._alive()
-            found = _scope_workers(server)
-            return len(found) == WORKERS
-        try:
-            wait_until(subscribed, 30, interval=0.05,
-                       what=f'{WORKERS} workers subscribed to {SCOPE_TOPIC!r}')
-        except AssertionError as exc:
-            raise AssertionError(f'{exc}; found {sorted(found)}\n{server.log}') from None
+        wait_demo(server)
         yield server
     finally:
         server.stop()
@@ -106,15 +73,8 @@ def demo(broker_address: str, tmp_path: Path) -> Iterator[Launched]:
 @pytest.fixture
 def browser() -> Iterator[object]:
     """Headless Chromium driven by Playwright; always closed."""
-    assert CHROMIUM.exists(), f'{CHROMIUM} is missing: apt-get install -y chromium'
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                              args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def _shown(page) -> list[dict]:
@@ -132,11 +92,8 @@ def test_every_page_shows_each_message_once_in_order_across_workers(demo, browse
     while len(pages) < MIN_PAGES or len(set(stream_pids)) < 2:
         assert len(pages) < MAX_PAGES, \
             f'{MAX_PAGES} pages, every stream in worker {stream_pids[0]}\n{demo.log}'
-        context = browser.new_context(viewport={'width': 860, 'height': 600})
-        page = context.new_page()
-        page.set_default_timeout(10_000)
-        page.goto(url)
-        page.wait_for_selector('#status[data-state=connected]')
+        page = open_page(browser, url, '#status[data-state=connected]', 10,
+                         viewport=VIEWPORT)
         pages.append(page)
         stream_pids.append(int(page.evaluate('document.body.dataset.streamPid')))
     page_pids = [int(page.text_content('#page-pid')) for page in pages]

@@ -28,16 +28,16 @@ import shutil
 import socket
 import sys
 import tempfile
-import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from brokers import ROOT
 from engines import EngineServer, free_port
-from servers import Launched, http_get, stats_or_error
+from servers import Launched, new_page, stats_or_error
 from support import wait_until
-from test_chat_demo import MESSAGES, NAME, ROOM, _scope_workers, browser  # noqa: F401
+from test_chat_demo import (MESSAGES, NAME, ROOM, SCOPE_TOPIC, VIEWPORT, browser,  # noqa: F401
+                            wait_demo)
 
 from channels.cli import fetch_stats
 from channels.errors import ChannelsError
@@ -73,34 +73,12 @@ class Machine:
 
     def wait_ready(self) -> None:
         """Until it answers HTTP and both workers are subscribed at the broker."""
-        server = self.server
-        server.wait_listening()
-
-        def answers() -> bool:
-            server._alive()
-            try:
-                http_get(self.port, '/stats', timeout=1.0)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                return False
-            return True
-        wait_until(answers, 30, interval=0.05, what=f'machine {self.label} to answer HTTP')
-        found: set[int] = set()
-
-        def subscribed() -> bool:
-            nonlocal found
-            server._alive()
-            found = _scope_workers(server)
-            return len(found) == WORKERS
-        try:
-            wait_until(subscribed, 30, interval=0.05,
-                       what=f'{WORKERS} workers of machine {self.label} subscribed')
-        except AssertionError as exc:
-            raise AssertionError(f'{exc}; found {sorted(found)}\n{server.log}') from None
+        wait_demo(self.server)
 
     def workers(self) -> set[int]:
         """The pids of its uvicorn workers (the master's children that the broker lists as
         subscribed to the rooms; the master has other children too)."""
-        return _scope_workers(self.server)
+        return self.server.subscribed_workers(SCOPE_TOPIC)
 
     def bridge(self) -> dict | None:
         """The broker's ``stats`` ``"bridge"`` object, or None while it does not answer."""
@@ -167,9 +145,7 @@ def _open_pages(browser, machine: Machine) -> tuple[list, list[int]]:
                                         f'streams in workers {set(stream_pids)} only')
         batch = []
         for _ in range(BATCH):
-            page = browser.new_context(viewport={'width': 860, 'height': 600}).new_page()
-            page.set_default_timeout(10_000)
-            batch.append(page)
+            batch.append(new_page(browser, 10, viewport=VIEWPORT))
         for page in batch:          # start each navigation, wait for none of them yet
             page.evaluate('url => { setTimeout(() => { location.href = url; }, 0); }', url)
         for page in batch:

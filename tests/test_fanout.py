@@ -8,29 +8,12 @@ import os
 import threading
 
 import pytest
-from support import wait_until
+from support import numbers, send, take, wait_until
 
 import channels
 from channels import Channel, handlers
 
 TIMEOUT = 10.0
-
-
-def numbers(messages) -> list[int]:
-    return [message.data['n'] for message in messages]
-
-
-def send(topic: str, *ns: int) -> None:
-    channel = Channel(topic)
-    for n in ns:
-        channel.send({'n': n})
-
-
-async def take(inbox: channels.Inbox, count: int) -> list:
-    """The next *count* messages of *inbox*, within TIMEOUT in all."""
-    async def taken() -> list:
-        return [await inbox.get() for _ in range(count)]
-    return await asyncio.wait_for(taken(), TIMEOUT)
 
 
 async def enter_all(inboxes: list[channels.Inbox]) -> None:

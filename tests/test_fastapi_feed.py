@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from support import wait_until
-from servers import Launched, SSEStreams, free_port, http_get, sse_events_in
+from servers import Launched, SSEStreams, free_port, sse_events_in
 
 WORKERS = 4
 
@@ -40,15 +40,7 @@ def feed(tmp_path_factory) -> Iterator[Launched]:
                       _command(port), port, WORKERS, out_dir=directory, log_dir=directory)
     try:
         server.wait_listening()
-
-        def answers() -> bool:
-            server._alive()
-            try:
-                http_get(port, '/', timeout=1.0)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                return False
-            return True
-        wait_until(answers, 30, interval=0.05, what=f'the example to answer on port {port}')
+        server.wait_http(30, path='/')
         # every worker serving (each logs this once its lifespan started), so that new
         # connections spread over all of them
         def started() -> bool:

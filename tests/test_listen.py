@@ -9,32 +9,12 @@ import os
 
 import pytest
 from brokers import app_processes
-from support import Recorder, wait_until
+from support import Recorder, eventually, numbers, send, take
 
 import channels
 from channels import Channel
 
 TIMEOUT = 10.0
-
-
-async def eventually(predicate, what: str, timeout: float = TIMEOUT) -> None:
-    """Wait (off the event loop, so it can run) until *predicate()* is true."""
-    await asyncio.to_thread(wait_until, predicate, timeout, what=what)
-
-
-async def take(inbox: channels.Inbox, count: int, timeout: float = TIMEOUT) -> list:
-    """The next *count* messages of *inbox*, each awaited with a timeout."""
-    return [await asyncio.wait_for(inbox.get(), timeout) for _ in range(count)]
-
-
-def numbers(messages) -> list[int]:
-    return [message.data['n'] for message in messages]
-
-
-def send(topic: str, *ns: int) -> None:
-    channel = Channel(topic)
-    for n in ns:
-        channel.send({'n': n})
 
 
 # -- what arrives ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import logging
 import threading
 
 import pytest
-from support import Recorder, wait_until
+from support import Recorder, eventually, wait_until
 
 import channels
 from channels import Channel, Scope
@@ -40,11 +40,6 @@ class ErrorLog:
                    what=f'{count} calls of on_error (got {len(self.calls)})')
         with self.lock:
             return list(self.calls)
-
-
-async def eventually(predicate, what: str, timeout: float = TIMEOUT) -> None:
-    """Wait (off the event loop, so that it runs) until *predicate()* is true."""
-    await asyncio.to_thread(wait_until, predicate, timeout, what=what)
 
 
 # -- closing -------------------------------------------------------------------------------

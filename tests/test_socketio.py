@@ -45,9 +45,8 @@ from pathlib import Path
 import pytest
 import socketio
 from brokers import ROOT
-from servers import Launched, free_port
+from servers import Launched, chromium, free_port, open_page
 from support import wait_until
-from test_chat_demo import CHROMIUM, CHROMIUM_ARGS
 
 APPS = ROOT / 'tests' / 'apps'
 WORKERS = 4
@@ -267,6 +266,7 @@ def server(request, tmp_path_factory) -> Iterator[Launched]:
     try:
         launched.wait_listening()
         launched.wait_http(30)
+        launched.wait_forked(30)    # all of them: the tests' clean-up counts new processes
         yield launched
     finally:
         launched.stop()
@@ -523,15 +523,8 @@ def test_a_write_only_manager_in_another_process_emits_to_every_worker(server, c
 @pytest.fixture(scope='module')
 def browser() -> Iterator[object]:
     """Headless Chromium driven by Playwright, for the module; always closed."""
-    assert CHROMIUM.exists(), f'{CHROMIUM} is missing: apt-get install -y chromium'
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                              args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope='module')
@@ -542,11 +535,10 @@ def pages(server, browser) -> list[object]:
     while len(opened) < PAGES or len({p.pid for p in opened}) < 2:
         assert len(opened) < MAX_PAGES, \
             f'{MAX_PAGES} pages, all in worker {opened[0].pid}\n{server.log}'
-        page = browser.new_context().new_page()
-        page.set_default_timeout(TIMEOUT * 1000)
-        page.blue = len(opened) % 2 == 0
-        page.goto(f'http://127.0.0.1:{server.port}/' + ('?room=blue' if page.blue else ''))
-        page.wait_for_selector('body[data-state=connected]')
+        blue = len(opened) % 2 == 0
+        url = f'http://127.0.0.1:{server.port}/' + ('?room=blue' if blue else '')
+        page = open_page(browser, url, 'body[data-state=connected]', TIMEOUT)
+        page.blue = blue
         page.pid = int(page.text_content('#pid'))
         opened.append(page)
     workers = {child.pid for child in server.server().children()}

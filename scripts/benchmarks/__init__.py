@@ -12,7 +12,8 @@
   ``socketio_report``, its table;
 * ``fanout``: many consumers of one topic in one process, ours (``listen()``, coroutine
   and plain handlers) and the fan-out written by hand, with their measured loops inline;
-* ``engines``: the run's own ``redis-server`` or ``nats-server -js``, always stopped;
+* ``engines``: the run's own ``redis-server`` or ``nats-server -js``, always stopped (the
+  tests' ``tests/engines.py`` builds on it);
 * ``cross``: the cross-process and bridged cases of any system (the clock, the checks);
 * ``procs``: starting, talking to and always stopping the processes;
 * ``stats``: medians over runs, percentiles, CPU time per message;

@@ -8,7 +8,7 @@ The goals are printed beside the figures, not asserted.
 from __future__ import annotations
 
 from .cases import BRIDGED_CASES, BRIDGED_SYSTEMS, PAYLOAD, ROUND_TRIP_SYSTEMS
-from .report import div, met, rate
+from .report import div, factor, met, rate, run_notes
 from .stats import median, median_cpu
 
 HEADER = ['measurement', 'ours via Redis', 'ours via NATS', 'RedisManager pattern',
@@ -37,10 +37,6 @@ def _us(x: float | None) -> str:
     if x >= 1000:
         return f'{x / 1000:,.2f} ms'
     return f'{x:,.0f} µs' if x >= 100 else f'{x:.1f} µs'
-
-
-def _ratio(x: float | None) -> str:
-    return '-' if x is None else f'{x:.2f}x'
 
 
 def _both(oks: list[bool | None]) -> str:
@@ -87,7 +83,7 @@ def build_bridged_rows(results: dict, sizes: dict) -> tuple[list[list[str]], lis
     for other, goal in (('socketio', VS_SOCKETIO_GOAL), ('nats_core', 1.0)):
         ratios = {lib: div(one[lib], one[other]) for lib in OURS}
         rows.append([f'  ours vs {HEADER[1 + BRIDGED_SYSTEMS.index(other)]}',
-                     *(_ratio(ratios[lib]) if lib in OURS else '' for lib in BRIDGED_SYSTEMS),
+                     *(factor(ratios[lib]) if lib in OURS else '' for lib in BRIDGED_SYSTEMS),
                      f'>= {goal:g}x',
                      _both([None if ratios[lib] is None else ratios[lib] >= goal
                             for lib in OURS])])
@@ -145,19 +141,7 @@ def _notes(results: dict, sizes: dict) -> list[str]:
         'send time (ours: message.timestamp, the others: a time in the data).',
         'met: ours via Redis / ours via NATS.',
         f'The bridges ran their event loop on {_bridge_loop()}.',
+        *run_notes(results, sizes, BRIDGED_CASES),
     ]
-    if sizes['name'] == 'quick':
-        notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
-                     'sizes, so "met" is only indicative.')
-    for (lib, case), runs in results.items():
-        if case not in BRIDGED_CASES:
-            continue
-        errors = [run['error'] for run in runs if 'error' in run]
-        if errors:
-            notes.append(f'ERROR {lib} {case}: {errors[0]}')
-        warnings = [w for run in runs for w in run.get('warnings', ())]
-        if warnings:
-            notes.append(f'WARNING {lib} {case}: {warnings[0]}'
-                         + (f' (and {len(warnings) - 1} more)' if len(warnings) > 1 else ''))
     return notes
 

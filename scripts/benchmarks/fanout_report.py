@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 
 from .cases import FANOUT_CASES, PAYLOAD
-from .report import met, rate
+from .report import factor, met, rate, run_notes
 from .stats import median
 
 HEADER = ['measurement', 'ours', 'by hand', 'ours vs by hand', 'ours p50', 'by hand p50',
@@ -36,11 +36,7 @@ def _ms(x: float | None) -> str:
     return f'{x:,.0f} µs'
 
 
-def _ratio(x: float | None) -> str:
-    return '-' if x is None else f'{x:.2f}x'
-
-
-def paired_ratio(results: dict, case: str) -> float | None:
+def pairedfactor(results: dict, case: str) -> float | None:
     """Ours / by hand for *case*: the median over the rounds of the ratio within each
     round (the two systems' runs of one round ran back to back), where both succeeded."""
     ours, hand = results.get(('ours', case), []), results.get(('hand', case), [])
@@ -65,9 +61,9 @@ def build_fanout_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list
     def row(case: str, goal: bool) -> float | None:
         ours = median(results.get(('ours', case), []))
         hand = median(results.get(('hand', case), []))
-        ratio = paired_ratio(results, case)
+        ratio = pairedfactor(results, case)
         p50 = [median(results.get((lib, case), []), 'p50_us') for lib in ('ours', 'hand')]
-        rows.append([_label(case, sizes), rate(ours), rate(hand), _ratio(ratio),
+        rows.append([_label(case, sizes), rate(ours), rate(hand), factor(ratio),
                      _ms(p50[0]), _ms(p50[1]),
                      f'>= {RATIO_GOAL}x by hand' if goal else 'printed',
                      met(None if ratio is None else ratio >= RATIO_GOAL) if goal
@@ -79,7 +75,7 @@ def build_fanout_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list
         high = row(f'fanout_listen_many{suffix}', True)
         flat = None if low is None or high is None else high / low
         where = 'through the broker' if suffix else 'no broker'
-        rows.append([f'  ratio at {many:,} vs at {few:,}, {where}', _ratio(flat), '', '', '', '',
+        rows.append([f'  ratio at {many:,} vs at {few:,}, {where}', factor(flat), '', '', '', '',
                      f'>= 1x (no worse; {FLAT_SLACK:.0%} slack)',
                      met(None if flat is None else flat >= 1 - FLAT_SLACK)])
     row('fanout_coroutine', True)
@@ -104,17 +100,8 @@ def build_fanout_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list
         f'outstanding (sent x consumers, minus consumed), at least 2 messages, so the '
         f'p50 is of a system kept busy with that much queued; the latency of every '
         f'16th delivery is time.time() in the consumer minus the send time.',
+        *run_notes(results, sizes, FANOUT_CASES),
     ]
-    if sizes['name'] == 'quick':
-        notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
-                     'sizes, so "met" is only indicative.')
-    for (lib, case), runs in results.items():
-        errors = [run['error'] for run in runs if 'error' in run]
-        if errors and case in FANOUT_CASES:
-            notes.append(f'ERROR {lib} {case}: {errors[0]}')
-        warnings = [w for run in runs for w in run.get('warnings', ())]
-        if warnings and case in FANOUT_CASES:
-            notes.append(f'WARNING {lib} {case}: {warnings[0]}')
     return rows, notes
 
 

@@ -30,6 +30,32 @@ def met(ok: bool | None) -> str:
     return '?' if ok is None else 'yes' if ok else 'NO'
 
 
+def factor(x: float | None) -> str:
+    """A ratio for a table's cell: ``1.23x``, or ``-`` if not measured."""
+    return '-' if x is None else f'{x:.2f}x'
+
+
+def run_notes(results: dict, sizes: dict, cases, *, warnings: bool = True) -> list[str]:
+    """The notes that end a table: the caveat of a ``--quick`` run, then for each system
+    and case of *cases* the first error of its runs and (with *warnings*) their first
+    warning, with how many more there were."""
+    notes = []
+    if sizes['name'] == 'quick':
+        notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
+                     'sizes, so "met" is only indicative.')
+    for (lib, case), runs in results.items():
+        if case not in cases:
+            continue
+        errors = [run['error'] for run in runs if 'error' in run]
+        if errors:
+            notes.append(f'ERROR {lib} {case}: {errors[0]}')
+        found = [w for run in runs for w in run.get('warnings', ())] if warnings else []
+        if found:
+            notes.append(f'WARNING {lib} {case}: {found[0]}'
+                         + (f' (and {len(found) - 1} more)' if len(found) > 1 else ''))
+    return notes
+
+
 def build_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
     """The table's rows (as strings) and the notes under it."""
     def value(lib: str, case: str) -> float | None:
@@ -114,14 +140,8 @@ def build_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[str]]:
         f'messages as fit in {sizes["star_seconds"]:g} s with {many:,} empty-prefix subs '
         f'(the count is shown when it is fewer).',
         '"ours vs Lona" is the speed-up (higher is better for ours).',
+        *run_notes(results, sizes, CASES, warnings=False),
     ]
-    if sizes['name'] == 'quick':
-        notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
-                     'sizes, so "met" is only indicative.')
-    for (lib, case), runs in results.items():
-        errors = [run['error'] for run in runs if 'error' in run]
-        if errors and case in CASES:
-            notes.append(f'ERROR {lib} {case}: {errors[0]}')
     return rows, notes
 
 
@@ -136,9 +156,6 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
     def us(x: float | None) -> str:
         return '-' if x is None else f'{x:,.0f} µs' if x >= 100 else f'{x:.1f} µs'
 
-    def ratio(x: float | None) -> str:
-        return '-' if x is None else f'{x:.2f}x'
-
     def split(lib: str, case: str) -> str:
         parts = [cpu(lib, case, role) for role in ('publisher', 'middle', 'subscriber')]
         return '-' if None in parts else ' / '.join(f'{x:.1f}' for x in parts) + ' µs'
@@ -148,7 +165,7 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
     one = {lib: value(lib, 'cross_1to1') for lib in CROSS_LIBS['cross_1to1']}
     vs_queue, vs_zmq = div(one['ours'], one['queue']), div(one['ours'], one['zmq'])
     rows.append(['1 -> 1 process: throughput', rate(one['ours']), rate(one['queue']),
-                 rate(one['zmq']), ratio(vs_queue), ratio(vs_zmq),
+                 rate(one['zmq']), factor(vs_queue), factor(vs_zmq),
                  '>= 2.5x Queue, >= 1.15x ZeroMQ',
                  met(None if vs_queue is None or vs_zmq is None
                      else vs_queue >= 2.5 and vs_zmq >= 1.15)])
@@ -158,7 +175,7 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
     many = {lib: value(lib, 'cross_1to4') for lib in CROSS_LIBS['cross_1to4']}
     vs_queue, vs_zmq = div(many['ours'], many['queue']), div(many['ours'], many['zmq'])
     rows.append([f'1 -> {fanout} processes: delivered/s', rate(many['ours']),
-                 rate(many['queue']), rate(many['zmq']), ratio(vs_queue), ratio(vs_zmq),
+                 rate(many['queue']), rate(many['zmq']), factor(vs_queue), factor(vs_zmq),
                  '>= 1.15x ZeroMQ', met(None if vs_zmq is None else vs_zmq >= 1.15)])
     rows.append(['  CPU/msg: publisher / middle / each subscriber',
                  *(split(lib, 'cross_1to4') for lib in ('ours', 'queue', 'zmq')),
@@ -169,12 +186,12 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
         ok = None if ours is None or (of_zmq and zmq is None) else \
             ours < limit and (not of_zmq or ours <= of_zmq * zmq)
         rows.append([f'latency at {rate_goal:,} msg/s, 1 -> 1: {key[:3]}', us(ours), us(queue),
-                     us(zmq), ratio(div(queue, ours)), ratio(div(zmq, ours)), goal, met(ok)])
+                     us(zmq), factor(div(queue, ours)), factor(div(zmq, ours)), goal, met(ok)])
     broker = {lib: cpu(lib, 'cross_1to1', 'middle') for lib in ('ours', 'queue', 'zmq')}
     rows.append(['broker CPU per routed message (1 -> 1)', us(broker['ours']),
                  us(broker['queue']), us(broker['zmq']),
-                 ratio(div(broker['queue'], broker['ours'])),
-                 ratio(div(broker['zmq'], broker['ours'])), 'printed',
+                 factor(div(broker['queue'], broker['ours'])),
+                 factor(div(broker['zmq'], broker['ours'])), 'printed',
                  '' if broker['ours'] is None else 'yes'])
     subs = sizes['cross_subscriptions']
     memory = value('ours', 'cross_memory')
@@ -202,18 +219,8 @@ def build_cross_rows(results: dict, sizes: dict) -> tuple[list[list[str]], list[
         f'on distinct topics.',
         '"ours vs X" is the speed-up (higher is better for ours): our rate / X\'s, or '
         'X\'s latency or CPU / ours.',
+        *run_notes(results, sizes, CROSS_CASES),
     ]
-    if sizes['name'] == 'quick':
-        notes.append('--quick: runs this short are noisy and the sizes are not the goals\' '
-                     'sizes, so "met" is only indicative.')
-    for (lib, case), runs in results.items():
-        errors = [run['error'] for run in runs if 'error' in run]
-        if errors and case in CROSS_CASES:
-            notes.append(f'ERROR {lib} {case}: {errors[0]}')
-        warnings = [w for run in runs for w in run.get('warnings', ())]
-        if warnings and case in CROSS_CASES:
-            notes.append(f'WARNING {lib} {case}: {warnings[0]}'
-                         + (f' (and {len(warnings) - 1} more)' if len(warnings) > 1 else ''))
     return rows, notes
 
 

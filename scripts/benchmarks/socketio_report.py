@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .report import div, met, rate
+from .report import div, factor, met, rate
 from .stats import median
 
 HEADER = ['measurement', 'ours (channels.socketio)', 'AsyncRedisManager', 'ours vs Redis',
@@ -21,14 +21,11 @@ def build_socketio_rows(results: dict, sizes: dict) -> tuple[list[list[str]], li
     def us(x: float | None) -> str:
         return '-' if x is None else f'{x:,.0f} µs'
 
-    def ratio(x: float | None) -> str:
-        return '-' if x is None else f'{x:.2f}x'
-
     ours, redis = value('sio_ours'), value('sio_redis')
     workers, clients = sizes['sio_workers'], sizes['sio_clients']
     times = div(ours, redis)
     rows = [[f'broadcast from 1 worker to {workers * clients} clients on {workers} workers: '
-             f'events/s', rate(ours), rate(redis), ratio(times), '>= 3x AsyncRedisManager',
+             f'events/s', rate(ours), rate(redis), factor(times), '>= 3x AsyncRedisManager',
              met(None if times is None else times >= 3)]]
     rows.append(['  ↳ delivered to clients/s', rate(value('sio_ours', 'delivered')),
                  rate(value('sio_redis', 'delivered')), '', '', ''])
@@ -36,7 +33,7 @@ def build_socketio_rows(results: dict, sizes: dict) -> tuple[list[list[str]], li
         a, b = value('sio_ours', key), value('sio_redis', key)
         goal = 'lower than AsyncRedisManager' if key == 'p50' else ''
         rows.append([f'latency at {sizes["sio_rate"]:,} events/s: {key}', ms(a), ms(b),
-                     ratio(div(b, a)), goal,
+                     factor(div(b, a)), goal,
                      met(None if a is None or b is None else a < b) if goal else ''])
     rows.append(['  CPU/event: the 4 workers together / broker or Redis',
                  *(f'{us(value(lib, "cpu_workers_us"))} / {us(value(lib, "cpu_carrier_us"))}'
