@@ -48,6 +48,8 @@ from . import wire
 from .connection import Address, connect, format_address
 from .errors import BufferFullError, ChannelsError, MessageTooLargeError, ProtocolError
 from .message import Message, _identity
+from .ordering import Mailbox
+from .workers import run_mailbox
 
 if TYPE_CHECKING:
     from .runtime import Machinery
@@ -117,36 +119,78 @@ def _shutdown_socket(connection: Connection) -> None:
 
 
 class _Reader:
-    """One connection's reader thread; counts the tasks it schedules (for shutdown)."""
+    """One connection's two reader threads, which take turns (leader and follower).
+
+    The thread that holds ``_lead`` reads the socket and routes what it read: one thread
+    at a time, so messages are routed in the order of the stream. When routing a batch
+    claimed a free channel's mailbox and the other thread is waiting for the lead, the
+    leader hands the lead over and runs that channel's handler itself
+    (``workers.run_mailbox``), then waits for the lead in turn: the message reaches its
+    handler without a task worker being woken for it, one wake-up fewer on its way,
+    while the other thread goes on reading, so a slow handler still holds up only its
+    own channel. Otherwise (nobody waiting, handlers behind, or custom task workers,
+    ``Machinery.readers_run_handlers``) the mailbox goes to the task workers.
+
+    Counts the tasks it schedules, less those it ran itself (for shutdown).
+    """
 
     def __init__(self, link: BrokerLink, connection: Connection, number: int) -> None:
         self.link = link
         self.connection = connection
-        self.scheduled = 0
-        self.thread = threading.Thread(target=self._loop, name=f'channels-reader-{number}',
-                                       daemon=True)
+        self.threads = [threading.Thread(target=self._loop, args=(me,), daemon=True,
+                                         name=f'channels-reader-{number}{"ab"[me]}')
+                        for me in (0, 1)]
+        self.thread = self.threads[0]
+        self.stopped_reading = threading.Event()     # no thread reads the socket again
+        self._batches: wire.BatchReader | None = None     # made by the first to lead
+        self._size = _READ_SIZE
+        self._lead = threading.Lock()
+        self._wants = [False, False]    # each thread's: it waits for the lead
+        self._ended = False             # the stream ended: each thread stops
+        self._held: Mailbox | None = None    # claimed by the routing of the lead holder
+        self._scheduled = 0             # written by the lead holder only
+        self._ran = [0, 0]              # each thread's: tasks it ran itself
+        self.errors = [0, 0]            # each thread's: its handlers' exceptions
+        self._alive = 2                 # under link._readers_lock
 
-    def _loop(self) -> None:
+    @property
+    def scheduled(self) -> int:
+        """Tasks scheduled and not run by these threads themselves (approximate)."""
+        return self._scheduled - self._ran[0] - self._ran[1]
+
+    def start(self) -> None:
+        """Start both threads."""
+        for thread in self.threads:
+            thread.start()
+
+    def _loop(self, me: int = 0) -> None:
         link = self.link
         machinery = link.machinery
-        limit = link.max_pending_tasks
-        handle = self._handle
+        lead, wants, other = self._lead, self._wants, 1 - me
+        name = self.threads[me].name
+        ended_it = False
         try:
-            reader = wire.BatchReader(self.connection.fileno(), link.max_batch)
-            size = _READ_SIZE
             while True:
-                for batch in reader.read(size):
-                    handle(batch)
-                if machinery.backlog() > limit:
-                    # handlers are behind: stop reading, so the broker holds (and bounds)
-                    # what is on its way instead of this process's memory growing; then
-                    # read a little at a time while they are behind, so that the end of
-                    # the connection (cut off by the broker) is seen soon
-                    size = _BEHIND_READ_SIZE
-                    while machinery.backlog() > limit and not link.closing:
-                        time.sleep(0.002)
-                elif size != _READ_SIZE and machinery.backlog() <= limit // 2:
-                    size = _READ_SIZE
+                wants[me] = True
+                lead.acquire()
+                wants[me] = False
+                if self._ended:
+                    lead.release()
+                    return
+                try:
+                    held = self._read_until_held(other)
+                except BaseException:
+                    ended_it = self._ended = True
+                    self.stopped_reading.set()
+                    held, self._held = self._held, None
+                    if held is not None:
+                        machinery.ready.put(held)
+                    raise
+                finally:
+                    lead.release()
+                ran, errors = run_mailbox(held, machinery.is_running, name)
+                self._ran[me] += ran
+                self.errors[me] += errors
         except (EOFError, OSError) as exc:
             if not link.closing:
                 logger.warning('lost the connection to the broker on %s (%s); reconnecting',
@@ -158,7 +202,43 @@ class _Reader:
             logger.exception('reader of the broker connection failed; reconnecting')
         finally:
             link.retire(self)
-            link.connection_lost(self.connection)
+            if ended_it:
+                link.connection_lost(self.connection)
+
+    def _read_until_held(self, other: int) -> Mailbox:
+        """Read and route batches (holding the lead) until routing claimed a mailbox and
+        the other thread waits to take over; that mailbox, to run."""
+        if self._batches is None:
+            self._batches = wire.BatchReader(self.connection.fileno(), self.link.max_batch)
+        link = self.link
+        machinery = link.machinery
+        ready = machinery.ready
+        limit = link.max_pending_tasks
+        handle, read = self._handle, self._batches.read
+        wants = self._wants
+        while True:
+            for batch in read(self._size):
+                handle(batch)
+            held = self._held
+            if machinery.backlog() > limit:
+                # handlers are behind: stop reading, so the broker holds (and bounds)
+                # what is on its way instead of this process's memory growing; then
+                # read a little at a time while they are behind, so that the end of
+                # the connection (cut off by the broker) is seen soon
+                if held is not None:
+                    self._held = None
+                    ready.put(held)
+                self._size = _BEHIND_READ_SIZE
+                while machinery.backlog() > limit and not link.closing:
+                    time.sleep(0.002)
+                continue
+            if self._size != _READ_SIZE and machinery.backlog() <= limit // 2:
+                self._size = _READ_SIZE
+            if held is not None:
+                self._held = None
+                if wants[other]:
+                    return held
+                ready.put(held)       # nobody would read meanwhile: the task workers
 
     def _handle(self, batch: bytes) -> None:
         link = self.link
@@ -173,6 +253,7 @@ class _Reader:
         # one that unsubscribed)
         last_topic = None
         channels: list = []
+        keep = self._held is None and machinery.readers_run_handlers
         for frame in wire.decode_batch(batch, link.max_frame):
             kind = frame[0]
             if kind == wire.MESSAGE:
@@ -207,11 +288,18 @@ class _Reader:
                                     if not channel.topic.startswith(_INTERNAL)]
                 if channels:
                     # counted before the task exists: shutdown may never see fewer; the
-                    # first channel may have the message itself: nobody else holds it
-                    self.scheduled += len(channels)
-                    self.scheduled -= not schedule(channels[0], message, False)
+                    # first channel may have the message itself: nobody else holds it;
+                    # the first mailbox claimed is kept, for this thread to run
+                    self._scheduled += len(channels)
+                    queued = schedule(channels[0], message, False, keep)
+                    if queued is not True:
+                        if queued is False:
+                            self._scheduled -= 1
+                        else:
+                            self._held = queued
+                            keep = False
                     for channel in channels[1:]:
-                        self.scheduled -= not schedule(channel, message)
+                        self._scheduled -= not schedule(channel, message)
             elif kind == wire.PONG:
                 link.pong(wire.decode_ping(batch[frame[1] + header:frame[2]]))
             elif kind == wire.FENCE:
@@ -326,16 +414,17 @@ class BrokerLink:
                            self.address_text, message_id)
 
     def retire(self, reader: _Reader) -> None:
-        """A reader ended: keep its count, forget the reader."""
+        """A thread of *reader* ended; once both have, keep its count, forget it."""
         with self._readers_lock:
-            if reader in self.readers:
+            reader._alive -= 1
+            if reader._alive == 0 and reader in self.readers:
                 self.readers.remove(reader)
                 self._retired_scheduled += reader.scheduled
 
     @property
     def threads(self) -> list[threading.Thread]:
         """The sender thread and the reader threads, started or not."""
-        threads = [reader.thread for reader in self.readers]
+        threads = [thread for reader in self.readers for thread in reader.threads]
         return threads if self._sender is None else [self._sender, *threads]
 
     # called by the machinery --------------------------------------------------------------
@@ -525,8 +614,8 @@ class BrokerLink:
         connection = self._connection
         if connection is not None:
             _shutdown_socket(connection)
-        for reader in self.readers:
-            reader.thread.join(max(deadline - time.monotonic(), 0.05))
+        for thread in [thread for reader in self.readers for thread in reader.threads]:
+            thread.join(max(deadline - time.monotonic(), 0.05))
         if connection is not None:
             connection.close()
         return not any(thread.is_alive() for thread in self.threads)
@@ -716,7 +805,7 @@ class BrokerLink:
             self.readers.append(reader)
         if self not in self.machinery.schedulers:
             self.machinery.schedulers.append(self)
-        reader.thread.start()
+        reader.start()
         self._connected_at = time.monotonic()
         self.connected.set()
         logger.debug('connected to the broker on %s with %d subscriptions',
@@ -749,7 +838,7 @@ class BrokerLink:
             with self._readers_lock:
                 readers = [r for r in self.readers if r.connection is connection]
             for reader in readers:
-                reader.thread.join(2.0)         # ... before its descriptor is closed
+                reader.stopped_reading.wait(2.0)    # ... before its descriptor is closed
             connection.close()
 
 

@@ -94,6 +94,7 @@ class Machinery:
         self.task_workers: list[Worker] = []
         self.schedulers: list[Any] = []       # objects with a `scheduled` count: brokers, ...
         self.sequencer: Sequencer | None = None
+        self.readers_run_handlers = False
         self.link: BrokerLink | None = None   # the broker connection, in broker mode
         self.max_topic_length: int = settings.get('MAX_TOPIC_LENGTH')
         self.max_subscriptions: int = settings.get('MAX_SUBSCRIPTIONS')
@@ -116,6 +117,11 @@ class Machinery:
         self.brokers = [broker_class(self, n, timeout) for n in range(brokers)]
         self.task_workers = [task_class(self, n, timeout) for n in range(tasks)]
         self.schedulers = list(self.brokers)
+        # the broker link's reader may run a handler itself where the task workers are
+        # ours: a custom TaskWorker's run() decides how handlers run, so it runs them all
+        from .workers import TaskWorker
+        self.readers_run_handlers = bool(self.task_workers) and all(
+            type(worker) is TaskWorker for worker in self.task_workers)
         address = settings.get('BROKER_ADDRESS')
         if address is not None:
             parsed, authkey = parse_address(address), load_authkey()
@@ -150,6 +156,18 @@ class Machinery:
         logger.debug('started %d broker and %d task worker threads%s', brokers, tasks,
                      f' for the broker on {self.link.address_text}' if self.link else '')
 
+    def is_running(self) -> bool:
+        """False once shutdown has begun (droppable messages are dropped then)."""
+        return self.state is RUNNING
+
+    def runs_handlers_here(self) -> bool:
+        """True on a thread of this run that runs plain handlers: a worker's, or the
+        broker link's reader (which may run one itself)."""
+        current = threading.current_thread()
+        if current in {w.thread for w in self.workers}:
+            return True
+        return self.link is not None and current in self.link.threads
+
     @property
     def workers(self) -> list[Worker]:
         """Every worker of this run, brokers first."""
@@ -176,13 +194,16 @@ class Machinery:
             else:
                 self.link.put_message(message)
 
-    def schedule(self, channel: Channel, message: Message, copy: bool = True) -> bool:
+    def schedule(self, channel: Channel, message: Message, copy: bool = True,
+                 keep: bool = False) -> bool | Mailbox:
         """Queue a task of *channel* with a copy of *message* (or *message* itself, if
         nobody else holds it); False if no task was queued: the channel is not
         subscribed, or its subscription runs on an event loop (a coroutine handler, an
         inbox), which is handed *message* now instead (``LoopRunner.handoff``, which
         copies it where its handler takes it; shutdown waits for the loops' runners as it
-        does for tasks)."""
+        does for tasks). With *keep*, a mailbox this call claims is returned instead of
+        put into the ready queue: the caller runs it (``workers.run_mailbox``) or puts
+        it there."""
         subscription = channel._subscription
         if subscription is None:
             return False
@@ -195,6 +216,8 @@ class Machinery:
             box = self._mailbox_of(channel)
         box.tasks.append((message.copy() if copy else message, subscription))
         if box.claim.acquire(False):
+            if keep:
+                return box
             self.ready.put(box)
         return True
 
@@ -208,7 +231,7 @@ class Machinery:
     # flush -----------------------------------------------------------------------------
 
     def _check_flush_thread(self) -> None:
-        if threading.current_thread() in {w.thread for w in self.workers}:
+        if self.runs_handlers_here():
             raise RuntimeError('channels.flush() was called from a channels worker thread '
                                '(a handler); it would hold up the delivery it waits for. '
                                'Call it from another thread, or in a coroutine handler '
@@ -482,7 +505,7 @@ class Runtime:
             machinery = self.machinery
             if machinery is None:
                 return True
-            if threading.current_thread() in {w.thread for w in machinery.workers}:
+            if machinery.runs_handlers_here():
                 raise RuntimeError('channels.shutdown() was called from a channels worker '
                                    'thread (a handler); it would wait for itself. Call it '
                                    'from another thread.')

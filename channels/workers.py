@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from queue import Empty
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import settings
@@ -344,6 +345,49 @@ class TaskWorker(Worker):
                     self._box = None
                     ready.put(box)   # others wait: to the back of the line, still claimed
                     break
+
+
+def run_mailbox(box: Mailbox, running: Callable[[], bool], name: str) -> tuple[int, int]:
+    """Run the tasks of *box*, which the caller has claimed and not put in the ready
+    queue, as a :class:`TaskWorker` runs them (the same checks, in the same order), up to
+    ``_STREAK`` of them; then let the box go, or, if tasks are left, put it into the
+    ready queue still claimed, where a task worker goes on with it.
+
+    For a thread that routed a message and runs its channel's handler itself (an app
+    process's broker reader): *running()* is False once shutdown has begun (droppable
+    messages are dropped then), *name* names the thread in the log. Returns the tasks
+    settled (run or dropped) and the handlers' errors.
+    """
+    tasks = box.tasks
+    channel = box.channel
+    settled = errors = 0
+    while True:
+        try:
+            message, subscription = tasks.popleft()
+        except IndexError:
+            if box.release():
+                continue
+            return settled, errors
+        if subscription is not channel._subscription \
+                or (message._origin or message)._dropped \
+                or (message.deadline is not None and message.is_expired()) \
+                or (message.droppable and not running()):
+            if subscription is channel._subscription:
+                message.drop()
+        else:
+            handler = subscription[0]
+            try:
+                result = handler(message)
+                if result is not None and unawaited(handler, result, message):
+                    errors += 1
+            except BaseException:
+                errors += 1
+                logger.exception('exception was raised while running %r for %r on %s',
+                                 handler, message, name)
+        settled += 1
+        if settled >= _STREAK and tasks:
+            box.machinery.ready.put(box)        # still claimed: a task worker goes on
+            return settled, errors
 
 
 settings.require_subclass(MessageBroker)
