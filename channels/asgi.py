@@ -89,9 +89,11 @@ def sse_event(data: Any = None, event: str | None = None, *, id: str | None = No
     and the blank line that ends it.
 
     *data* that is a ``str`` is sent as it is (one ``data:`` line per line of it); any
-    other value but ``None`` as JSON. ``None`` sends no ``data:`` line (an event without
-    one is not dispatched by browsers: use it for *retry* alone). *retry* is the
-    reconnection delay in milliseconds that ``EventSource`` uses from then on.
+    other value but ``None`` as JSON (``TypeError`` for what JSON has no form for, such
+    as a set or a datetime, ``ValueError`` for ``NaN`` and infinities, which browsers'
+    ``JSON.parse`` refuses). ``None`` sends no ``data:`` line (an event without one is
+    not dispatched by browsers: use it for *retry* alone). *retry* is the reconnection
+    delay in milliseconds that ``EventSource`` uses from then on.
     """
     lines = []
     for name, value in (('event', event), ('id', id)):
@@ -106,7 +108,7 @@ def sse_event(data: Any = None, event: str | None = None, *, id: str | None = No
                              f'{retry!r}')
         lines.append(f'retry: {retry}')
     if data is not None:
-        text = data if isinstance(data, str) else json.dumps(data)
+        text = data if isinstance(data, str) else _json(data)
         lines.extend(f'data: {line}' for line in (text.splitlines() or ['']))
     return ('\n'.join(lines) + '\n\n').encode()
 
@@ -142,6 +144,9 @@ def sse_events(*topics: str, data: Callable[[Message], Any] | None = None,
         ``overflow='error'``, a client that falls *maxsize* messages behind gets
         ``event: lagged`` with ``{"missed": N}`` and the stream ends (``EventSource``
         reconnects).
+
+    A message whose event cannot be JSON (a set, a datetime, ``NaN``) is skipped and
+    logged as an error; the stream goes on.
 
     The stream ends when the client disconnects, when the inbox overflows, when the
     server stops (with :class:`EndStreamsOnShutdown` or :class:`end_streams_on_shutdown`;
@@ -269,8 +274,13 @@ class EventStream:
                 payload = message.data if self._data is None else self._data(message)
                 if payload is None or self.disconnected:
                     continue
-                yield payload if isinstance(payload, bytes) else \
-                    sse_event(payload, event=self._event)
+                if not isinstance(payload, bytes):
+                    try:
+                        payload = sse_event(payload, event=self._event)
+                    except (TypeError, ValueError) as exc:   # not JSON: skip it, go on
+                        _unsendable('SSE stream', inbox, message, exc)
+                        continue
+                yield payload
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -324,7 +334,9 @@ async def relay_websocket(websocket: Any, *topics: str,
     when the server stops (with :class:`EndStreamsOnShutdown` or
     :class:`end_streams_on_shutdown`), 1013 when the client fell *maxsize* messages
     behind (``overflow='error'``) or the broker did not confirm the subscriptions in
-    time, and 1011 when *data* or *on_receive* raised (the error is raised on).
+    time, and 1011 when *data* or *on_receive* raised (the error is raised on). A message
+    whose frame cannot be JSON (a set, a datetime, ``NaN``) is skipped and logged as an
+    error; the relay goes on.
     """
     receive, send, accept = _websocket_io(websocket)
     if data is not None and not callable(data):
@@ -366,8 +378,14 @@ async def _relay(inbox: Inbox, receive: Receive, send: Send,
         try:
             async for message in inbox:
                 payload = message.data if data is None else data(message)
-                if payload is not None:
-                    await _send_frame(send, payload)
+                if payload is None:
+                    continue
+                try:
+                    frame = _frame(payload)
+                except (TypeError, ValueError) as exc:        # not JSON: skip it, go on
+                    _unsendable('websocket relay', inbox, message, exc)
+                    continue
+                await send(frame)
         except InboxOverflowError as exc:
             logger.warning('websocket relay of %s fell %d messages behind and missed %d; '
                            'closing it', ', '.join(inbox.topics), inbox.maxsize, exc.dropped)
@@ -433,13 +451,33 @@ def _websocket_io(websocket: Any) -> tuple[Receive, Send, Callable[[], Awaitable
     return receive, send, accept
 
 
-async def _send_frame(send: Send, payload: Any) -> None:
+def _frame(payload: Any) -> ASGIMessage:
+    """The ``websocket.send`` event for *payload*; raises ``TypeError``/``ValueError``
+    for what is not JSON."""
     if isinstance(payload, str):
-        await send({'type': 'websocket.send', 'text': payload})
-    elif isinstance(payload, (bytes, bytearray, memoryview)):
-        await send({'type': 'websocket.send', 'bytes': bytes(payload)})
-    else:
-        await send({'type': 'websocket.send', 'text': json.dumps(payload)})
+        return {'type': 'websocket.send', 'text': payload}
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return {'type': 'websocket.send', 'bytes': bytes(payload)}
+    return {'type': 'websocket.send', 'text': _json(payload)}
+
+
+async def _send_frame(send: Send, payload: Any) -> None:
+    await send(_frame(payload))
+
+
+def _json(value: Any) -> str:
+    """*value* as JSON that browsers parse: ``NaN`` and ``Infinity`` are refused
+    (``ValueError``) as are sets, datetimes and other objects JSON has no form for
+    (``TypeError``)."""
+    return json.dumps(value, allow_nan=False)
+
+
+def _unsendable(stream: str, inbox: Inbox, message: Message, error: Exception) -> None:
+    """A message whose data is not JSON is skipped by the stream, which goes on: one bad
+    message (from any process) must not end every open stream of every worker."""
+    logger.error('%s of %s skipped message %s of %r: its data cannot be sent as JSON (%s); '
+                 'send JSON-able data, or pass data= to turn it into str or bytes',
+                 stream, ', '.join(inbox.topics), message.id, message.topic, error)
 
 
 async def _close(send: Send, code: int, reason: str) -> None:

@@ -644,3 +644,35 @@ def test_importing_channels_asgi_imports_no_framework():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == '[]'
+
+
+# one bad message ------------------------------------------------------------------------------
+
+def test_a_message_that_is_not_json_is_skipped_and_the_stream_goes_on(caplog):
+    async def main():
+        client = Client(stream_app('feed', ready=READY))
+        await opened(client)
+        send('feed', bad={1, 2})                 # a set: JSON has no form for it
+        send('feed', nan=float('nan'))           # JSON.parse refuses NaN
+        send('feed', n=1)
+        assert await client.event() == ('message', {'n': 1})
+        client.disconnect()
+        await client.finished()
+    run(main())
+    assert sum('cannot be sent as JSON' in r.getMessage() for r in caplog.records
+               if r.levelname == 'ERROR') == 2
+
+
+def test_a_relay_skips_a_message_that_is_not_json_and_goes_on(caplog):
+    async def main():
+        client = WebSocketClient(lambda ws: relay_websocket(ws, 'feed', ready='ready'))
+        assert (await client.next())['type'] == 'websocket.accept'
+        assert await client.frame() == 'ready'
+        send('feed', bad={1, 2})
+        send('feed', n=1)
+        assert await client.frame() == '{"n": 1}'
+        client.disconnect()
+        await client.finished()
+    run(main())
+    assert any('cannot be sent as JSON' in r.getMessage() for r in caplog.records
+               if r.levelname == 'ERROR')
