@@ -68,7 +68,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .channel import Channel
 from .errors import BrokerUnavailableError, InboxOverflowError, ShutdownError
-from .inbox import listen
+from . import inbox as _inbox_module
+from .inbox import Inbox
 from .message import Message
 from .runtime import FLUSH_TIMEOUT, runtime as _runtime
 from .topics import is_pattern, validate_topic
@@ -84,6 +85,19 @@ MAXSIZE = 10_000
 """Messages a process's manager holds for python-socketio's listener when it is behind."""
 
 _UNSUPPORTED_MODES = ('eventlet', 'gevent', 'gevent_uwsgi')
+
+
+class _ListenerInbox(Inbox):
+    """The async manager's inbox. It is the server's own subscription, not a stream of a
+    client, so :func:`channels.inbox.close_all` leaves it open: ``end_streams()`` and
+    ``EndStreamsOnShutdown`` (which end the worker's open streams when the server starts
+    to stop, while its Socket.IO clients are still connected) must not make it miss
+    messages."""
+
+    def __init__(self, topic: str, *, maxsize: int, ready_timeout: float) -> None:
+        super().__init__((topic,), maxsize=maxsize, ready_timeout=ready_timeout)
+        with _inbox_module._inboxes_lock:       # the module's lock (made anew after fork)
+            _inbox_module._inboxes.discard(self)
 
 
 class _ChannelsPubSub:
@@ -216,11 +230,13 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
         """The messages of :attr:`topic`, from one inbox on the server's loop."""
         while True:
             try:
-                async with listen(self.topic, maxsize=self.maxsize,
-                                  ready_timeout=self.ready_timeout) as inbox:
+                async with _ListenerInbox(self.topic, maxsize=self.maxsize,
+                                          ready_timeout=self.ready_timeout) as inbox:
                     self._ready.set()
                     async for message in inbox:
                         yield message.data
+                logger.warning('the Socket.IO listener of %r was closed; listening again '
+                               '(what was sent meanwhile is missed)', self.topic)
             except InboxOverflowError as exc:
                 logger.error('the Socket.IO listener of %r fell %d messages behind and '
                              'missed them (their clients did not get them); listening '

@@ -217,6 +217,36 @@ def test_an_async_worker_without_clients_that_emits_with_a_callback_gets_the_ans
     assert answers == ['yes']
 
 
+def test_ending_the_streams_of_a_worker_leaves_its_async_listener_listening(caplog):
+    import asyncio
+    import channels
+    import channels.socketio
+    from channels.asgi import end_streams
+    manager = channels.socketio.AsyncManager()
+    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+    handled = []
+
+    async def handle_emit(message):
+        handled.append(message['data'][0]['n'])
+    manager._handle_emit = handle_emit
+
+    async def main():
+        manager.initialize()
+        await manager._listening()
+        async with channels.listen('a.stream') as stream:
+            assert end_streams() == 1             # the client's stream, not the listener
+            assert stream.closed
+            for n in range(3):
+                channels.Channel(manager.topic).send(_emit_message(n))
+            await _until(lambda: len(handled) == 3, 'the messages after end_streams()')
+        manager.thread.cancel()
+
+    with caplog.at_level(logging.WARNING):
+        _run_async(main())
+    assert handled == [0, 1, 2]
+    assert not [r for r in caplog.records if r.name == 'channels.socketio']
+
+
 # the servers -------------------------------------------------------------------------
 
 def _gunicorn(module: str, port: int, *extra: str) -> list[str]:
