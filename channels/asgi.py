@@ -37,6 +37,7 @@ are used through the ASGI messages they pass on.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -78,6 +79,20 @@ SSE_HEADERS = [(b'content-type', b'text/event-stream; charset=utf-8'),
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _SWEEP_INTERVAL = 0.1         # while stopping: how often inboxes opened since are closed
 _WATCH_INTERVAL = 0.1         # how often uvicorn's server is looked at (as uvicorn does)
+STUCK_GRACE = 1.0
+"""Seconds after the server starts to stop at which a stream that has still not ended
+(its client takes nothing of what is written, so a write waits for ever) is cut off, so
+that the stop does not wait for a client that does not read: through
+:class:`EndStreamsOnShutdown` under uvicorn, its connection is aborted (the write
+returns, the stream ends as for a client that left); otherwise its task is cancelled
+(uvicorn logs that as an error)."""
+
+# The request that passes through EndStreamsOnShutdown: its task, and the server's
+# transport where the server's send() shows it (uvicorn's: ``send.__self__.transport``).
+# A stuck stream aborts the transport, else cancels the task (Starlette's
+# StreamingResponse iterates a stream in a child task of its own).
+_request: contextvars.ContextVar[tuple[asyncio.Task | None, Any] | None] = \
+    contextvars.ContextVar('channels.asgi request', default=None)
 _KEEPALIVE_COMMENT = b': keepalive\n\n'
 
 
@@ -248,8 +263,10 @@ class EventStream:
             logger.warning('SSE stream of %s not started: %s', ', '.join(inbox.topics), exc)
             return
         watcher: asyncio.Future | None = None
+        loop = asyncio.get_running_loop()
+        task = _track(loop)
         try:
-            if _stopping(asyncio.get_running_loop()):
+            if _stopping(loop):
                 return
             if receive is not None:
                 watcher = asyncio.ensure_future(_until_disconnect(receive))
@@ -285,6 +302,7 @@ class EventStream:
             if watcher is not None:
                 watcher.cancel()
             inbox.close()
+            _untrack(loop, task)
 
     def _watched(self, watcher: asyncio.Future) -> None:
         if watcher.cancelled():
@@ -353,8 +371,10 @@ async def relay_websocket(websocket: Any, *topics: str,
         logger.warning('websocket relay of %s not started: %s', ', '.join(topics), exc)
         await _close(send, 1013, 'the message broker is unavailable; retry')
         return
+    loop = asyncio.get_running_loop()
+    task = _track(loop)
     try:
-        if _stopping(asyncio.get_running_loop()):
+        if _stopping(loop):
             await _close(send, 1001, 'the server is stopping')
             return
         if ready is not None:
@@ -369,6 +389,7 @@ async def relay_websocket(websocket: Any, *topics: str,
         raise
     finally:
         inbox.close()
+        _untrack(loop, task)
 
 
 async def _relay(inbox: Inbox, receive: Receive, send: Send,
@@ -515,7 +536,10 @@ class _Hook:
         self.stopping = False
         self.chained: dict[int, _Chained] = {}
         self.sweeper: asyncio.TimerHandle | None = None
+        self.canceller: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task | None = None
+        # the tasks holding open streams: [how many, the transport to abort or None]
+        self.streams: dict[asyncio.Task, list[Any]] = {}
 
     def install(self) -> None:
         self.installs += 1
@@ -545,10 +569,10 @@ class _Hook:
             if signal.getsignal(signum) is chained:   # else another handler wraps it now
                 signal.signal(signum, chained.previous)
         self.chained.clear()
-        for pending in (self.sweeper, self.watcher):
+        for pending in (self.sweeper, self.canceller, self.watcher):
             if pending is not None:
                 pending.cancel()
-        self.sweeper = self.watcher = None
+        self.sweeper = self.canceller = self.watcher = None
         self.stopping = False
 
     def stop(self, reason: str) -> int:
@@ -556,8 +580,26 @@ class _Hook:
         if self.installs > 0 and not self.stopping:
             self.stopping = True
             self.sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+            self.canceller = self.loop.call_later(STUCK_GRACE, self._cancel_stuck)
             logger.info('the server is stopping (%s): ended %d open stream(s)', reason, ended)
         return ended
+
+    def _cancel_stuck(self) -> None:
+        """The streams still open :data:`STUCK_GRACE` s into the stop wait on a write to
+        a client that takes nothing: cancel their requests' tasks."""
+        self.canceller = None
+        stuck = [(task, transport) for task, (_, transport) in self.streams.items()
+                 if not task.done()]
+        for task, transport in stuck:
+            abort = getattr(transport, 'abort', None)
+            if callable(abort):
+                abort()
+            else:
+                task.cancel()
+        if stuck:
+            logger.warning('the server is stopping: cut off %d stream(s) still writing '
+                           '%.1fs after the stop (their clients take nothing of what is '
+                           'written)', len(stuck), STUCK_GRACE)
 
     def _sweep(self) -> None:
         if self.stopping:
@@ -587,6 +629,42 @@ def _hook(loop: asyncio.AbstractEventLoop) -> _Hook:
     if hook is None:
         hook = _hooks[loop] = _Hook(loop)
     return hook
+
+
+def _track(loop: asyncio.AbstractEventLoop) -> asyncio.Task | None:
+    """Count an open stream against the task that a stuck stream cancels: its request's
+    (see :data:`_request_task`), else the one running it."""
+    task, transport = _request.get() or (None, None)
+    if task is None or task.done():
+        task, transport = asyncio.current_task(), None
+    if task is not None:
+        entry = _hook(loop).streams.setdefault(task, [0, transport])
+        entry[0] += 1
+    return task
+
+
+def _transport_of(send: Send, task: asyncio.Task | None) -> Any:
+    """The server's transport of a request, where it shows (uvicorn's ``send`` is a method
+    of its cycle or protocol, which has ``transport``; under Starlette's middleware the
+    request's task runs that object's ``run_asgi``), else None."""
+    for owner in (getattr(send, '__self__', None),
+                  getattr(getattr(task and task.get_coro(), 'cr_frame', None), 'f_locals',
+                          {}).get('self')):
+        transport = getattr(owner, 'transport', None)
+        if callable(getattr(transport, 'abort', None)):
+            return transport
+    return None
+
+
+def _untrack(loop: asyncio.AbstractEventLoop, task: asyncio.Task | None) -> None:
+    hook = _hooks.get(loop)
+    if task is None or hook is None:
+        return
+    entry = hook.streams.get(task)
+    if entry is not None and entry[0] > 1:
+        entry[0] -= 1
+    else:
+        hook.streams.pop(task, None)
 
 
 def _stopping(loop: asyncio.AbstractEventLoop) -> bool:
@@ -663,7 +741,12 @@ class EndStreamsOnShutdown:
         if loop not in self._loops:            # no lifespan: from the first request on
             self._loops.add(loop)
             _hook(loop).install()
-        await self.app(scope, receive, send)
+        task = asyncio.current_task()
+        token = _request.set((task, _transport_of(send, task)))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _request.reset(token)
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         async def wrapped() -> ASGIMessage:

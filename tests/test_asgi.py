@@ -676,3 +676,75 @@ def test_a_relay_skips_a_message_that_is_not_json_and_goes_on(caplog):
     run(main())
     assert any('cannot be sent as JSON' in r.getMessage() for r in caplog.records
                if r.levelname == 'ERROR')
+
+
+# a client that reads nothing ------------------------------------------------------------------
+
+class StuckConnection:
+    """A server's connection whose client takes nothing: after the first writes, send()
+    waits until the transport is aborted (then, as uvicorn's, it ignores what follows)."""
+
+    def __init__(self) -> None:
+        self.transport = self               # uvicorn's cycle: send.__self__.transport
+        self.aborted = asyncio.Event()
+        self.writes = 0
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    async def receive(self) -> dict:
+        await asyncio.Event().wait()        # the client says nothing, and stays
+        return {}
+
+    async def send(self, event: dict) -> None:
+        self.writes += 1
+        if self.writes > 2 and not self.aborted.is_set():
+            await self.aborted.wait()
+
+
+def test_a_stream_whose_client_reads_nothing_is_cut_off_soon_after_the_stop(
+        server_handler, monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+    app = EndStreamsOnShutdown(routed(helper=stream_app('feed', ready=READY)))
+
+    async def main():
+        async with Lifespan(app):
+            connection = StuckConnection()
+            request = asyncio.ensure_future(app(http_scope(path='helper'),
+                                                connection.receive, connection.send))
+            await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+            send('feed', n=1)                       # its write waits for ever
+            await _until(lambda: connection.writes == 3, 'the write to wait')
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(request, TIMEOUT)   # the abort let the write return
+            assert connection.aborted.is_set()
+    run(main())
+
+
+def test_without_the_middleware_a_stuck_stream_is_cancelled_soon_after_the_stop(
+        server_handler, monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+
+    async def main():
+        async with end_streams_on_shutdown():
+            connection = StuckConnection()
+            request = asyncio.ensure_future(stream_app('feed', ready=READY)(
+                http_scope(), connection.receive, connection.send))
+            await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+            send('feed', n=1)
+            await _until(lambda: connection.writes == 3, 'the write to wait')
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(request, TIMEOUT)
+            assert not connection.aborted.is_set()
+    run(main())
+
+
+async def _until(predicate: Callable[[], Any], what: str) -> None:
+    async def wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    try:
+        await asyncio.wait_for(wait(), TIMEOUT)
+    except TimeoutError:
+        raise AssertionError(f'timed out after {TIMEOUT}s waiting for {what}') from None
