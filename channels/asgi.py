@@ -540,6 +540,7 @@ class _Hook:
         self.watcher: asyncio.Task | None = None
         # the tasks holding open streams: [how many, the transport to abort or None]
         self.streams: dict[asyncio.Task, list[Any]] = {}
+        self.ended: list[Any] = []      # the transports of the streams ended while stopping
 
     def install(self) -> None:
         self.installs += 1
@@ -574,6 +575,7 @@ class _Hook:
                 pending.cancel()
         self.sweeper = self.canceller = self.watcher = None
         self.stopping = False
+        self.ended = []
 
     def stop(self, reason: str) -> int:
         ended = close_all(self.loop)
@@ -585,17 +587,26 @@ class _Hook:
         return ended
 
     def _cancel_stuck(self) -> None:
-        """The streams still open :data:`STUCK_GRACE` s into the stop wait on a write to
-        a client that takes nothing: cancel their requests' tasks."""
+        """:data:`STUCK_GRACE` s into the stop: the streams still open wait on a write to a
+        client that takes nothing: abort their connections (cancel their requests' tasks
+        where the connection is not known); and abort the connections of streams that
+        ended meanwhile but whose last bytes are still unwritten."""
         self.canceller = None
         stuck = [(task, transport) for task, (_, transport) in self.streams.items()
                  if not task.done()]
         for task, transport in stuck:
-            abort = getattr(transport, 'abort', None)
-            if callable(abort):
-                abort()
+            if transport is not None:
+                transport.abort()
             else:
                 task.cancel()
+        # streams that ended during the stop, whose last writes (the response's end, the
+        # websocket's close frame) the client never took: the server's close of the
+        # transport waits for them to be written, for ever
+        ended, self.ended = self.ended, []
+        for transport in ended:
+            if _unwritten(transport):
+                stuck.append((None, transport))
+                transport.abort()
         if stuck:
             logger.warning('the server is stopping: cut off %d stream(s) still writing '
                            '%.1fs after the stop (their clients take nothing of what is '
@@ -663,8 +674,18 @@ def _untrack(loop: asyncio.AbstractEventLoop, task: asyncio.Task | None) -> None
     entry = hook.streams.get(task)
     if entry is not None and entry[0] > 1:
         entry[0] -= 1
-    else:
-        hook.streams.pop(task, None)
+    elif entry is not None:
+        del hook.streams[task]
+        if hook.stopping and entry[1] is not None:
+            hook.ended.append(entry[1])
+
+
+def _unwritten(transport: Any) -> int:
+    """Bytes *transport* holds that the client has not taken (0 where it cannot say)."""
+    try:
+        return int(transport.get_write_buffer_size())
+    except Exception:              # not an asyncio transport, or closed already
+        return 0
 
 
 def _stopping(loop: asyncio.AbstractEventLoop) -> bool:

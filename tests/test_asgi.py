@@ -740,6 +740,48 @@ def test_without_the_middleware_a_stuck_stream_is_cancelled_soon_after_the_stop(
     run(main())
 
 
+class UnflushedTransport:
+    """A websocket connection whose client took nothing: whatever is sent (the close
+    frame too) stays in the transport's buffer until it is aborted."""
+
+    def __init__(self) -> None:
+        self.transport = self
+        self.aborted = False
+        self.inbound: asyncio.Queue = asyncio.Queue()
+        self.inbound.put_nowait({'type': 'websocket.connect'})
+        self.sent: list[dict] = []
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self.aborted else 4096
+
+    async def send(self, event: dict) -> None:
+        self.sent.append(event)
+
+
+def test_a_relay_whose_close_the_client_never_takes_is_aborted_soon_after_the_stop(
+        server_handler, monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+
+    async def relay(scope, receive, send):
+        await relay_websocket((receive, send), 'feed', ready='ready')
+    app = EndStreamsOnShutdown(routed(ws=relay))
+
+    async def main():
+        async with Lifespan(app):
+            connection = UnflushedTransport()
+            request = asyncio.ensure_future(app({'type': 'websocket', 'path': '/ws'},
+                                                connection.inbound.get, connection.send))
+            await _until(lambda: len(connection.sent) == 2, 'the ready frame')
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(request, TIMEOUT)       # closed with 1001 ...
+            assert connection.sent[-1]['code'] == 1001 and not connection.aborted
+            await _until(lambda: connection.aborted, 'the abort')  # ... never written
+    run(main())
+
+
 async def _until(predicate: Callable[[], Any], what: str) -> None:
     async def wait() -> None:
         while not predicate():
