@@ -139,6 +139,19 @@ class _ChannelsPubSub:
         self._host_id = value
         self._host_pid = os.getpid()
 
+    def _check_server(self, server: Any, asyncio_based: bool) -> None:
+        """Refuse a server of the other kind: an async manager's coroutines are never
+        awaited by a sync server (its emits would vanish without a word), and a sync
+        manager would block an async server's event loop."""
+        is_async = getattr(server, 'is_asyncio_based', None)
+        if callable(is_async) and bool(is_async()) != asyncio_based:
+            mine, theirs = (('AsyncManager', 'socketio.AsyncServer') if asyncio_based else
+                            ('Manager', 'socketio.Server or Flask-SocketIO'))
+            raise ValueError(f'channels.socketio.{mine} is for {theirs}, not for '
+                             f'{type(server).__module__}.{type(server).__qualname__}: use '
+                             f'channels.socketio.{"Manager" if asyncio_based else "AsyncManager"}'
+                             f'() with it')
+
     def _first_start(self) -> bool:
         """True the first time only: ``initialize()`` may be called by the server and by
         :meth:`_start_for_callback` at once, and must listen once."""
@@ -178,7 +191,8 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
     :ready_timeout: seconds a connection waits for the subscription to be in force at
         the broker before it goes on regardless (with a warning).
 
-    Raises ``ValueError`` for a channel with wildcards and for bad numbers.
+    Raises ``ValueError`` for a channel with wildcards and for bad numbers, and when
+    given to a sync server (``socketio.Server``, Flask-SocketIO: use :class:`Manager`).
     """
 
     name = 'mpchannels'
@@ -189,6 +203,11 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
         self._configure(channel, maxsize, ready_timeout)
         super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
         self._ready: asyncio.Event | None = None
+
+    def set_server(self, server: Any) -> None:
+        """Called by ``socketio.AsyncServer``; raises ``ValueError`` for a sync server."""
+        self._check_server(server, asyncio_based=True)
+        super().set_server(server)
 
     def initialize(self) -> None:
         """Start listening (python-socketio calls this on the first connection)."""
@@ -261,8 +280,9 @@ class Manager(_ChannelsPubSub, PubSubManager):
     listening thread: a message that finds it full is dropped, and the drops are logged
     as an error with their count.
 
-    Raises ``ValueError`` for a channel with wildcards and for bad numbers, and
-    ``ValueError`` when given to a server whose async mode is eventlet or gevent.
+    Raises ``ValueError`` for a channel with wildcards and for bad numbers, and when
+    given to an async server (``socketio.AsyncServer``: use :class:`AsyncManager`) or
+    to a server whose async mode is eventlet or gevent.
     """
 
     name = 'mpchannels'
@@ -279,6 +299,9 @@ class Manager(_ChannelsPubSub, PubSubManager):
         self._dropping = 0
 
     def set_server(self, server: Any) -> None:
+        """Called by ``socketio.Server``; raises ``ValueError`` for an async server, or for
+        a server in eventlet or gevent mode."""
+        self._check_server(server, asyncio_based=False)
         mode = getattr(server, 'async_mode', None)
         if mode in _UNSUPPORTED_MODES:
             raise ValueError(

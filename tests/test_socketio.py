@@ -91,6 +91,15 @@ def test_the_sync_manager_refuses_green_threads(mode):
         channels.socketio.Manager().set_server(server)
 
 
+def test_a_manager_given_to_a_server_of_the_other_kind_is_refused():
+    import channels.socketio
+    with pytest.raises(ValueError, match=r'AsyncManager is for socketio.AsyncServer'):
+        socketio.Server(async_mode='threading',
+                        client_manager=channels.socketio.AsyncManager())
+    with pytest.raises(ValueError, match=r'Manager is for socketio.Server'):
+        socketio.AsyncServer(async_mode='asgi', client_manager=channels.socketio.Manager())
+
+
 def test_the_topic_is_named_after_the_channel():
     import channels.socketio
     assert channels.socketio.Manager().topic == 'socketio.socketio'
