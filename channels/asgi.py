@@ -28,7 +28,9 @@ closes every open inbox of the worker's event loop (:func:`channels.inbox.close_
 so every ``async for message in inbox`` ends, the helpers' and your own, and keeps
 closing those opened later until the lifespan shutdown. Under uvicorn it also watches
 the server, for the stops that come without a signal (``--limit-max-requests``, and
-gunicorn's ``--max-requests``). At the lifespan shutdown the handlers are put back.
+gunicorn's ``--max-requests``). A stream whose client takes nothing of what is written
+(its write waits for ever) is cut off :data:`STUCK_GRACE` seconds (1) into the stop.
+At the lifespan shutdown the handlers are put back.
 
 Nothing here imports Starlette or FastAPI: Starlette's ``WebSocket`` and ``Request``
 are used through the ASGI messages they pass on.
@@ -57,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ['sse_events', 'sse_event', 'EventStream', 'relay_websocket',
            'EndStreamsOnShutdown', 'end_streams_on_shutdown', 'end_streams',
-           'SSE_HEADERS', 'KEEPALIVE']
+           'SSE_HEADERS', 'KEEPALIVE', 'STUCK_GRACE']
 
 logger = logging.getLogger(__name__)
 
