@@ -313,20 +313,28 @@ class Manager(_ChannelsPubSub, PubSubManager):
 
     def initialize(self) -> None:
         """Subscribe and start listening (python-socketio calls this on the first
-        connection, which waits until the subscription is in force at the broker)."""
+        connection, in Engine.IO's handshake). The wait for the subscription to be in
+        force at the broker is on a thread of its own, and each Socket.IO connection
+        waits for it in :meth:`pre_connect`: blocking here would hold the websocket's
+        handshake, which clients give up on (websocket-client after 5 s) while the
+        broker is slow or away."""
         if not self._first_start():
             return
         if not self.write_only:
             self._queue = queue.Queue(self.maxsize)
             self._receiver = Channel(self.topic, self._enqueue)
-            if not _runtime.flush(self.ready_timeout):
-                logger.warning('the Socket.IO subscription to %r is not in force after '
-                               '%.1fs; going on regardless', self.topic, self.ready_timeout)
-            self._in_force.set()
+            threading.Thread(target=self._confirm, name='channels-socketio-subscribe',
+                             daemon=True).start()
         super().initialize()
 
+    def _confirm(self) -> None:
+        if not _runtime.flush(self.ready_timeout):
+            logger.warning('the Socket.IO subscription to %r is not in force after %.1fs; '
+                           'going on regardless', self.topic, self.ready_timeout)
+        self._in_force.set()
+
     def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
-        # the first connection waited in initialize(); one that came meanwhile waits here
+        # every connection waits until the subscription is in force (at most ready_timeout)
         if self._receiver is not None and not self._in_force.is_set():
             self._in_force.wait(self.ready_timeout)
         return super().pre_connect(eio_sid, namespace)

@@ -207,6 +207,28 @@ def test_a_sync_worker_without_clients_that_emits_with_a_callback_gets_the_answe
     assert answers == ['yes']
 
 
+def test_the_sync_managers_first_connection_waits_for_the_broker_after_the_handshake(
+        monkeypatch):
+    import channels.socketio
+    answered = threading.Event()
+    monkeypatch.setattr(channels.socketio._runtime, 'flush',
+                        lambda timeout: answered.wait(timeout))   # a broker that is slow
+    manager = channels.socketio.Manager()
+    server = socketio.Server(async_mode='threading', client_manager=manager)
+    started = time.monotonic()
+    server._handle_eio_connect('eio-1', {})       # Engine.IO's handshake: not held up
+    assert time.monotonic() - started < 1.0
+    connected = []
+    connecting = threading.Thread(target=lambda: connected.append(
+        manager.pre_connect('eio-1', '/')))       # Socket.IO's connect: waits
+    connecting.start()
+    connecting.join(0.1)
+    assert connecting.is_alive() and not connected      # still waiting for the broker
+    answered.set()
+    connecting.join(TIMEOUT)
+    assert connected and connected[0] is not None
+
+
 def test_an_async_worker_without_clients_that_emits_with_a_callback_gets_the_answer():
     import channels
     import channels.socketio
