@@ -46,6 +46,7 @@ import logging
 import signal
 import threading
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -495,12 +496,20 @@ def _json(value: Any) -> str:
     return json.dumps(value, allow_nan=False)
 
 
+_unsendable_ids: deque[str] = deque(maxlen=64)     # the messages logged as not JSON
+
+
 def _unsendable(stream: str, inbox: Inbox, message: Message, error: Exception) -> None:
     """A message whose data is not JSON is skipped by the stream, which goes on: one bad
-    message (from any process) must not end every open stream of every worker."""
-    logger.error('%s of %s skipped message %s of %r: its data cannot be sent as JSON (%s); '
-                 'send JSON-able data, or pass data= to turn it into str or bytes',
-                 stream, ', '.join(inbox.topics), message.id, message.topic, error)
+    message (from any process) must not end every open stream of every worker. It is
+    logged once per process, not once per stream."""
+    if message.id in _unsendable_ids:
+        return
+    _unsendable_ids.append(message.id)
+    logger.error('%s of %s skipped message %s of %r (and so does every stream of this '
+                 'process that gets it): its data cannot be sent as JSON (%s); send JSON-'
+                 'able data, or pass data= to turn it into str or bytes', stream,
+                 ', '.join(inbox.topics), message.id, message.topic, error)
 
 
 async def _close(send: Send, code: int, reason: str) -> None:

@@ -663,6 +663,21 @@ def test_a_message_that_is_not_json_is_skipped_and_the_stream_goes_on(caplog):
                if r.levelname == 'ERROR') == 2
 
 
+def test_a_message_that_is_not_json_is_logged_once_whatever_the_streams_it_reaches(caplog):
+    async def main():
+        clients = [Client(stream_app('feed', ready=READY)) for _ in range(3)]
+        for client in clients:
+            await opened(client)
+        send('feed', bad={1, 2})
+        send('feed', n=1)
+        for client in clients:
+            assert await client.event() == ('message', {'n': 1})
+            client.disconnect()
+            await client.finished()
+    run(main())
+    assert sum('cannot be sent as JSON' in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_relay_skips_a_message_that_is_not_json_and_goes_on(caplog):
     async def main():
         client = WebSocketClient(lambda ws: relay_websocket(ws, 'feed', ready='ready'))
