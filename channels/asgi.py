@@ -90,9 +90,9 @@ that the stop does not wait for a client that does not read: through
 returns, the stream ends as for a client that left); otherwise its task is cancelled
 (uvicorn logs that as an error)."""
 
-# The request that passes through EndStreamsOnShutdown: its task, and the server's
-# transport where the server's send() shows it (uvicorn's: ``send.__self__.transport``).
-# A stuck stream aborts the transport, else cancels the task (Starlette's
+# The request that passes through EndStreamsOnShutdown: its task and the server's send,
+# from which the server's transport is found when needed (:func:`_transport_of`). A
+# stuck stream aborts the transport, else cancels the task (Starlette's
 # StreamingResponse iterates a stream in a child task of its own).
 _request: contextvars.ContextVar[tuple[asyncio.Task | None, Any] | None] = \
     contextvars.ContextVar('channels.asgi request', default=None)
@@ -549,7 +549,8 @@ class _Hook:
         self.sweeper: asyncio.TimerHandle | None = None
         self.canceller: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task | None = None
-        # the tasks holding open streams: [how many, the transport to abort or None]
+        # the tasks holding open streams: [how many, the request's send through the
+        # middleware (to find the transport to abort) or None]
         self.streams: dict[asyncio.Task, list[Any]] = {}
         self.ended: list[Any] = []      # the transports of the streams ended while stopping
 
@@ -603,8 +604,8 @@ class _Hook:
         where the connection is not known); and abort the connections of streams that
         ended meanwhile but whose last bytes are still unwritten."""
         self.canceller = None
-        stuck = [(task, transport) for task, (_, transport) in self.streams.items()
-                 if not task.done()]
+        stuck = [(task, _transport_of(send, task) if send else None)
+                 for task, (_, send) in self.streams.items() if not task.done()]
         for task, transport in stuck:
             if transport is not None:
                 transport.abort()
@@ -656,11 +657,11 @@ def _hook(loop: asyncio.AbstractEventLoop) -> _Hook:
 def _track(loop: asyncio.AbstractEventLoop) -> asyncio.Task | None:
     """Count an open stream against the task that a stuck stream cancels: its request's
     (see :data:`_request_task`), else the one running it."""
-    task, transport = _request.get() or (None, None)
+    task, send = _request.get() or (None, None)
     if task is None or task.done():
-        task, transport = asyncio.current_task(), None
+        task, send = asyncio.current_task(), None
     if task is not None:
-        entry = _hook(loop).streams.setdefault(task, [0, transport])
+        entry = _hook(loop).streams.setdefault(task, [0, send])
         entry[0] += 1
     return task
 
@@ -687,8 +688,9 @@ def _untrack(loop: asyncio.AbstractEventLoop, task: asyncio.Task | None) -> None
         entry[0] -= 1
     elif entry is not None:
         del hook.streams[task]
-        if hook.stopping and entry[1] is not None:
-            hook.ended.append(entry[1])
+        transport = _transport_of(entry[1], task) if hook.stopping and entry[1] else None
+        if transport is not None:
+            hook.ended.append(transport)
 
 
 def _unwritten(transport: Any) -> int:
@@ -774,7 +776,7 @@ class EndStreamsOnShutdown:
             self._loops.add(loop)
             _hook(loop).install()
         task = asyncio.current_task()
-        token = _request.set((task, _transport_of(send, task)))
+        token = _request.set((task, send))
         try:
             await self.app(scope, receive, send)
         finally:
