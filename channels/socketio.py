@@ -328,15 +328,20 @@ class Manager(_ChannelsPubSub, PubSubManager):
         super().initialize()
 
     def _confirm(self) -> None:
+        """Wait for the subscription to be in force (on its own thread); then let the
+        connections waiting in :meth:`pre_connect` go on."""
         if not _runtime.flush(self.ready_timeout):
             logger.warning('the Socket.IO subscription to %r is not in force after %.1fs; '
                            'going on regardless', self.topic, self.ready_timeout)
         self._in_force.set()
 
-    def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
-        # every connection waits until the subscription is in force (at most ready_timeout)
+    def _listening(self) -> None:
+        """Wait until the subscription is in force (at most ``ready_timeout`` s)."""
         if self._receiver is not None and not self._in_force.is_set():
             self._in_force.wait(self.ready_timeout)
+
+    def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
+        self._listening()         # every connection: once the subscription is in force
         return super().pre_connect(eio_sid, namespace)
 
     def emit(self, event: str, data: Any, namespace: str | None = None, room: Any = None,
@@ -344,6 +349,7 @@ class Manager(_ChannelsPubSub, PubSubManager):
              **kwargs: Any) -> None:
         if callback is not None and not kwargs.get('ignore_queue'):
             self._start_for_callback()
+            self._listening()
         return super().emit(event, data, namespace=namespace, room=room,
                             skip_sid=skip_sid, callback=callback, to=to, **kwargs)
 
