@@ -85,10 +85,11 @@ _WATCH_INTERVAL = 0.1         # how often uvicorn's server is looked at (as uvic
 STUCK_GRACE = 1.0
 """Seconds after the server starts to stop at which a stream that has still not ended
 (its client takes nothing of what is written, so a write waits for ever) is cut off, so
-that the stop does not wait for a client that does not read: through
-:class:`EndStreamsOnShutdown` under uvicorn, its connection is aborted (the write
-returns, the stream ends as for a client that left); otherwise its task is cancelled
-(uvicorn logs that as an error)."""
+that the stop does not wait for a client that does not read: under uvicorn (alone or
+as gunicorn's worker) its connection is aborted, found through
+:class:`EndStreamsOnShutdown` or among uvicorn's connections that still hold unwritten
+bytes, so the write returns and the stream ends as for a client that left; elsewhere
+its task is cancelled (the server may log that as an error)."""
 
 # The request that passes through EndStreamsOnShutdown: its task and the server's send,
 # from which the server's transport is found when needed (:func:`_transport_of`). A
@@ -553,6 +554,7 @@ class _Hook:
         # middleware (to find the transport to abort) or None]
         self.streams: dict[asyncio.Task, list[Any]] = {}
         self.ended: list[Any] = []      # the transports of the streams ended while stopping
+        self.server: Any = None         # uvicorn's Server, where its handler was chained
 
     def install(self) -> None:
         self.installs += 1
@@ -571,6 +573,7 @@ class _Hook:
         term = self.chained.get(signal.SIGTERM)
         server = getattr(term and term.previous, '__self__', None)  # uvicorn: handle_exit
         if hasattr(server, 'should_exit'):
+            self.server = server
             self.watcher = self.loop.create_task(self._watch(server))
 
     def uninstall(self) -> None:
@@ -585,7 +588,7 @@ class _Hook:
         for pending in (self.sweeper, self.canceller, self.watcher):
             if pending is not None:
                 pending.cancel()
-        self.sweeper = self.canceller = self.watcher = None
+        self.sweeper = self.canceller = self.watcher = self.server = None
         self.stopping = False
         self.ended = []
 
@@ -606,23 +609,33 @@ class _Hook:
         self.canceller = None
         stuck = [(task, _transport_of(send, task) if send else None)
                  for task, (_, send) in self.streams.items() if not task.done()]
-        for task, transport in stuck:
-            if transport is not None:
-                transport.abort()
-            else:
-                task.cancel()
+        # Under uvicorn, its connections that still hold unwritten bytes this far into
+        # the stop have clients that take nothing (the transports of streams that went
+        # through no middleware among them): aborted, their writes return.
+        state = getattr(self.server, 'server_state', None)
+        clogged = [transport for transport in
+                   (getattr(connection, 'transport', None)
+                    for connection in list(getattr(state, 'connections', ())))
+                   if transport is not None and _unwritten(transport)]
         # streams that ended during the stop, whose last writes (the response's end, the
         # websocket's close frame) the client never took: the server's close of the
         # transport waits for them to be written, for ever
         ended, self.ended = self.ended, []
-        for transport in ended:
-            if _unwritten(transport):
-                stuck.append((None, transport))
-                transport.abort()
-        if stuck:
+        aborted = {id(transport): transport for transport in
+                   [transport for _, transport in stuck if transport is not None] +
+                   clogged + [transport for transport in ended if _unwritten(transport)]}
+        for transport in aborted.values():
+            transport.abort()
+        cancelled = 0
+        if not clogged:          # else the unknown ones are among the clogged, most likely
+            for task, transport in stuck:
+                if transport is None:
+                    task.cancel()
+                    cancelled += 1
+        if aborted or cancelled:
             logger.warning('the server is stopping: cut off %d stream(s) still writing '
                            '%.1fs after the stop (their clients take nothing of what is '
-                           'written)', len(stuck), STUCK_GRACE)
+                           'written)', len(aborted) + cancelled, STUCK_GRACE)
 
     def _sweep(self) -> None:
         if self.stopping:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -795,6 +796,31 @@ def test_a_relay_whose_close_the_client_never_takes_is_aborted_soon_after_the_st
             assert connection.sent[-1]['code'] == 1001 and not connection.aborted
             await _until(lambda: connection.aborted, 'the abort')  # ... never written
     run(main())
+
+
+def test_under_uvicorn_a_stuck_stream_without_the_middleware_has_its_connection_aborted(
+        monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+    server = FakeUvicornServer()
+    connection = StuckConnection()
+    server.server_state = types.SimpleNamespace(connections={connection})
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    connection.get_write_buffer_size = lambda: 0 if connection.aborted.is_set() else 65536
+
+    async def main():
+        async with end_streams_on_shutdown():
+            request = asyncio.ensure_future(stream_app('feed', ready=READY)(
+                http_scope(), connection.receive, connection.send))
+            await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+            send('feed', n=1)
+            await _until(lambda: connection.writes == 3, 'the write to wait')
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(request, TIMEOUT)     # not cancelled: the write returned
+            assert connection.aborted.is_set()
+    try:
+        run(main())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _until(predicate: Callable[[], Any], what: str) -> None:
