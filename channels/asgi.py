@@ -28,7 +28,9 @@ closes every open inbox of the worker's event loop (:func:`channels.inbox.close_
 so every ``async for message in inbox`` ends, the helpers' and your own, and keeps
 closing those opened later until the lifespan shutdown. Under uvicorn it also watches
 the server, for the stops that come without a signal (``--limit-max-requests``, and
-gunicorn's ``--max-requests``). At the lifespan shutdown the handlers are put back.
+gunicorn's ``--max-requests``). A stream whose client takes nothing of what is written
+(its write waits for ever) is cut off :data:`STUCK_GRACE` seconds (1) into the stop.
+At the lifespan shutdown the handlers are put back.
 
 Nothing here imports Starlette or FastAPI: Starlette's ``WebSocket`` and ``Request``
 are used through the ASGI messages they pass on.
@@ -37,12 +39,14 @@ are used through the ASGI messages they pass on.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
 import signal
 import threading
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -56,7 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = ['sse_events', 'sse_event', 'EventStream', 'relay_websocket',
            'EndStreamsOnShutdown', 'end_streams_on_shutdown', 'end_streams',
-           'SSE_HEADERS', 'KEEPALIVE']
+           'SSE_HEADERS', 'KEEPALIVE', 'STUCK_GRACE']
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,21 @@ SSE_HEADERS = [(b'content-type', b'text/event-stream; charset=utf-8'),
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _SWEEP_INTERVAL = 0.1         # while stopping: how often inboxes opened since are closed
 _WATCH_INTERVAL = 0.1         # how often uvicorn's server is looked at (as uvicorn does)
+STUCK_GRACE = 1.0
+"""Seconds after the server starts to stop at which a stream that has still not ended
+(its client takes nothing of what is written, so a write waits for ever) is cut off, so
+that the stop does not wait for a client that does not read: under uvicorn (alone or
+as gunicorn's worker) its connection is aborted, found through
+:class:`EndStreamsOnShutdown` or among uvicorn's connections that still hold unwritten
+bytes, so the write returns and the stream ends as for a client that left; elsewhere
+its task is cancelled (the server may log that as an error)."""
+
+# The request that passes through EndStreamsOnShutdown: its task and the server's send,
+# from which the server's transport is found when needed (:func:`_transport_of`). A
+# stuck stream aborts the transport, else cancels the task (Starlette's
+# StreamingResponse iterates a stream in a child task of its own).
+_request: contextvars.ContextVar[tuple[asyncio.Task | None, Any] | None] = \
+    contextvars.ContextVar('channels.asgi request', default=None)
 _KEEPALIVE_COMMENT = b': keepalive\n\n'
 
 
@@ -89,9 +108,11 @@ def sse_event(data: Any = None, event: str | None = None, *, id: str | None = No
     and the blank line that ends it.
 
     *data* that is a ``str`` is sent as it is (one ``data:`` line per line of it); any
-    other value but ``None`` as JSON. ``None`` sends no ``data:`` line (an event without
-    one is not dispatched by browsers: use it for *retry* alone). *retry* is the
-    reconnection delay in milliseconds that ``EventSource`` uses from then on.
+    other value but ``None`` as JSON (``TypeError`` for what JSON has no form for, such
+    as a set or a datetime, ``ValueError`` for ``NaN`` and infinities, which browsers'
+    ``JSON.parse`` refuses). ``None`` sends no ``data:`` line (an event without one is
+    not dispatched by browsers: use it for *retry* alone). *retry* is the reconnection
+    delay in milliseconds that ``EventSource`` uses from then on.
     """
     lines = []
     for name, value in (('event', event), ('id', id)):
@@ -106,7 +127,7 @@ def sse_event(data: Any = None, event: str | None = None, *, id: str | None = No
                              f'{retry!r}')
         lines.append(f'retry: {retry}')
     if data is not None:
-        text = data if isinstance(data, str) else json.dumps(data)
+        text = data if isinstance(data, str) else _json(data)
         lines.extend(f'data: {line}' for line in (text.splitlines() or ['']))
     return ('\n'.join(lines) + '\n\n').encode()
 
@@ -142,6 +163,9 @@ def sse_events(*topics: str, data: Callable[[Message], Any] | None = None,
         ``overflow='error'``, a client that falls *maxsize* messages behind gets
         ``event: lagged`` with ``{"missed": N}`` and the stream ends (``EventSource``
         reconnects).
+
+    A message whose event cannot be JSON (a set, a datetime, ``NaN``) is skipped and
+    logged as an error; the stream goes on.
 
     The stream ends when the client disconnects, when the inbox overflows, when the
     server stops (with :class:`EndStreamsOnShutdown` or :class:`end_streams_on_shutdown`;
@@ -243,8 +267,10 @@ class EventStream:
             logger.warning('SSE stream of %s not started: %s', ', '.join(inbox.topics), exc)
             return
         watcher: asyncio.Future | None = None
+        loop = asyncio.get_running_loop()
+        task = _track(loop)
         try:
-            if _stopping(asyncio.get_running_loop()):
+            if _stopping(loop):
                 return
             if receive is not None:
                 watcher = asyncio.ensure_future(_until_disconnect(receive))
@@ -269,12 +295,18 @@ class EventStream:
                 payload = message.data if self._data is None else self._data(message)
                 if payload is None or self.disconnected:
                     continue
-                yield payload if isinstance(payload, bytes) else \
-                    sse_event(payload, event=self._event)
+                if not isinstance(payload, bytes):
+                    try:
+                        payload = sse_event(payload, event=self._event)
+                    except (TypeError, ValueError) as exc:   # not JSON: skip it, go on
+                        _unsendable('SSE stream', inbox, message, exc)
+                        continue
+                yield payload
         finally:
             if watcher is not None:
                 watcher.cancel()
             inbox.close()
+            _untrack(loop, task)
 
     def _watched(self, watcher: asyncio.Future) -> None:
         if watcher.cancelled():
@@ -324,7 +356,9 @@ async def relay_websocket(websocket: Any, *topics: str,
     when the server stops (with :class:`EndStreamsOnShutdown` or
     :class:`end_streams_on_shutdown`), 1013 when the client fell *maxsize* messages
     behind (``overflow='error'``) or the broker did not confirm the subscriptions in
-    time, and 1011 when *data* or *on_receive* raised (the error is raised on).
+    time, and 1011 when *data* or *on_receive* raised (the error is raised on). A message
+    whose frame cannot be JSON (a set, a datetime, ``NaN``) is skipped and logged as an
+    error; the relay goes on.
     """
     receive, send, accept = _websocket_io(websocket)
     if data is not None and not callable(data):
@@ -341,8 +375,10 @@ async def relay_websocket(websocket: Any, *topics: str,
         logger.warning('websocket relay of %s not started: %s', ', '.join(topics), exc)
         await _close(send, 1013, 'the message broker is unavailable; retry')
         return
+    loop = asyncio.get_running_loop()
+    task = _track(loop)
     try:
-        if _stopping(asyncio.get_running_loop()):
+        if _stopping(loop):
             await _close(send, 1001, 'the server is stopping')
             return
         if ready is not None:
@@ -357,6 +393,7 @@ async def relay_websocket(websocket: Any, *topics: str,
         raise
     finally:
         inbox.close()
+        _untrack(loop, task)
 
 
 async def _relay(inbox: Inbox, receive: Receive, send: Send,
@@ -366,8 +403,14 @@ async def _relay(inbox: Inbox, receive: Receive, send: Send,
         try:
             async for message in inbox:
                 payload = message.data if data is None else data(message)
-                if payload is not None:
-                    await _send_frame(send, payload)
+                if payload is None:
+                    continue
+                try:
+                    frame = _frame(payload)
+                except (TypeError, ValueError) as exc:        # not JSON: skip it, go on
+                    _unsendable('websocket relay', inbox, message, exc)
+                    continue
+                await send(frame)
         except InboxOverflowError as exc:
             logger.warning('websocket relay of %s fell %d messages behind and missed %d; '
                            'closing it', ', '.join(inbox.topics), inbox.maxsize, exc.dropped)
@@ -433,13 +476,41 @@ def _websocket_io(websocket: Any) -> tuple[Receive, Send, Callable[[], Awaitable
     return receive, send, accept
 
 
-async def _send_frame(send: Send, payload: Any) -> None:
+def _frame(payload: Any) -> ASGIMessage:
+    """The ``websocket.send`` event for *payload*; raises ``TypeError``/``ValueError``
+    for what is not JSON."""
     if isinstance(payload, str):
-        await send({'type': 'websocket.send', 'text': payload})
-    elif isinstance(payload, (bytes, bytearray, memoryview)):
-        await send({'type': 'websocket.send', 'bytes': bytes(payload)})
-    else:
-        await send({'type': 'websocket.send', 'text': json.dumps(payload)})
+        return {'type': 'websocket.send', 'text': payload}
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return {'type': 'websocket.send', 'bytes': bytes(payload)}
+    return {'type': 'websocket.send', 'text': _json(payload)}
+
+
+async def _send_frame(send: Send, payload: Any) -> None:
+    await send(_frame(payload))
+
+
+def _json(value: Any) -> str:
+    """*value* as JSON that browsers parse: ``NaN`` and ``Infinity`` are refused
+    (``ValueError``) as are sets, datetimes and other objects JSON has no form for
+    (``TypeError``)."""
+    return json.dumps(value, allow_nan=False)
+
+
+_unsendable_ids: deque[str] = deque(maxlen=64)     # the messages logged as not JSON
+
+
+def _unsendable(stream: str, inbox: Inbox, message: Message, error: Exception) -> None:
+    """A message whose data is not JSON is skipped by the stream, which goes on: one bad
+    message (from any process) must not end every open stream of every worker. It is
+    logged once per process, not once per stream."""
+    if message.id in _unsendable_ids:
+        return
+    _unsendable_ids.append(message.id)
+    logger.error('%s of %s skipped message %s of %r (and so does every stream of this '
+                 'process that gets it): its data cannot be sent as JSON (%s); send JSON-'
+                 'able data, or pass data= to turn it into str or bytes', stream,
+                 ', '.join(inbox.topics), message.id, message.topic, error)
 
 
 async def _close(send: Send, code: int, reason: str) -> None:
@@ -477,7 +548,13 @@ class _Hook:
         self.stopping = False
         self.chained: dict[int, _Chained] = {}
         self.sweeper: asyncio.TimerHandle | None = None
+        self.canceller: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task | None = None
+        # the tasks holding open streams: [how many, the request's send through the
+        # middleware (to find the transport to abort) or None]
+        self.streams: dict[asyncio.Task, list[Any]] = {}
+        self.ended: list[Any] = []      # the transports of the streams ended while stopping
+        self.server: Any = None         # uvicorn's Server, where its handler was chained
 
     def install(self) -> None:
         self.installs += 1
@@ -496,6 +573,7 @@ class _Hook:
         term = self.chained.get(signal.SIGTERM)
         server = getattr(term and term.previous, '__self__', None)  # uvicorn: handle_exit
         if hasattr(server, 'should_exit'):
+            self.server = server
             self.watcher = self.loop.create_task(self._watch(server))
 
     def uninstall(self) -> None:
@@ -507,19 +585,57 @@ class _Hook:
             if signal.getsignal(signum) is chained:   # else another handler wraps it now
                 signal.signal(signum, chained.previous)
         self.chained.clear()
-        for pending in (self.sweeper, self.watcher):
+        for pending in (self.sweeper, self.canceller, self.watcher):
             if pending is not None:
                 pending.cancel()
-        self.sweeper = self.watcher = None
+        self.sweeper = self.canceller = self.watcher = self.server = None
         self.stopping = False
+        self.ended = []
 
     def stop(self, reason: str) -> int:
         ended = close_all(self.loop)
         if self.installs > 0 and not self.stopping:
             self.stopping = True
             self.sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+            self.canceller = self.loop.call_later(STUCK_GRACE, self._cancel_stuck)
             logger.info('the server is stopping (%s): ended %d open stream(s)', reason, ended)
         return ended
+
+    def _cancel_stuck(self) -> None:
+        """:data:`STUCK_GRACE` s into the stop: the streams still open wait on a write to a
+        client that takes nothing: abort their connections (cancel their requests' tasks
+        where the connection is not known); and abort the connections of streams that
+        ended meanwhile but whose last bytes are still unwritten."""
+        self.canceller = None
+        stuck = [(task, _transport_of(send, task) if send else None)
+                 for task, (_, send) in self.streams.items() if not task.done()]
+        # Under uvicorn, its connections that still hold unwritten bytes this far into
+        # the stop have clients that take nothing (the transports of streams that went
+        # through no middleware among them): aborted, their writes return.
+        state = getattr(self.server, 'server_state', None)
+        clogged = [transport for transport in
+                   (getattr(connection, 'transport', None)
+                    for connection in list(getattr(state, 'connections', ())))
+                   if transport is not None and _unwritten(transport)]
+        # streams that ended during the stop, whose last writes (the response's end, the
+        # websocket's close frame) the client never took: the server's close of the
+        # transport waits for them to be written, for ever
+        ended, self.ended = self.ended, []
+        aborted = {id(transport): transport for transport in
+                   [transport for _, transport in stuck if transport is not None] +
+                   clogged + [transport for transport in ended if _unwritten(transport)]}
+        for transport in aborted.values():
+            transport.abort()
+        cancelled = 0
+        if not clogged:          # else the unknown ones are among the clogged, most likely
+            for task, transport in stuck:
+                if transport is None:
+                    task.cancel()
+                    cancelled += 1
+        if aborted or cancelled:
+            logger.warning('the server is stopping: cut off %d stream(s) still writing '
+                           '%.1fs after the stop (their clients take nothing of what is '
+                           'written)', len(aborted) + cancelled, STUCK_GRACE)
 
     def _sweep(self) -> None:
         if self.stopping:
@@ -549,6 +665,53 @@ def _hook(loop: asyncio.AbstractEventLoop) -> _Hook:
     if hook is None:
         hook = _hooks[loop] = _Hook(loop)
     return hook
+
+
+def _track(loop: asyncio.AbstractEventLoop) -> asyncio.Task | None:
+    """Count an open stream against the task that a stuck stream cancels: its request's
+    (see :data:`_request_task`), else the one running it."""
+    task, send = _request.get() or (None, None)
+    if task is None or task.done():
+        task, send = asyncio.current_task(), None
+    if task is not None:
+        entry = _hook(loop).streams.setdefault(task, [0, send])
+        entry[0] += 1
+    return task
+
+
+def _transport_of(send: Send, task: asyncio.Task | None) -> Any:
+    """The server's transport of a request, where it shows (uvicorn's ``send`` is a method
+    of its cycle or protocol, which has ``transport``; under Starlette's middleware the
+    request's task runs that object's ``run_asgi``), else None."""
+    for owner in (getattr(send, '__self__', None),
+                  getattr(getattr(task and task.get_coro(), 'cr_frame', None), 'f_locals',
+                          {}).get('self')):
+        transport = getattr(owner, 'transport', None)
+        if callable(getattr(transport, 'abort', None)):
+            return transport
+    return None
+
+
+def _untrack(loop: asyncio.AbstractEventLoop, task: asyncio.Task | None) -> None:
+    hook = _hooks.get(loop)
+    if task is None or hook is None:
+        return
+    entry = hook.streams.get(task)
+    if entry is not None and entry[0] > 1:
+        entry[0] -= 1
+    elif entry is not None:
+        del hook.streams[task]
+        transport = _transport_of(entry[1], task) if hook.stopping and entry[1] else None
+        if transport is not None:
+            hook.ended.append(transport)
+
+
+def _unwritten(transport: Any) -> int:
+    """Bytes *transport* holds that the client has not taken (0 where it cannot say)."""
+    try:
+        return int(transport.get_write_buffer_size())
+    except Exception:              # not an asyncio transport, or closed already
+        return 0
 
 
 def _stopping(loop: asyncio.AbstractEventLoop) -> bool:
@@ -625,7 +788,12 @@ class EndStreamsOnShutdown:
         if loop not in self._loops:            # no lifespan: from the first request on
             self._loops.add(loop)
             _hook(loop).install()
-        await self.app(scope, receive, send)
+        task = asyncio.current_task()
+        token = _request.set((task, send))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _request.reset(token)
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         async def wrapped() -> ASGIMessage:

@@ -68,7 +68,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .channel import Channel
 from .errors import BrokerUnavailableError, InboxOverflowError, ShutdownError
-from .inbox import listen
+from . import inbox as _inbox_module
+from .inbox import Inbox
 from .message import Message
 from .runtime import FLUSH_TIMEOUT, runtime as _runtime
 from .topics import is_pattern, validate_topic
@@ -84,6 +85,19 @@ MAXSIZE = 10_000
 """Messages a process's manager holds for python-socketio's listener when it is behind."""
 
 _UNSUPPORTED_MODES = ('eventlet', 'gevent', 'gevent_uwsgi')
+
+
+class _ListenerInbox(Inbox):
+    """The async manager's inbox. It is the server's own subscription, not a stream of a
+    client, so :func:`channels.inbox.close_all` leaves it open: ``end_streams()`` and
+    ``EndStreamsOnShutdown`` (which end the worker's open streams when the server starts
+    to stop, while its Socket.IO clients are still connected) must not make it miss
+    messages."""
+
+    def __init__(self, topic: str, *, maxsize: int, ready_timeout: float) -> None:
+        super().__init__((topic,), maxsize=maxsize, ready_timeout=ready_timeout)
+        with _inbox_module._inboxes_lock:       # the module's lock (made anew after fork)
+            _inbox_module._inboxes.discard(self)
 
 
 class _ChannelsPubSub:
@@ -140,6 +154,19 @@ class _ChannelsPubSub:
         self._host_id = value
         self._host_pid = os.getpid()
 
+    def _check_server(self, server: Any, asyncio_based: bool) -> None:
+        """Refuse a server of the other kind: an async manager's coroutines are never
+        awaited by a sync server (its emits would vanish without a word), and a sync
+        manager would block an async server's event loop."""
+        is_async = getattr(server, 'is_asyncio_based', None)
+        if callable(is_async) and bool(is_async()) != asyncio_based:
+            mine, theirs = (('AsyncManager', 'socketio.AsyncServer') if asyncio_based else
+                            ('Manager', 'socketio.Server or Flask-SocketIO'))
+            raise ValueError(f'channels.socketio.{mine} is for {theirs}, not for '
+                             f'{type(server).__module__}.{type(server).__qualname__}: use '
+                             f'channels.socketio.{"Manager" if asyncio_based else "AsyncManager"}'
+                             f'() with it')
+
     def _first_start(self) -> bool:
         """True the first time only: ``initialize()`` may be called by the server and by
         :meth:`_start_for_callback` at once, and must listen once."""
@@ -179,11 +206,17 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
     :ready_timeout: seconds a connection waits for the subscription to be in force at
         the broker before it goes on regardless (with a warning).
 
-    Raises ``ValueError`` for a channel with wildcards and for bad numbers.
+    Raises ``ValueError`` for a channel with wildcards and for bad numbers, and when
+    given to a sync server (``socketio.Server``, Flask-SocketIO: use :class:`Manager`).
     """
 
     def _init_listener(self) -> None:
         self._ready: asyncio.Event | None = None
+
+    def set_server(self, server: Any) -> None:
+        """Called by ``socketio.AsyncServer``; raises ``ValueError`` for a sync server."""
+        self._check_server(server, asyncio_based=True)
+        super().set_server(server)
 
     def initialize(self) -> None:
         """Start listening (python-socketio calls this on the first connection)."""
@@ -225,11 +258,13 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
         """The messages of :attr:`topic`, from one inbox on the server's loop."""
         while True:
             try:
-                async with listen(self.topic, maxsize=self.maxsize,
-                                  ready_timeout=self.ready_timeout) as inbox:
+                async with _ListenerInbox(self.topic, maxsize=self.maxsize,
+                                          ready_timeout=self.ready_timeout) as inbox:
                     self._ready.set()
                     async for message in inbox:
                         yield message.data
+                logger.warning('the Socket.IO listener of %r was closed; listening again '
+                               '(what was sent meanwhile is missed)', self.topic)
             except InboxOverflowError as exc:
                 logger.error('the Socket.IO listener of %r fell %d messages behind and '
                              'missed them (their clients did not get them); listening '
@@ -254,8 +289,9 @@ class Manager(_ChannelsPubSub, PubSubManager):
     listening thread: a message that finds it full is dropped, and the drops are logged
     as an error with their count.
 
-    Raises ``ValueError`` for a channel with wildcards and for bad numbers, and
-    ``ValueError`` when given to a server whose async mode is eventlet or gevent.
+    Raises ``ValueError`` for a channel with wildcards and for bad numbers, and when
+    given to an async server (``socketio.AsyncServer``: use :class:`AsyncManager`) or
+    to a server whose async mode is eventlet or gevent.
     """
 
     def _init_listener(self) -> None:
@@ -266,6 +302,9 @@ class Manager(_ChannelsPubSub, PubSubManager):
         self._dropping = 0
 
     def set_server(self, server: Any) -> None:
+        """Called by ``socketio.Server``; raises ``ValueError`` for an async server, or for
+        a server in eventlet or gevent mode."""
+        self._check_server(server, asyncio_based=False)
         mode = getattr(server, 'async_mode', None)
         if mode in _UNSUPPORTED_MODES:
             raise ValueError(
@@ -277,22 +316,35 @@ class Manager(_ChannelsPubSub, PubSubManager):
 
     def initialize(self) -> None:
         """Subscribe and start listening (python-socketio calls this on the first
-        connection, which waits until the subscription is in force at the broker)."""
+        connection, in Engine.IO's handshake). The wait for the subscription to be in
+        force at the broker is on a thread of its own, and each Socket.IO connection
+        waits for it in :meth:`pre_connect`: blocking here would hold the websocket's
+        handshake, which clients give up on (websocket-client after 5 s) while the
+        broker is slow or away."""
         if not self._first_start():
             return
         if not self.write_only:
             self._queue = queue.Queue(self.maxsize)
             self._receiver = Channel(self.topic, self._enqueue)
-            if not _runtime.flush(self.ready_timeout):
-                logger.warning('the Socket.IO subscription to %r is not in force after '
-                               '%.1fs; going on regardless', self.topic, self.ready_timeout)
-            self._in_force.set()
+            threading.Thread(target=self._confirm, name='channels-socketio-subscribe',
+                             daemon=True).start()
         super().initialize()
 
-    def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
-        # the first connection waited in initialize(); one that came meanwhile waits here
+    def _confirm(self) -> None:
+        """Wait for the subscription to be in force (on its own thread); then let the
+        connections waiting in :meth:`pre_connect` go on."""
+        if not _runtime.flush(self.ready_timeout):
+            logger.warning('the Socket.IO subscription to %r is not in force after %.1fs; '
+                           'going on regardless', self.topic, self.ready_timeout)
+        self._in_force.set()
+
+    def _listening(self) -> None:
+        """Wait until the subscription is in force (at most ``ready_timeout`` s)."""
         if self._receiver is not None and not self._in_force.is_set():
             self._in_force.wait(self.ready_timeout)
+
+    def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
+        self._listening()         # every connection: once the subscription is in force
         return super().pre_connect(eio_sid, namespace)
 
     def emit(self, event: str, data: Any, namespace: str | None = None, room: Any = None,
@@ -300,6 +352,7 @@ class Manager(_ChannelsPubSub, PubSubManager):
              **kwargs: Any) -> None:
         if callback is not None and not kwargs.get('ignore_queue'):
             self._start_for_callback()
+            self._listening()
         return super().emit(event, data, namespace=namespace, room=room,
                             skip_sid=skip_sid, callback=callback, to=to, **kwargs)
 

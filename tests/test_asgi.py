@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -644,3 +645,189 @@ def test_importing_channels_asgi_imports_no_framework():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == '[]'
+
+
+# one bad message ------------------------------------------------------------------------------
+
+def test_a_message_that_is_not_json_is_skipped_and_the_stream_goes_on(caplog):
+    async def main():
+        client = Client(stream_app('feed', ready=READY))
+        await opened(client)
+        send('feed', bad={1, 2})                 # a set: JSON has no form for it
+        send('feed', nan=float('nan'))           # JSON.parse refuses NaN
+        send('feed', n=1)
+        assert await client.event() == ('message', {'n': 1})
+        client.disconnect()
+        await client.finished()
+    run(main())
+    assert sum('cannot be sent as JSON' in r.getMessage() for r in caplog.records
+               if r.levelname == 'ERROR') == 2
+
+
+def test_a_message_that_is_not_json_is_logged_once_whatever_the_streams_it_reaches(caplog):
+    async def main():
+        clients = [Client(stream_app('feed', ready=READY)) for _ in range(3)]
+        for client in clients:
+            await opened(client)
+        send('feed', bad={1, 2})
+        send('feed', n=1)
+        for client in clients:
+            assert await client.event() == ('message', {'n': 1})
+            client.disconnect()
+            await client.finished()
+    run(main())
+    assert sum('cannot be sent as JSON' in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_relay_skips_a_message_that_is_not_json_and_goes_on(caplog):
+    async def main():
+        client = WebSocketClient(lambda ws: relay_websocket(ws, 'feed', ready='ready'))
+        assert (await client.next())['type'] == 'websocket.accept'
+        assert await client.frame() == 'ready'
+        send('feed', bad={1, 2})
+        send('feed', n=1)
+        assert await client.frame() == '{"n": 1}'
+        client.disconnect()
+        await client.finished()
+    run(main())
+    assert any('cannot be sent as JSON' in r.getMessage() for r in caplog.records
+               if r.levelname == 'ERROR')
+
+
+# a client that reads nothing ------------------------------------------------------------------
+
+class StuckConnection:
+    """A server's connection whose client takes nothing: after the first writes, send()
+    waits until the transport is aborted (then, as uvicorn's, it ignores what follows)."""
+
+    def __init__(self) -> None:
+        self.transport = self               # uvicorn's cycle: send.__self__.transport
+        self.aborted = asyncio.Event()
+        self.writes = 0
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    async def receive(self) -> dict:
+        await asyncio.Event().wait()        # the client says nothing, and stays
+        return {}
+
+    async def send(self, event: dict) -> None:
+        self.writes += 1
+        if self.writes > 2 and not self.aborted.is_set():
+            await self.aborted.wait()
+
+
+def test_a_stream_whose_client_reads_nothing_is_cut_off_soon_after_the_stop(
+        server_handler, monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+    app = EndStreamsOnShutdown(routed(helper=stream_app('feed', ready=READY)))
+
+    async def main():
+        async with Lifespan(app):
+            connection = StuckConnection()
+            request = asyncio.ensure_future(app(http_scope(path='helper'),
+                                                connection.receive, connection.send))
+            await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+            send('feed', n=1)                       # its write waits for ever
+            await _until(lambda: connection.writes == 3, 'the write to wait')
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(request, TIMEOUT)   # the abort let the write return
+            assert connection.aborted.is_set()
+    run(main())
+
+
+def test_without_the_middleware_a_stuck_stream_is_cancelled_soon_after_the_stop(
+        server_handler, monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+
+    async def main():
+        async with end_streams_on_shutdown():
+            connection = StuckConnection()
+            request = asyncio.ensure_future(stream_app('feed', ready=READY)(
+                http_scope(), connection.receive, connection.send))
+            await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+            send('feed', n=1)
+            await _until(lambda: connection.writes == 3, 'the write to wait')
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(request, TIMEOUT)
+            assert not connection.aborted.is_set()
+    run(main())
+
+
+class UnflushedTransport:
+    """A websocket connection whose client took nothing: whatever is sent (the close
+    frame too) stays in the transport's buffer until it is aborted."""
+
+    def __init__(self) -> None:
+        self.transport = self
+        self.aborted = False
+        self.inbound: asyncio.Queue = asyncio.Queue()
+        self.inbound.put_nowait({'type': 'websocket.connect'})
+        self.sent: list[dict] = []
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self.aborted else 4096
+
+    async def send(self, event: dict) -> None:
+        self.sent.append(event)
+
+
+def test_a_relay_whose_close_the_client_never_takes_is_aborted_soon_after_the_stop(
+        server_handler, monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+
+    async def relay(scope, receive, send):
+        await relay_websocket((receive, send), 'feed', ready='ready')
+    app = EndStreamsOnShutdown(routed(ws=relay))
+
+    async def main():
+        async with Lifespan(app):
+            connection = UnflushedTransport()
+            request = asyncio.ensure_future(app({'type': 'websocket', 'path': '/ws'},
+                                                connection.inbound.get, connection.send))
+            await _until(lambda: len(connection.sent) == 2, 'the ready frame')
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(request, TIMEOUT)       # closed with 1001 ...
+            assert connection.sent[-1]['code'] == 1001 and not connection.aborted
+            await _until(lambda: connection.aborted, 'the abort')  # ... never written
+    run(main())
+
+
+def test_under_uvicorn_a_stuck_stream_without_the_middleware_has_its_connection_aborted(
+        monkeypatch):
+    monkeypatch.setattr(channels.asgi, 'STUCK_GRACE', 0.2)
+    server = FakeUvicornServer()
+    connection = StuckConnection()
+    server.server_state = types.SimpleNamespace(connections={connection})
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    connection.get_write_buffer_size = lambda: 0 if connection.aborted.is_set() else 65536
+
+    async def main():
+        async with end_streams_on_shutdown():
+            request = asyncio.ensure_future(stream_app('feed', ready=READY)(
+                http_scope(), connection.receive, connection.send))
+            await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+            send('feed', n=1)
+            await _until(lambda: connection.writes == 3, 'the write to wait')
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(request, TIMEOUT)     # not cancelled: the write returned
+            assert connection.aborted.is_set()
+    try:
+        run(main())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _until(predicate: Callable[[], Any], what: str) -> None:
+    async def wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    try:
+        await asyncio.wait_for(wait(), TIMEOUT)
+    except TimeoutError:
+        raise AssertionError(f'timed out after {TIMEOUT}s waiting for {what}') from None

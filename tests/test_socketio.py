@@ -90,6 +90,15 @@ def test_the_sync_manager_refuses_green_threads(mode):
         channels.socketio.Manager().set_server(server)
 
 
+def test_a_manager_given_to_a_server_of_the_other_kind_is_refused():
+    import channels.socketio
+    with pytest.raises(ValueError, match=r'AsyncManager is for socketio.AsyncServer'):
+        socketio.Server(async_mode='threading',
+                        client_manager=channels.socketio.AsyncManager())
+    with pytest.raises(ValueError, match=r'Manager is for socketio.Server'):
+        socketio.AsyncServer(async_mode='asgi', client_manager=channels.socketio.Manager())
+
+
 def test_the_topic_is_named_after_the_channel():
     import channels.socketio
     assert channels.socketio.Manager().topic == 'socketio.socketio'
@@ -197,6 +206,28 @@ def test_a_sync_worker_without_clients_that_emits_with_a_callback_gets_the_answe
     assert answers == ['yes']
 
 
+def test_the_sync_managers_first_connection_waits_for_the_broker_after_the_handshake(
+        monkeypatch):
+    import channels.socketio
+    answered = threading.Event()
+    monkeypatch.setattr(channels.socketio._runtime, 'flush',
+                        lambda timeout: answered.wait(timeout))   # a broker that is slow
+    manager = channels.socketio.Manager()
+    server = socketio.Server(async_mode='threading', client_manager=manager)
+    started = time.monotonic()
+    server._handle_eio_connect('eio-1', {})       # Engine.IO's handshake: not held up
+    assert time.monotonic() - started < 1.0
+    connected = []
+    connecting = threading.Thread(target=lambda: connected.append(
+        manager.pre_connect('eio-1', '/')))       # Socket.IO's connect: waits
+    connecting.start()
+    connecting.join(0.1)
+    assert connecting.is_alive() and not connected      # still waiting for the broker
+    answered.set()
+    connecting.join(TIMEOUT)
+    assert connected and connected[0] is not None
+
+
 def test_an_async_worker_without_clients_that_emits_with_a_callback_gets_the_answer():
     import channels
     import channels.socketio
@@ -214,6 +245,36 @@ def test_an_async_worker_without_clients_that_emits_with_a_callback_gets_the_ans
 
     _run_async(main())
     assert answers == ['yes']
+
+
+def test_ending_the_streams_of_a_worker_leaves_its_async_listener_listening(caplog):
+    import asyncio
+    import channels
+    import channels.socketio
+    from channels.asgi import end_streams
+    manager = channels.socketio.AsyncManager()
+    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+    handled = []
+
+    async def handle_emit(message):
+        handled.append(message['data'][0]['n'])
+    manager._handle_emit = handle_emit
+
+    async def main():
+        manager.initialize()
+        await manager._listening()
+        async with channels.listen('a.stream') as stream:
+            assert end_streams() == 1             # the client's stream, not the listener
+            assert stream.closed
+            for n in range(3):
+                channels.Channel(manager.topic).send(_emit_message(n))
+            await _until(lambda: len(handled) == 3, 'the messages after end_streams()')
+        manager.thread.cancel()
+
+    with caplog.at_level(logging.WARNING):
+        _run_async(main())
+    assert handled == [0, 1, 2]
+    assert not [r for r in caplog.records if r.name == 'channels.socketio']
 
 
 # the servers -------------------------------------------------------------------------
