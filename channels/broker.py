@@ -52,7 +52,7 @@ from typing import Any
 
 import psutil
 
-from . import statefile, wire
+from . import settings, statefile, wire
 from .connection import Address, format_address, listen
 from .errors import ChannelsError, ConfigurationError, ProtocolError
 from .bridge import Bridge, Retention
@@ -692,6 +692,19 @@ def _hand_out(shares: dict[Peer, list[bytes]]) -> None:
                 peer.deliver(b''.join(group), len(group))
 
 
+_SETTING_OF = {
+    'max_frame': 'MAX_FRAME_BYTES', 'max_connections': 'MAX_CONNECTIONS',
+    'rejoin_timeout': 'REJOIN_TIMEOUT', 'max_pending': 'MAX_PENDING_BYTES',
+    'max_handshakes': 'MAX_HANDSHAKES', 'handshake_timeout': 'HANDSHAKE_TIMEOUT',
+    'partial_frame_timeout': 'PARTIAL_FRAME_TIMEOUT', 'max_topic': 'MAX_TOPIC_LENGTH',
+    'max_subscriptions': 'MAX_SUBSCRIPTIONS', 'max_patterns': 'MAX_PATTERNS',
+    'max_unanchored': 'MAX_UNANCHORED_PATTERNS', 'stall_timeout': 'STALL_TIMEOUT',
+    'bridge_url': 'BRIDGE_URL', 'bridge_namespace': 'BRIDGE_NAMESPACE',
+    'bridge_order': 'BRIDGE_ORDER', 'bridge_max_pending': 'BRIDGE_MAX_PENDING_BYTES',
+}
+"""The keyword of :class:`Broker` that each setting gives (``Broker.from_settings``)."""
+
+
 class Broker:
     """The broker: listens on *address* and routes between the processes that connect.
 
@@ -699,6 +712,19 @@ class Broker:
     the address); ``stop(timeout)`` delivers what it holds and releases everything. A
     context manager does both.
     """
+
+    @classmethod
+    def from_settings(cls, address: Address, authkey: bytes | None = None,
+                      **arguments: Any) -> Broker:
+        """A broker on *address* whose limits and bridge are this process's settings
+        (``channels.settings``, from ``CHANNELS_*`` and ``configure()``), as
+        ``channels-broker`` starts it; *arguments* are passed on and take precedence
+        (``broker_threads=``, ``broker_class=``, ``state_file=``, ...)."""
+        from_settings: dict[str, Any] = {
+            keyword: settings.get(name) for keyword, name in _SETTING_OF.items()}
+        from_settings['bridge_retention'] = Retention(
+            settings.get('BRIDGE_RETENTION_ENTRIES'), settings.get('BRIDGE_RETENTION_SECONDS'))
+        return cls(address, authkey, **{**from_settings, **arguments})
 
     def __init__(self, address: Address, authkey: bytes | None = None, *,
                  broker_threads: int = 1, broker_class: type[Worker] = MessageBroker,

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import settings, wire
-from .bridge import Retention
 from .broker import Broker
 from .connection import connect, default_address, format_address, load_authkey, parse_address
 from .errors import BrokerUnavailableError, ChannelsError, ConfigurationError, ProtocolError
@@ -154,28 +153,10 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
                              ('bridge_order', 'BRIDGE_ORDER')):
             if getattr(args, option) is not None:
                 settings.configure(**{name: getattr(args, option)})
-        broker = Broker(address, authkey, broker_threads=args.broker_threads,
-                        max_frame=settings.get('MAX_FRAME_BYTES'),
-                        max_connections=settings.get('MAX_CONNECTIONS'),
-                        rejoin_timeout=settings.get('REJOIN_TIMEOUT'),
-                        max_pending=settings.get('MAX_PENDING_BYTES'),
-                        max_handshakes=settings.get('MAX_HANDSHAKES'),
-                        handshake_timeout=settings.get('HANDSHAKE_TIMEOUT'),
-                        partial_frame_timeout=settings.get('PARTIAL_FRAME_TIMEOUT'),
-                        state_file=_state_file(args),
-                        max_topic=settings.get('MAX_TOPIC_LENGTH'),
-                        max_subscriptions=settings.get('MAX_SUBSCRIPTIONS'),
-                        max_patterns=settings.get('MAX_PATTERNS'),
-                        max_unanchored=settings.get('MAX_UNANCHORED_PATTERNS'),
-                        stall_timeout=settings.get('STALL_TIMEOUT'),
-                        bridge_url=settings.get('BRIDGE_URL'),
-                        bridge_namespace=settings.get('BRIDGE_NAMESPACE'),
-                        bridge_order=settings.get('BRIDGE_ORDER'),
-                        bridge_max_pending=settings.get('BRIDGE_MAX_PENDING_BYTES'),
-                        bridge_retention=Retention(
-                            settings.get('BRIDGE_RETENTION_ENTRIES'),
-                            settings.get('BRIDGE_RETENTION_SECONDS')),
-                        **({'broker_class': broker_class} if broker_class else {}))
+        broker = Broker.from_settings(
+            address, authkey, broker_threads=args.broker_threads,
+            state_file=_state_file(args),
+            **({'broker_class': broker_class} if broker_class else {}))
     except ChannelsError as exc:
         print(f'channels-broker: {exc}', file=sys.stderr)
         return 2

@@ -411,3 +411,16 @@ def test_a_command_whose_launcher_died_before_it_was_tied_to_it_does_not_run(tmp
                              str(not_my_parent), 'touch', str(marker)], timeout=30)
     assert result.returncode == 128 + signal.SIGTERM
     assert not marker.exists()
+
+
+def test_a_broker_from_settings_takes_every_limit_and_the_bridge_from_the_settings(tmp_path):
+    import channels
+    from channels.broker import _SETTING_OF, Broker
+    channels.configure(MAX_CONNECTIONS=7, MAX_PENDING_BYTES=123_456, STALL_TIMEOUT=3.5,
+                       BRIDGE_NAMESPACE='elsewhere', BRIDGE_RETENTION_ENTRIES=5000)
+    broker = Broker.from_settings(str(tmp_path / 'b.sock'), broker_threads=2)
+    assert (broker.max_connections, broker.bridge_namespace, broker.broker_threads) == \
+        (7, 'elsewhere', 2)
+    assert broker.bridge_retention.entries == 5000
+    assert broker.max_pending == 123_456 and broker.stall_timeout == 3.5
+    assert set(_SETTING_OF.values()) <= set(channels.settings.names())
