@@ -229,7 +229,14 @@ class _Reader:
                     self._held = None
                     ready.put(held)
                 self._size = _BEHIND_READ_SIZE
+                connection = self.connection
                 while machinery.backlog() > limit and not link.closing:
+                    if link._connection is not connection:
+                        # the sender dropped this connection (a write failed): stop now,
+                        # before it closes the descriptor (which it does at the latest
+                        # 2 s on): a new connection may get the same number, and this
+                        # thread would read (and garble) that connection's stream
+                        raise EOFError('the connection was dropped')
                     time.sleep(0.002)
                 continue
             if self._size != _READ_SIZE and machinery.backlog() <= limit // 2:
