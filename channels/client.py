@@ -229,7 +229,14 @@ class _Reader:
                     self._held = None
                     ready.put(held)
                 self._size = _BEHIND_READ_SIZE
+                connection = self.connection
                 while machinery.backlog() > limit and not link.closing:
+                    if link._connection is not connection:
+                        # the sender dropped this connection (a write failed): stop now,
+                        # before it closes the descriptor (which it does at the latest
+                        # 2 s on): a new connection may get the same number, and this
+                        # thread would read (and garble) that connection's stream
+                        raise EOFError('the connection was dropped')
                     time.sleep(0.002)
                 continue
             if self._size != _READ_SIZE and machinery.backlog() <= limit // 2:
@@ -424,7 +431,11 @@ class BrokerLink:
     @property
     def threads(self) -> list[threading.Thread]:
         """The sender thread and the reader threads, started or not."""
-        threads = [thread for reader in self.readers for thread in reader.threads]
+        # a copy first (one step under the GIL): a reader that retires meanwhile, removed
+        # from the list under iteration, would make the iteration skip the next reader,
+        # and a handler on its thread would not be seen as one (flush()/shutdown() from
+        # it would not raise)
+        threads = [thread for reader in list(self.readers) for thread in reader.threads]
         return threads if self._sender is None else [self._sender, *threads]
 
     # called by the machinery --------------------------------------------------------------
@@ -614,7 +625,7 @@ class BrokerLink:
         connection = self._connection
         if connection is not None:
             _shutdown_socket(connection)
-        for thread in [thread for reader in self.readers for thread in reader.threads]:
+        for thread in [thread for reader in list(self.readers) for thread in reader.threads]:
             thread.join(max(deadline - time.monotonic(), 0.05))
         if connection is not None:
             connection.close()

@@ -197,3 +197,40 @@ def test_delivery_goes_on_after_the_connection_is_lost_while_a_reader_thread_run
         release.set()
     wait_until(lambda: first not in machinery.link.readers, what='the old reader to retire')
     assert channels.shutdown(5) is True
+
+
+def test_a_reader_held_back_by_slow_handlers_stops_reading_a_connection_the_sender_dropped(
+        through, caplog):
+    through(MAX_PENDING_TASKS=5)
+    release, started = threading.Event(), threading.Event()
+    after = Recorder()
+
+    def slow(message):
+        started.set()
+        release.wait(10)
+
+    Channel('slow', slow)
+    Channel('after', after)
+    channels.flush(5)
+    machinery = channels.runtime.runtime.machinery
+    link = machinery.link
+    try:
+        for n in range(20):
+            Channel('slow').send({'n': n})
+        assert started.wait(5)
+        wait_until(lambda: machinery.backlog() > 5, what='the handlers to fall behind')
+        first = link.readers[0]
+        with link.machinery.send_lock:     # as _write() does when a write fails
+            link._lost = link._connection
+        link.doorbell.put(None)
+        # before the sender closes the descriptor, which a new connection may reuse
+        assert first.stopped_reading.wait(1.5)
+        wait_until(lambda: link.connected.is_set() and link.readers[-1] is not first,
+                   what='the next connection')
+    finally:
+        release.set()
+    channels.flush(5)
+    _send_paced('after', 100)
+    after.wait_for(100)
+    assert [d['n'] for d in after.data] == list(range(100))
+    assert 'invalid frame' not in caplog.text
