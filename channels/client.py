@@ -49,7 +49,7 @@ from .connection import Address, connect, format_address
 from .errors import BufferFullError, ChannelsError, MessageTooLargeError, ProtocolError
 from .message import Message, _identity
 from .ordering import Mailbox
-from .workers import run_mailbox
+from .workers import HandlerTally, run_mailbox
 
 if TYPE_CHECKING:
     from .runtime import Machinery
@@ -140,7 +140,6 @@ class _Reader:
         self.threads = [threading.Thread(target=self._loop, args=(me,), daemon=True,
                                          name=f'channels-reader-{number}{"ab"[me]}')
                         for me in (0, 1)]
-        self.thread = self.threads[0]
         self.stopped_reading = threading.Event()     # no thread reads the socket again
         self._batches: wire.BatchReader | None = None     # made by the first to lead
         self._size = _READ_SIZE
@@ -149,14 +148,14 @@ class _Reader:
         self._ended = False             # the stream ended: each thread stops
         self._held: Mailbox | None = None    # claimed by the routing of the lead holder
         self._scheduled = 0             # written by the lead holder only
-        self._ran = [0, 0]              # each thread's: tasks it ran itself
-        self.errors = [0, 0]            # each thread's: its handlers' exceptions
+        # each thread's count of the tasks it ran itself (and its handlers' errors)
+        self.tallies = [HandlerTally(link.machinery, thread.name) for thread in self.threads]
         self._alive = 2                 # under link._readers_lock
 
     @property
     def scheduled(self) -> int:
         """Tasks scheduled and not run by these threads themselves (approximate)."""
-        return self._scheduled - self._ran[0] - self._ran[1]
+        return self._scheduled - self.tallies[0].settled - self.tallies[1].settled
 
     def start(self) -> None:
         """Start both threads."""
@@ -167,7 +166,7 @@ class _Reader:
         link = self.link
         machinery = link.machinery
         lead, wants, other = self._lead, self._wants, 1 - me
-        name = self.threads[me].name
+        tally = self.tallies[me]
         ended_it = False
         try:
             while True:
@@ -188,9 +187,7 @@ class _Reader:
                     raise
                 finally:
                     lead.release()
-                ran, errors = run_mailbox(held, machinery.is_running, name)
-                self._ran[me] += ran
-                self.errors[me] += errors
+                run_mailbox(held, tally)
         except (EOFError, OSError) as exc:
             if not link.closing:
                 logger.warning('lost the connection to the broker on %s (%s); reconnecting',

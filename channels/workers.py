@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import threading
 from queue import Empty
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import settings
@@ -301,8 +300,8 @@ class TaskWorker(Worker):
                 self._box = None
 
     def _run_tasks(self) -> None:
-        # What run() does, with get_task() and the settling inlined: the per-task cost
-        # of this loop is most of a subscriber's CPU. Same checks, same order.
+        # What run() does, with get_task() and the settling inlined (run_mailbox): the
+        # per-task cost of this loop is most of a subscriber's CPU. Same checks, same order.
         ready = self.machinery.ready
         timeout = self.timeout
         while not self._stopping:
@@ -313,65 +312,58 @@ class TaskWorker(Worker):
             if box is STOP:
                 return
             self._box = box
-            tasks = box.tasks
-            streak = 0
-            channel = box.channel
-            while True:
-                try:
-                    message, subscription = tasks.popleft()
-                except IndexError:
-                    if box.release():
-                        continue
-                    self._box = None
-                    break
-                if subscription is not channel._subscription \
-                        or (message._origin or message)._dropped \
-                        or (message.deadline is not None and message.is_expired()) \
-                        or (message.droppable and not self.running):
-                    if subscription is channel._subscription:
-                        message.drop()
-                else:
-                    try:
-                        result = subscription[0](message)
-                        if result is not None and unawaited(subscription[0], result, message):
-                            self.errors += 1
-                    except BaseException:
-                        self.errors += 1
-                        logger.exception('exception was raised while running %r for %r '
-                                         'on %s', subscription[0], message, self.name)
-                self.settled += 1
-                streak += 1
-                if streak >= _STREAK and tasks and not ready.empty():
-                    self._box = None
-                    ready.put(box)   # others wait: to the back of the line, still claimed
-                    break
+            run_mailbox(box, self, only_if_others_wait=True)
+            self._box = None
 
 
-def run_mailbox(box: Mailbox, running: Callable[[], bool], name: str) -> tuple[int, int]:
-    """Run the tasks of *box*, which the caller has claimed and not put in the ready
-    queue, as a :class:`TaskWorker` runs them (the same checks, in the same order), up to
-    ``_STREAK`` of them; then let the box go, or, if tasks are left, put it into the
-    ready queue still claimed, where a task worker goes on with it.
+class HandlerTally:
+    """What :func:`run_mailbox` counts for a thread that is not a :class:`Worker`:
+    ``settled`` tasks and handlers' ``errors``; ``running`` is False once shutdown has
+    begun (its machinery's state), when droppable messages are dropped."""
 
-    For a thread that routed a message and runs its channel's handler itself (an app
-    process's broker reader): *running()* is False once shutdown has begun (droppable
-    messages are dropped then), *name* names the thread in the log. Returns the tasks
-    settled (run or dropped) and the handlers' errors.
+    __slots__ = ('machinery', 'name', 'settled', 'errors')
+
+    def __init__(self, machinery: Any, name: str) -> None:
+        self.machinery = machinery
+        self.name = name
+        self.settled = 0
+        self.errors = 0
+
+    @property
+    def running(self) -> bool:
+        """False once shutdown has begun."""
+        return self.machinery.is_running()
+
+
+def run_mailbox(box: Mailbox, owner: Worker | HandlerTally, *,
+                only_if_others_wait: bool = False) -> None:
+    """Run the tasks of *box*, which the caller has claimed (and not put in the ready
+    queue), the one way they run: each task's checks (unsubscribed, dropped, expired,
+    droppable during shutdown), then its handler, its errors logged; counted in
+    *owner*'s ``settled`` and ``errors`` as they go (shutdown reads ``settled``).
+
+    After ``_STREAK`` tasks with more left, the box goes to the back of the ready queue,
+    still claimed, where a task worker goes on with it; with *only_if_others_wait*
+    (a task worker's own loop) only if other channels wait there. Otherwise the box is
+    let go once it is empty. Used by :class:`TaskWorker` and by an app process's broker
+    reader, which runs the channel it routed a message to (``owner`` a
+    :class:`HandlerTally`).
     """
     tasks = box.tasks
     channel = box.channel
-    settled = errors = 0
+    ready = box.machinery.ready
+    streak = 0
     while True:
         try:
             message, subscription = tasks.popleft()
         except IndexError:
             if box.release():
                 continue
-            return settled, errors
+            return
         if subscription is not channel._subscription \
                 or (message._origin or message)._dropped \
                 or (message.deadline is not None and message.is_expired()) \
-                or (message.droppable and not running()):
+                or (message.droppable and not owner.running):
             if subscription is channel._subscription:
                 message.drop()
         else:
@@ -379,15 +371,16 @@ def run_mailbox(box: Mailbox, running: Callable[[], bool], name: str) -> tuple[i
             try:
                 result = handler(message)
                 if result is not None and unawaited(handler, result, message):
-                    errors += 1
+                    owner.errors += 1
             except BaseException:
-                errors += 1
+                owner.errors += 1
                 logger.exception('exception was raised while running %r for %r on %s',
-                                 handler, message, name)
-        settled += 1
-        if settled >= _STREAK and tasks:
-            box.machinery.ready.put(box)        # still claimed: a task worker goes on
-            return settled, errors
+                                 handler, message, owner.name)
+        owner.settled += 1
+        streak += 1
+        if streak >= _STREAK and tasks and not (only_if_others_wait and ready.empty()):
+            ready.put(box)      # to the back of the line, still claimed
+            return
 
 
 settings.require_subclass(MessageBroker)
