@@ -89,3 +89,35 @@ def app_hello(pid: int, secret: bytes = b'\x07' * 16, **fields: object) -> bytes
     from channels import wire
     return wire.encode_json(wire.HELLO, {'pid': pid, 'role': 'app', 'secret': secret.hex(),
                                          **fields})
+
+
+class Overlaps:
+    """A handler that counts its calls and how many began while another call ran."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.running = self.overlaps = self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, message: object) -> None:
+        with self.lock:
+            self.running += 1
+            self.overlaps += self.running > 1
+        time.sleep(self.delay)
+        with self.lock:
+            self.running -= 1
+            self.calls += 1
+
+
+class Blocked:
+    """A handler that blocks until ``release`` is set (at most 10 s); ``started`` is set
+    by its first call."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, message: object) -> None:
+        self.started.set()
+        self.release.wait(10)
+

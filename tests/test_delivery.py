@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from support import Recorder, wait_until
+from support import Overlaps, Recorder, wait_until
 
 import channels
 from channels import Channel, MessageBroker, TaskWorker
@@ -57,23 +57,12 @@ def test_a_channel_handles_messages_in_the_order_they_were_sent(task_threads):
 
 def test_a_handler_never_runs_concurrently_with_itself():
     channels.configure(MAX_CHANNEL_TASK_WORKER_THREADS=8)
-    running, overlaps, calls = [0], [0], [0]
-    lock = threading.Lock()
-
-    def handler(message):
-        with lock:
-            running[0] += 1
-            overlaps[0] += running[0] > 1
-        time.sleep(0.0005)
-        with lock:
-            running[0] -= 1
-            calls[0] += 1
-
+    handler = Overlaps(0.0005)
     Channel('chat', handler)
     for n in range(400):
         Channel('chat').send({'n': n})
-    wait_until(lambda: calls[0] == 400, what='400 calls')
-    assert overlaps[0] == 0
+    wait_until(lambda: handler.calls == 400, what='400 calls')
+    assert handler.overlaps == 0
 
 
 def test_different_channels_run_in_parallel():

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from support import Recorder, wait_until
+from support import Blocked, Overlaps, Recorder, wait_until
 
 import channels
 from channels import Channel, TaskWorker
@@ -50,12 +50,9 @@ def test_a_reader_thread_runs_a_handler_itself_when_the_other_one_waits(through)
 
 def test_a_slow_handler_on_a_reader_thread_holds_up_only_its_own_channel(through):
     through()
-    release, started = threading.Event(), threading.Event()
+    slow = Blocked()
+    release, started = slow.release, slow.started
     other = Recorder()
-
-    def slow(message):
-        started.set()
-        release.wait(10)
 
     Channel('slow', slow)
     Channel('other', other)
@@ -94,23 +91,12 @@ def test_each_channel_keeps_its_order_and_gets_each_message_once_while_readers_t
 
 def test_a_handler_run_by_readers_and_task_workers_never_runs_concurrently_with_itself(through):
     through(MAX_CHANNEL_TASK_WORKER_THREADS=8)
-    running, overlaps, calls = [0], [0], [0]
-    lock = threading.Lock()
-
-    def handler(message):
-        with lock:
-            running[0] += 1
-            overlaps[0] += running[0] > 1
-        time.sleep(0.0002)
-        with lock:
-            running[0] -= 1
-            calls[0] += 1
-
+    handler = Overlaps(0.0002)
     Channel('chat', handler)
     channels.flush(5)
     _send_paced('chat', 400)
-    wait_until(lambda: calls[0] == 400, what='400 calls')
-    assert overlaps[0] == 0
+    wait_until(lambda: handler.calls == 400, what='400 calls')
+    assert handler.overlaps == 0
 
 
 def test_custom_task_workers_run_every_handler(through):
@@ -170,12 +156,9 @@ def test_shutdown_waits_for_a_handler_that_a_reader_thread_runs(through):
 def test_delivery_goes_on_after_the_connection_is_lost_while_a_reader_thread_runs_a_handler(
         through):
     through()
-    release, started = threading.Event(), threading.Event()
+    slow = Blocked()
+    release, started = slow.release, slow.started
     after = Recorder()
-
-    def slow(message):
-        started.set()
-        release.wait(10)
 
     Channel('slow', slow)
     Channel('after', after)
@@ -202,12 +185,9 @@ def test_delivery_goes_on_after_the_connection_is_lost_while_a_reader_thread_run
 def test_a_reader_held_back_by_slow_handlers_stops_reading_a_connection_the_sender_dropped(
         through, caplog):
     through(MAX_PENDING_TASKS=5)
-    release, started = threading.Event(), threading.Event()
+    slow = Blocked()
+    release, started = slow.release, slow.started
     after = Recorder()
-
-    def slow(message):
-        started.set()
-        release.wait(10)
 
     Channel('slow', slow)
     Channel('after', after)
