@@ -671,21 +671,24 @@ class Bridge:
         except Exception:
             logger.exception('the bridge on_tick callback failed')
 
+    # Each change of state is logged before stats() can show it, so whoever sees
+    # 'connected' change (an operator, a test) finds its WARNING already written.
+
     def _mark_up(self) -> None:
         if not self._connected:
-            self._connected = True
             if self._down_since is not None:
                 self.reconnects += 1
                 logger.warning('bridge %s: connected again after %.1fs', self.url,
                                time.monotonic() - self._down_since)
             self._down_since = None
+            self._connected = True
 
     def _mark_down(self, why: str) -> None:
         self._last_error = why
         if self._connected or self._down_since is None:
-            self._connected = False
-            self._down_since = time.monotonic()
             logger.warning('bridge %s: not connected (%s); reconnecting', self.url, why)
+            self._down_since = time.monotonic()
+            self._connected = False
 
     def stats(self) -> dict[str, Any]:
         """What the bridge did so far, JSON-serializable (``channels-broker stats``)."""

@@ -96,7 +96,7 @@ class RedisEngine:
 
     def _client(self, role: str) -> Any:
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        from redis.asyncio.retry import Retry
         # No socket timeout of redis-py's (its writes would each make a task): every
         # command here is bounded by LIVENESS_SECONDS by a watchdog or asyncio.timeout.
         return self._redis.asyncio.Redis.from_url(
