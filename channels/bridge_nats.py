@@ -61,7 +61,7 @@ class NatsEngine:
             import nats.js.api
             import nats.js.errors
         except ImportError as exc:
-            raise missing_extra('nats', 'nats-py', exc) from None
+            raise missing_extra('nats', 'nats-py', exc, 'nats-py') from None
         self._nats = nats
         self.url = url
         self.shown = redact_url(url)

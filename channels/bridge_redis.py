@@ -69,7 +69,7 @@ class RedisEngine:
             import redis.asyncio
             import redis.exceptions
         except ImportError as exc:
-            raise missing_extra('redis', 'redis', exc) from None
+            raise missing_extra('redis', 'redis', exc, 'redis hiredis') from None
         self._redis = redis
         self.password = parts.password
         self.since: float | None = None       # when open() found no server

@@ -372,6 +372,7 @@ class BrokerLink:
         self.accepting = True
         self.closing = False
         self.connected = threading.Event()
+        self.last_failure: str | None = None   # why the last try to connect failed
         self.readers: list[_Reader] = []    # live readers (one, or two while switching)
         self._retired_scheduled = 0         # tasks scheduled by readers that have ended
         self._readers_lock = threading.Lock()
@@ -681,6 +682,7 @@ class BrokerLink:
                     pending = []
                 except ChannelsError as exc:
                     failures += 1
+                    self.last_failure = str(exc)
                     if failures == 1 and not self.closing:
                         logger.warning('%s; buffering up to %d bytes of messages and retrying',
                                        exc, self.max_buffer)
@@ -692,6 +694,7 @@ class BrokerLink:
                     logger.warning('connected to the broker on %s after %d failed attempts',
                                    self.address_text, failures)
                 failures = 0
+                self.last_failure = None
             signals = [] if pending else [self.doorbell.get()]
             while True:
                 try:

@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, install_hint
 
 __all__ = ['LIVENESS_SECONDS', 'Retention', 'Watchdog', 'redact_url', 'missing_extra']
 
@@ -113,8 +113,9 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f'{user}:***@{hostinfo}'))
 
 
-def missing_extra(extra: str, module: str, exc: ImportError) -> ConfigurationError:
+def missing_extra(extra: str, module: str, exc: ImportError,
+                  packages: str) -> ConfigurationError:
     """The error for a bridge whose engine's client package is not installed."""
     return ConfigurationError(
         f'a {extra} bridge needs the {module!r} package, which is not installed ({exc}); '
-        f"install it with: pip install 'mpchannels[{extra}]'")
+        f'{install_hint(extra, packages)}')

@@ -22,6 +22,7 @@ __all__ = [
     'MessageTooLargeError',
     'InboxOverflowError',
     'SubscriptionLimitError',
+    'install_hint',
 ]
 
 
@@ -68,3 +69,11 @@ class InboxOverflowError(ChannelsError):
 
 class SubscriptionLimitError(ChannelsError, RuntimeError):
     """A process tried to subscribe more distinct topics than ``MAX_SUBSCRIPTIONS``."""
+
+
+def install_hint(extra: str, packages: str) -> str:
+    """How to install the extra *extra* (which brings *packages*), for error messages:
+    from the package index, from a checkout of this repository, or the packages alone."""
+    return (f"install it with: pip install 'mpchannels[{extra}]' (from a checkout of "
+            f"mpchannels: pip install -e '.[{extra}]'; or the packages alone: "
+            f"pip install {packages})")

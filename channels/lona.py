@@ -43,15 +43,16 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+from .errors import ChannelsError, install_hint
+
 try:
     import lona.channels as _lona
 except ImportError as exc:                   # the extra is missing
-    raise ImportError(f'channels.lona needs Lona ({exc}); install it with '
-                      f"python3 -m pip install 'mpchannels[lona]'") from exc
+    raise ImportError(f'channels.lona needs Lona ({exc}); '
+                      f'{install_hint("lona", "lona")}') from exc
 
 from .channel import Channel as _Channel
 from .client import LOST_TOPIC
-from .errors import ChannelsError
 from .message import Message as _ChannelsMessage
 from .runtime import FLUSH_TIMEOUT, runtime as _runtime
 from .wire import INTERNAL_PREFIX

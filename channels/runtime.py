@@ -261,8 +261,9 @@ class Machinery:
             logger.warning('channels.flush(): channels shut down before the broker on %s '
                            'answered', link.address_text)
         elif not link.connected.is_set():
-            logger.warning('channels.flush(): not connected to the broker on %s (is it '
-                           'running?); no answer within %.3gs', link.address_text, timeout)
+            why = link.last_failure or f'is it running at {link.address_text}?'
+            logger.warning('channels.flush(): not connected to the broker on %s (%s); no '
+                           'answer within %.3gs', link.address_text, why, timeout)
         else:
             logger.warning('channels.flush(): the broker on %s did not answer within %.3gs '
                            '(it is busy, or holds messages back after a restart for up to '

@@ -59,16 +59,20 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from .errors import (BrokerUnavailableError, InboxOverflowError, ShutdownError,
+                     install_hint)
+
 try:
     from socketio.async_pubsub_manager import AsyncPubSubManager
     from socketio.pubsub_manager import PubSubManager
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("channels.socketio needs python-socketio: "
-                      "pip install 'mpchannels[socketio]'") from exc
+    raise ImportError(f'channels.socketio needs python-socketio ({exc}); '
+                      f'{install_hint("socketio", "python-socketio simple-websocket")}'
+                      ) from exc
 
 from .channel import Channel
-from .errors import BrokerUnavailableError, InboxOverflowError, ShutdownError
 from . import inbox as _inbox_module
+from . import settings as _settings
 from .inbox import Inbox
 from .message import Message
 from .runtime import FLUSH_TIMEOUT, runtime as _runtime
@@ -116,6 +120,13 @@ class _ChannelsPubSub:
         # python-socketio's AsyncPubSubManager or PubSubManager, next in the MRO
         super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
         self._init_listener()
+        if write_only and _settings.get('BROKER_ADDRESS') is None:
+            # (the argument *logger* is python-socketio's; this is the module's)
+            logging.getLogger(__name__).warning(
+                'a write-only Socket.IO manager of %r with no broker configured '
+                '(CHANNELS_BROKER_ADDRESS is unset): its emits reach only this process, '
+                'which has no clients. Start this process with the address of the '
+                "broker that the server's workers use.", self.topic)
 
     def _init_listener(self) -> None:
         """Set up what the manager's own listening needs (after python-socketio's

@@ -305,6 +305,25 @@ def test_stats_without_a_key_against_a_keyed_broker_says_a_key_is_required(key_f
         broker.stop()
 
 
+def test_flush_with_a_wrong_authkey_says_the_broker_refused_it_not_that_it_is_down(
+        key_file, caplog):
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    broker = BrokerProcess(f'127.0.0.1:{port}', '--authkey-file', str(key_file)).start()
+    try:
+        channels.configure(BROKER_ADDRESS=broker.address, AUTHKEY=b'wrong')
+        Channel('chat', Recorder())
+        with caplog.at_level(logging.WARNING, logger='channels'):
+            assert channels.flush(1) is False
+        said = [r.getMessage() for r in caplog.records if 'channels.flush()' in r.getMessage()]
+        assert said and "refused this process's authkey" in said[-1], caplog.text
+        assert 'is it running' not in said[-1]
+    finally:
+        channels.shutdown(2)
+        broker.stop()
+
+
 @pytest.mark.parametrize('greeting, authkey, error', [
     (b'mpchannels-1 open', b'sesame', 'does not use an authkey'),
     (b'HTTP/1.1 400 Bad', None, 'not an mpchannels broker'),

@@ -99,6 +99,24 @@ def test_a_manager_given_to_a_server_of_the_other_kind_is_refused():
         socketio.AsyncServer(async_mode='asgi', client_manager=channels.socketio.Manager())
 
 
+def test_a_write_only_manager_without_a_broker_warns_that_its_emits_reach_no_worker(caplog):
+    import channels.socketio
+    for manager in (channels.socketio.Manager, channels.socketio.AsyncManager):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger='channels.socketio'):
+            manager(write_only=True)
+        assert any('write-only' in r.getMessage() and 'CHANNELS_BROKER_ADDRESS' in
+                   r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_listening_manager_without_a_broker_does_not_warn(caplog):
+    import channels.socketio
+    with caplog.at_level(logging.WARNING, logger='channels.socketio'):
+        channels.socketio.Manager()
+        channels.socketio.AsyncManager()
+    assert not caplog.records, caplog.text
+
+
 def test_the_topic_is_named_after_the_channel():
     import channels.socketio
     assert channels.socketio.Manager().topic == 'socketio.socketio'
