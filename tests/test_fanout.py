@@ -370,3 +370,46 @@ def test_a_coroutine_channel_subscribed_again_gets_nothing_routed_to_its_earlier
 
     asyncio.run(main())
     assert got == {'again': [2], 'other': [1, 2]}
+
+
+def test_a_forked_child_counts_lost_what_reaches_an_inherited_coroutine_channel_whose_batch_was_pending_at_the_fork():
+    import multiprocessing
+    import time
+
+    async def handler(message):
+        pass
+
+    def child(conn):
+        runner = channel._subscription[0]
+        Channel('room').send({'n': 2})          # reaches the inherited group: lost here
+        assert channels.flush(TIMEOUT)
+        try:
+            wait_until(lambda: runner.lost == 1, TIMEOUT, what='the message counted lost')
+        except AssertionError as error:
+            conn.send(str(error))
+            return
+        started = time.monotonic()
+        stopped = channels.shutdown(TIMEOUT)
+        conn.send((runner.lost, stopped, time.monotonic() - started < TIMEOUT / 2))
+
+    async def main():
+        nonlocal channel
+        channel = Channel('room', handler)
+        group = channel._subscription[0].group
+        send('room', 1)
+        # hold the loop, so that the message waits in the group at the fork
+        wait_until(lambda: len(group._queue) == 1, TIMEOUT, what='the message')
+        process = multiprocessing.get_context('fork').Process(target=child,
+                                                              args=(child_conn,))
+        process.start()
+        try:
+            assert await asyncio.to_thread(parent_conn.poll, 3 * TIMEOUT)
+            result = parent_conn.recv()
+        finally:
+            await asyncio.to_thread(process.join, TIMEOUT)
+        channel.unsubscribe()
+        return result, process.exitcode
+
+    channel = None
+    parent_conn, child_conn = multiprocessing.Pipe()
+    assert asyncio.run(main()) == ((1, True, True), 0)
