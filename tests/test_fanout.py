@@ -413,3 +413,25 @@ def test_a_forked_child_counts_lost_what_reaches_an_inherited_coroutine_channel_
     channel = None
     parent_conn, child_conn = multiprocessing.Pipe()
     assert asyncio.run(main()) == ((1, True, True), 0)
+
+
+def test_an_inbox_that_joins_its_group_gets_nothing_routed_before_it_subscribed():
+    async def main():
+        first = channels.listen('room')
+        await first.__aenter__()
+        dispatcher = handlers.dispatcher_of(asyncio.get_running_loop())
+        send('room', 1)
+        # hold the loop until the message waits in the dispatcher for the group
+        wait_until(lambda: dispatcher.backlog() == 1, TIMEOUT, what='the message')
+        second = channels.listen('room')
+        await second.__aenter__()       # no broker: entered without yielding to the loop
+        send('room', 2)
+        got = numbers(await take(first, 2)), numbers(await take(second, 1))
+        left = len(second)
+        for inbox in (first, second):
+            inbox.close()
+        return got, left
+
+    (first, second), left = asyncio.run(main())
+    assert first == [1, 2]
+    assert (second, left) == ([2], 0)
