@@ -435,3 +435,20 @@ def test_an_inbox_that_joins_its_group_gets_nothing_routed_before_it_subscribed(
     (first, second), left = asyncio.run(main())
     assert first == [1, 2]
     assert (second, left) == ([2], 0)
+
+
+@pytest.mark.xfail(strict=True, reason='review3: what waits in a loop\'s dispatcher for an '
+                   'inbox is not bounded by maxsize (nor counted by MAX_PENDING_TASKS) while '
+                   'the loop does not run; no local fix')
+def test_what_waits_for_an_inbox_whose_loop_does_not_run_is_bounded_by_its_maxsize():
+    loop = asyncio.new_event_loop()
+    try:
+        inbox = channels.listen('room', maxsize=10)
+        loop.run_until_complete(inbox.__aenter__())      # entered; the loop stops running
+        dispatcher = handlers.dispatcher_of(loop)
+        send('room', *range(1000))
+        assert channels.flush(TIMEOUT)                   # all of it routed
+        assert dispatcher.backlog() <= inbox.maxsize
+    finally:
+        inbox.close()
+        loop.close()
