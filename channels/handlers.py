@@ -653,6 +653,12 @@ def _after_fork_in_child() -> None:
         runner.orphaned = True
         runner._claim = threading.Lock()
         runner._pending.clear()
+    for group in list(_groups.values()):
+        # a batch pending for the parent's loop at the fork left the claim held: what
+        # reached the group here would wait behind it for ever, uncounted, and keep its
+        # members busy for shutdown
+        group._claim = threading.Lock()
+        group._queue.clear()
     for dispatcher in list(_dispatchers):
         dispatcher.orphaned = True
         dispatcher._pending.clear()

@@ -49,6 +49,7 @@ messages of one topic come in order, and a message that matches two of its topic
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -278,7 +279,7 @@ class _Group(LoopRunner):
     """
 
     __slots__ = ('loop', 'topic', 'channel', 'dispatcher', 'orphaned', '_counts',
-                 '_members', '__weakref__')
+                 '_members', '_numbers', '_joining', '__weakref__')
 
     def __init__(self, loop: asyncio.AbstractEventLoop, topic: str) -> None:
         self.loop = loop
@@ -286,6 +287,11 @@ class _Group(LoopRunner):
         self.orphaned = False        # inherited by a forked child: its loop runs elsewhere
         self._counts: dict[Inbox, int] = {}
         self._members: tuple[Inbox, ...] | None = ()
+        # Each message handed over gets a number, and so does an inbox that joins: it
+        # gets only those numbered after it, not those routed before it subscribed that
+        # still wait for the loop (as a channel of its own would not)
+        self._numbers = itertools.count()          # next() is one step: any thread
+        self._joining: dict[Inbox, int] = {}       # -> its number: not yet given any
         self.dispatcher = dispatcher_of(loop)
         self.dispatcher.register(self)
         self.channel = Channel(topic)
@@ -300,16 +306,25 @@ class _Group(LoopRunner):
 
     def handoff(self, message: Message) -> None:
         if not self.orphaned:
-            self.dispatcher.put(self, message)
+            self.dispatcher.put(self, (next(self._numbers), message))
 
     __call__ = handoff
 
-    def _arrive(self, message: Message) -> int:
+    def _arrive(self, item: tuple[int, Message]) -> int:
+        number, message = item
         members = self._members
-        if members is None:
+        if members is None or self._joining:
             with _groups_lock:
-                members = self._members = tuple(inbox for inbox, count in self._counts.items()
-                                                for _ in range(count))
+                joining = self._joining
+                for inbox, since in list(joining.items()):
+                    if since < number:
+                        del joining[inbox]
+                        self._members = None
+                members = self._members
+                if members is None:
+                    members = self._members = tuple(
+                        inbox for inbox, count in self._counts.items()
+                        if inbox not in joining for _ in range(count))
         for inbox in members:
             queue = inbox._queue
             if len(queue) < inbox.maxsize:
@@ -344,6 +359,7 @@ def _join(inbox: Inbox, loop: asyncio.AbstractEventLoop, topic: str) -> None:
         else:       # each inbox's topic is a subscription of its own, as for the events
             _runtime.send_event(SUBSCRIBE_TOPIC, {'topic': topic})
         group._counts[inbox] = group._counts.get(inbox, 0) + 1
+        group._joining.setdefault(inbox, next(group._numbers))
         group._changed()
         inbox._groups.append(group)
 
@@ -361,6 +377,7 @@ def _leave(inbox: Inbox) -> None:
                 group._counts[inbox] = count - 1
             else:
                 del group._counts[inbox]
+                group._joining.pop(inbox, None)
             group._changed()
             if not group._counts:
                 if _groups.get((group.loop, group.topic)) is group:
@@ -426,6 +443,7 @@ def _after_fork_in_child() -> None:
     for group in list(_groups.values()):
         group.orphaned = True
         group._counts.clear()
+        group._joining.clear()
         group._members = ()
     _groups.clear()
     for inbox in list(_inboxes):
