@@ -76,6 +76,9 @@ _inboxes_lock = threading.Lock()       # inboxes may be made on several threads'
 _groups: dict[tuple[asyncio.AbstractEventLoop, str], _Group] = {}   # (loop, topic) -> group
 _groups_lock = threading.Lock()      # joining and leaving groups; taken before the registry's
 
+_RELEASE = object()
+"""A group's marker in its loop's dispatcher: release what it held back."""
+
 OVERFLOW_POLICIES = ('error', 'drop-oldest', 'drop-newest')
 """The values of ``listen(overflow=...)``; see the module's documentation."""
 
@@ -206,18 +209,27 @@ class Inbox:
     def _full(self, message: Message) -> None:
         """*message* arrived and the queue is full: apply the overflow policy."""
         queue = self._queue
-        self.dropped += 1
         dropped = message
         if self.overflow == 'drop-oldest':
             dropped = queue.popleft()
             queue.append(message)
-        elif self.overflow == 'error':
-            self._overflowed = True
         # 'drop-newest': the message is not queued
-        if self.dropped == 1:
+        self._count_drops(1, dropped)
+
+    def _lose(self, count: int) -> None:
+        """*count* messages for it were dropped before they reached it (its loop fell
+        more than its maxsize behind): count them as its overflow policy's."""
+        if not self._overflowed:
+            self._count_drops(count, f'{count} messages its event loop did not take in time')
+
+    def _count_drops(self, count: int, what: object) -> None:
+        self.dropped += count
+        if self.overflow == 'error':
+            self._overflowed = True
+        if self.dropped == count:
             logger.warning('%r is full (maxsize=%d): it dropped %s by its overflow policy %r; '
                            'the consumer is slower than its messages', self, self.maxsize,
-                           dropped, self.overflow)
+                           what, self.overflow)
         if self._overflowed:
             # No more deliveries: the consumer learns of the gap from InboxOverflowError
             # once it has taken what is queued.
@@ -276,10 +288,21 @@ class _Group(LoopRunner):
     its consumer keeps it. Members join and leave under ``_groups_lock``; the loop reads
     ``_members``, a tuple built again at the first arrival after a change (an inbox
     given a topic twice is in it twice).
+
+    What waits for the loop is bounded. Once more than twice ``_cap`` messages (``_cap``:
+    the largest ``maxsize`` of its members) wait, every member is far enough behind that
+    its overflow policy will apply: the group then holds back what arrives, keeping only
+    the newest ``_cap`` (for ``'drop-oldest'``) and counting the rest, and puts one
+    marker in the dispatcher. When the loop reaches the marker, each member is told
+    how many it lost (``Inbox._lose``) and the held messages follow, so a loop that
+    stalled ends as it would have, had each message reached its inboxes at once: the
+    oldest kept by ``'drop-newest'`` and ``'error'``, the newest by ``'drop-oldest'``,
+    every drop counted; at most about three times ``_cap`` messages wait meanwhile.
     """
 
     __slots__ = ('loop', 'topic', 'channel', 'dispatcher', 'orphaned', '_counts',
-                 '_members', '_numbers', '_joining', '__weakref__')
+                 '_members', '_numbers', '_joining', '_cap', '_arrived', '_held_lock',
+                 '_holding', '_held', '_lost', '_first_lost', '__weakref__')
 
     def __init__(self, loop: asyncio.AbstractEventLoop, topic: str) -> None:
         self.loop = loop
@@ -292,6 +315,13 @@ class _Group(LoopRunner):
         # still wait for the loop (as a channel of its own would not)
         self._numbers = itertools.count()          # next() is one step: any thread
         self._joining: dict[Inbox, int] = {}       # -> its number: not yet given any
+        self._cap = 1                # the largest maxsize of any member it has had
+        self._arrived = next(self._numbers)       # the number last taken on the loop
+        self._held_lock = threading.Lock()
+        self._holding = False        # the marker is in the dispatcher: hold what arrives
+        self._held: deque[tuple[int, Message]] = deque()
+        self._lost = 0               # held back and pushed out by newer ones
+        self._first_lost = 0
         self.dispatcher = dispatcher_of(loop)
         self.dispatcher.register(self)
         self.channel = Channel(topic)
@@ -305,13 +335,56 @@ class _Group(LoopRunner):
         self._members = None
 
     def handoff(self, message: Message) -> None:
-        if not self.orphaned:
-            self.dispatcher.put(self, (next(self._numbers), message))
+        if self.orphaned:
+            return
+        number = next(self._numbers)
+        # Past twice the cap: joins take numbers too, so what waits is counted a little
+        # high, and at least the cap must wait ahead of the marker, so that each member
+        # fills its queue from there before it loses any
+        if self._holding or number - self._arrived > 2 * self._cap:
+            with self._held_lock:
+                if self._holding or number - self._arrived > 2 * self._cap:
+                    self._hold(number, message)
+                    return
+        self.dispatcher.put(self, (number, message))
 
     __call__ = handoff
 
-    def _arrive(self, item: tuple[int, Message]) -> int:
-        number, message = item
+    def _hold(self, number: int, message: Message) -> None:
+        """Under ``_held_lock``: keep *message* back from the loop, with the newest."""
+        held = self._held
+        if len(held) >= self._cap:
+            lost_number, _ = held.popleft()
+            if not self._lost:
+                self._first_lost = lost_number
+            self._lost += 1
+        held.append((number, message))
+        if not self._holding:
+            self._holding = True
+            self.dispatcher.put(self, _RELEASE)
+
+    def _release(self) -> int:
+        """On the loop, at the marker: tell each member what it lost, then deliver what
+        was held back, in order."""
+        with self._held_lock:
+            held, self._held = self._held, deque()
+            lost, self._lost = self._lost, 0
+            self._holding = False
+            if held:
+                self._arrived = held[-1][0]
+        deliveries = 0
+        if lost:
+            # the members as of the first message lost (one that joined later is not
+            # told of those lost after it joined: the count is of whole stretches)
+            for inbox in self._members_at(self._first_lost):
+                inbox._lose(lost)
+            deliveries += lost
+        for item in held:
+            deliveries += self._arrive(item)
+        return deliveries
+
+    def _members_at(self, number: int) -> tuple[Inbox, ...]:
+        """The members that take message *number*: those that joined before it."""
         members = self._members
         if members is None or self._joining:
             with _groups_lock:
@@ -325,6 +398,16 @@ class _Group(LoopRunner):
                     members = self._members = tuple(
                         inbox for inbox, count in self._counts.items()
                         if inbox not in joining for _ in range(count))
+        return members
+
+    def _arrive(self, item: tuple[int, Message]) -> int:
+        if item is _RELEASE:
+            return self._release()
+        number, message = item
+        self._arrived = number
+        members = self._members
+        if members is None or self._joining:
+            members = self._members_at(number)
         for inbox in members:
             queue = inbox._queue
             if len(queue) < inbox.maxsize:
@@ -360,6 +443,8 @@ def _join(inbox: Inbox, loop: asyncio.AbstractEventLoop, topic: str) -> None:
             _runtime.send_event(SUBSCRIBE_TOPIC, {'topic': topic})
         group._counts[inbox] = group._counts.get(inbox, 0) + 1
         group._joining.setdefault(inbox, next(group._numbers))
+        if inbox.maxsize > group._cap:       # never lowered: a bound, not a policy
+            group._cap = inbox.maxsize
         group._changed()
         inbox._groups.append(group)
 
@@ -444,6 +529,8 @@ def _after_fork_in_child() -> None:
         group.orphaned = True
         group._counts.clear()
         group._joining.clear()
+        group._held_lock = threading.Lock()      # maybe held by a routing thread at the fork
+        group._held.clear()
         group._members = ()
     _groups.clear()
     for inbox in list(_inboxes):

@@ -437,9 +437,6 @@ def test_an_inbox_that_joins_its_group_gets_nothing_routed_before_it_subscribed(
     assert (second, left) == ([2], 0)
 
 
-@pytest.mark.xfail(strict=True, reason='review3: what waits in a loop\'s dispatcher for an '
-                   'inbox is not bounded by maxsize (nor counted by MAX_PENDING_TASKS) while '
-                   'the loop does not run; no local fix')
 def test_what_waits_for_an_inbox_whose_loop_does_not_run_is_bounded_by_its_maxsize():
     loop = asyncio.new_event_loop()
     try:
@@ -448,7 +445,79 @@ def test_what_waits_for_an_inbox_whose_loop_does_not_run_is_bounded_by_its_maxsi
         dispatcher = handlers.dispatcher_of(loop)
         send('room', *range(1000))
         assert channels.flush(TIMEOUT)                   # all of it routed
-        assert dispatcher.backlog() <= inbox.maxsize
+        group, = inbox._groups
+        # at most twice maxsize wait in the dispatcher (and the group's marker), the
+        # newest maxsize are held back by the group, the rest are counted
+        assert dispatcher.backlog() <= 2 * inbox.maxsize + 1
+        assert len(group._held) <= inbox.maxsize
+    finally:
+        inbox.close()
+        loop.close()
+
+
+async def _drain(inbox: channels.Inbox) -> tuple[list[int], str]:
+    """What *inbox* hands out until it raises or waits; and how it ended."""
+    got = []
+    while True:
+        try:
+            message = await asyncio.wait_for(inbox.get(), 0.5)
+        except channels.InboxOverflowError:
+            return got, 'overflow'
+        except TimeoutError:
+            return got, 'waiting'
+        got.append(message.data['n'])
+
+
+@pytest.mark.parametrize('overflow, kept, end, dropped', [
+    ('error', range(10), 'overflow', 1),        # unsubscribed at the first one it missed
+    ('drop-newest', range(10), 'waiting', 990),
+    ('drop-oldest', range(990, 1000), 'waiting', 990),
+])
+def test_an_inbox_whose_loop_stalled_ends_as_its_overflow_policy_says_counting_every_drop(
+        overflow, kept, end, dropped):
+    loop = asyncio.new_event_loop()
+    inbox = channels.listen('room', maxsize=10, overflow=overflow)
+    try:
+        loop.run_until_complete(inbox.__aenter__())      # entered; the loop stops running
+        send('room', *range(1000))
+        assert channels.flush(TIMEOUT)                   # all of it routed
+        assert loop.run_until_complete(_drain(inbox)) == (list(kept), end)
+        assert inbox.dropped == dropped
+    finally:
+        inbox.close()
+        loop.close()
+
+
+def test_inboxes_of_a_stalled_loop_each_keep_their_own_maxsize_and_policy():
+    loop = asyncio.new_event_loop()
+    small = channels.listen('room', maxsize=5, overflow='drop-oldest')
+    large = channels.listen('room', maxsize=50, overflow='drop-newest')
+    try:
+        for inbox in (small, large):
+            loop.run_until_complete(inbox.__aenter__())
+        send('room', *range(200))
+        assert channels.flush(TIMEOUT)
+        assert loop.run_until_complete(_drain(small)) == (list(range(195, 200)), 'waiting')
+        assert loop.run_until_complete(_drain(large)) == (list(range(50)), 'waiting')
+        assert (small.dropped, large.dropped) == (195, 150)
+    finally:
+        small.close()
+        large.close()
+        loop.close()
+
+
+def test_an_inbox_that_fell_behind_and_caught_up_gets_every_later_message():
+    loop = asyncio.new_event_loop()
+    inbox = channels.listen('room', maxsize=10, overflow='drop-oldest')
+    try:
+        loop.run_until_complete(inbox.__aenter__())
+        send('room', *range(100))
+        assert channels.flush(TIMEOUT)
+        assert loop.run_until_complete(_drain(inbox)) == (list(range(90, 100)), 'waiting')
+        send('room', *range(100, 105))                  # the loop runs now: none held
+        assert channels.flush(TIMEOUT)
+        assert loop.run_until_complete(_drain(inbox)) == (list(range(100, 105)), 'waiting')
+        assert inbox.dropped == 90
     finally:
         inbox.close()
         loop.close()
