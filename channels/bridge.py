@@ -154,7 +154,10 @@ class Bridge:
     frames in stream order, each origin's messages exactly once and in its order;
     ``on_lost(count, reason)`` is called once per loss (messages gone for good), and
     ``on_lost`` / ``on_frames`` run on the bridge's own thread, one call at a time.
-    Exceptions they raise are logged and the bridge goes on. Thread-safe: ``publish``,
+    ``on_frames`` raises (having taken none of them) for frames it cannot read: the
+    entries are then handed over one at a time, and the messages of each entry that
+    fails again are told lost through ``on_lost``. Exceptions ``on_lost`` raises are
+    logged and the bridge goes on. Thread-safe: ``publish``,
     ``stats`` and ``state`` may be called from any thread.
     """
 
@@ -624,7 +627,7 @@ class Bridge:
                 gaps.append((origin, first - known.last - 1))
             known.last = end
             if count:
-                frames.append(view[start:])
+                frames.append((view[start:], count, origin))
                 self.received += count
         if gaps:
             cause = await self._loss_cause()
@@ -632,11 +635,31 @@ class Bridge:
                 self._lose(missing, f'{missing} messages from broker {origin!r} are missing '
                                     f'from the stream ({cause})')
         if frames:
-            data = frames[0].tobytes() if len(frames) == 1 else b''.join(frames)
+            data = frames[0][0].tobytes() if len(frames) == 1 else \
+                b''.join([part for part, _, _ in frames])
             try:
                 self.on_frames(data)
-            except Exception:
-                logger.exception('the bridge on_frames callback failed')
+            except Exception as exc:
+                # (it took none of them): each entry alone, so that one another program
+                # wrote wrong costs only its own messages, which are told lost
+                self._deliver_each(frames, exc)
+
+    def _deliver_each(self, frames: list[tuple[memoryview, int, str]],
+                      failure: Exception) -> None:
+        for part, count, origin in frames:
+            if len(frames) > 1:
+                try:
+                    self.on_frames(part.tobytes())
+                    continue
+                except Exception as exc:
+                    failure = exc
+            self.received -= count
+            logger.warning('bridge %s: an entry of broker %r holds frames that cannot be '
+                           'routed (%s)', self.url, origin, failure,
+                           exc_info=not isinstance(failure, ChannelsError))
+            self._lose(count, f'{count} messages from broker {origin!r} could not be read '
+                              f'(an entry that is not whole MESSAGE frames: another program '
+                              f'writing to namespace {self.namespace!r}?)')
 
     async def _loss_cause(self) -> str:
         try:

@@ -1,0 +1,120 @@
+"""A broken or hostile writer to the bridge's stream, and operators acting on the engine:
+what the receiving brokers and their processes see. Entries are written straight to a
+Redis of the test's (redis-py), bypassing any bridge, as another program would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+from brokers import BrokerProcess, app_processes
+from engines import EngineServer
+from support import wait_until
+
+from channels import wire
+from channels.bridge import _ENTRY, _MAGIC, _VERSION
+
+LOST = 'lona.channels.lost'
+NAMESPACE = 'mpchannels'
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[EngineServer]:
+    """A Redis of this test's; always stopped."""
+    server = EngineServer('redis')
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    import redis
+    client = redis.Redis(port=redis_server.port, password=redis_server.password,
+                         socket_timeout=10)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def bridged_broker(url: str) -> Iterator[BrokerProcess]:
+    """One broker bridged through *url*; always stopped."""
+    directory = tempfile.mkdtemp(prefix='mpch-h-')
+    broker = BrokerProcess(os.path.join(directory, 'm.sock'), '--bridge', url)
+    try:
+        yield broker.start()
+    finally:
+        if broker.process is not None and broker.process.poll() is None:
+            broker.process.send_signal(signal.SIGCONT)
+        broker.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def entry(origin: str, first: int, frames: list[bytes], incarnation: int = 7,
+          count: int | None = None) -> bytes:
+    """A bridge entry as a broker writes it."""
+    name = origin.encode()
+    return _ENTRY.pack(_MAGIC, _VERSION, len(name), incarnation, first,
+                       len(frames) if count is None else count) + name + b''.join(frames)
+
+
+def message(topic: str, message_id: str) -> bytes:
+    return wire.encode_message(topic, message_id, time.time(), None, False,
+                               b'\x80\x04}\x94.')      # pickle of {}
+
+
+def xadd_all(client, *entries: bytes) -> None:
+    """Append *entries* in one transaction: a reader blocked in XREAD gets them together."""
+    with client.pipeline(transaction=True) as pipe:
+        for data in entries:
+            pipe.xadd(f'{NAMESPACE}:stream', {'d': data})
+        pipe.execute()
+
+
+def _user(received):
+    return [(topic, data) for topic, data in received if not topic.startswith('lona.')]
+
+
+def _bridge(broker: BrokerProcess) -> dict:
+    return broker.stats()['bridge']
+
+
+def _subscribed(broker, app, *topics):
+    for topic in topics:
+        app.subscribe(topic)
+    assert app.call('flush', 20)
+    broker.wait_subscribed(app.pid, [t for t in topics if not t.startswith('lona.')])
+
+
+def test_a_junk_entry_read_with_good_ones_costs_only_itself(redis_server, redis_client):
+    """Entries read together are routed together: one whose frames are not MESSAGE
+    frames must not take the good entries read with it down (they would be gone with no
+    loss told: their numbers were already taken as seen)."""
+    with bridged_broker(redis_server.url) as b, app_processes(b.address, 1) as (app,):
+        _subscribed(b, app, 'x', LOST)
+        wait_until(lambda: _bridge(b)['connected'], 15, what='the bridge connected')
+        xadd_all(redis_client,
+                 entry('good-a', 1, [message('x', f'1-{"a" * 16}-1')]),
+                 entry('junk', 1, [b'\x00\x00\x00\x05\x02\x04hello']),
+                 entry('good-b', 1, [message('x', f'2-{"b" * 16}-1')]))
+        wait_until(lambda: _bridge(b)['entries_received'] >= 3, 15, what='three entries')
+        wait_until(lambda: len(_user(app.received('x'))) >= 2, 10,
+                   what=f'the two good messages (got {app.received("x")}, '
+                        f'{_bridge(b)})')
+        wait_until(lambda: app.received(LOST), 10, what='the junk entry told lost')
+        [(_, loss)] = app.received(LOST)
+        assert loss['count'] == 1 and 'junk' in loss['reason'], loss
+        assert _bridge(b)['lost'] == 1
+        assert b.process.poll() is None
