@@ -186,6 +186,8 @@ class Bridge:
         self._drops = 0                 # dropped over the bound, not yet reported
         self._inflight: _Entry | None = None
         self._origins: dict[str, _Origin] = {}
+        self._own_read = False          # an entry of this incarnation was read back
+        self._twins: set[int] = set()   # incarnations of others using this id, logged
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake: asyncio.Event | None = None
@@ -612,8 +614,17 @@ class Bridge:
                                '%r?)', self.url, _VERSION, self.namespace)
                 continue
             self.entries_received += 1
-            if origin == own and not self.echo:
-                continue
+            if origin == own:
+                if incarnation == self.incarnation:
+                    self._own_read = True
+                    if not self.echo:
+                        continue
+                elif self._own_read:
+                    # after this incarnation's entries, so not the previous one's: another
+                    # broker runs with this id; its messages are routed as any other's
+                    self._another_with_my_id(incarnation)
+                elif not self.echo:
+                    continue        # (before: this broker's own, before a restart)
             known = origins.get(origin)
             if known is None or known.incarnation != incarnation:
                 known = origins[origin] = _Origin(incarnation, first - 1)
@@ -660,6 +671,18 @@ class Bridge:
             self._lose(count, f'{count} messages from broker {origin!r} could not be read '
                               f'(an entry that is not whole MESSAGE frames: another program '
                               f'writing to namespace {self.namespace!r}?)')
+
+    def _another_with_my_id(self, incarnation: int) -> None:
+        if incarnation in self._twins:
+            return
+        if len(self._twins) > 100:
+            self._twins.clear()
+        self._twins.add(incarnation)
+        self._last_error = f'another broker uses this broker\'s id {self.broker_id!r}'
+        logger.error('bridge %s: another broker writes to namespace %r as %r, this broker\'s '
+                     'id (the host name and socket path): each takes the other\'s messages '
+                     'for its own; give each machine its own host name or --address',
+                     self.url, self.namespace, self.broker_id)
 
     async def _loss_cause(self) -> str:
         try:

@@ -118,3 +118,38 @@ def test_a_junk_entry_read_with_good_ones_costs_only_itself(redis_server, redis_
         assert loss['count'] == 1 and 'junk' in loss['reason'], loss
         assert _bridge(b)['lost'] == 1
         assert b.process.poll() is None
+
+
+@pytest.fixture
+def twin_bridges(redis_server):
+    """Two bridges with one broker id (two machines with one hostname and socket path);
+    always stopped. Each records the frames it is handed."""
+    from channels.bridge import Bridge
+    made = []
+    for _ in range(2):
+        got: list[bytes] = []
+        bridge = Bridge.from_url(redis_server.url, 'twins', broker_id='host/run/b.sock',
+                                 on_frames=got.append, on_lost=lambda *_: None)
+        made.append((bridge, got))
+    try:
+        for bridge, _ in made:
+            bridge.start()
+        yield made
+    finally:
+        for bridge, _ in made:
+            assert bridge.stop(10)
+
+
+def test_another_broker_with_this_brokers_id_is_a_logged_error(twin_bridges, caplog):
+    """Each would skip the other's entries as its own: every message between them lost,
+    and nothing said. The id is the host name and the socket's path, so two hosts (or
+    containers sharing a host's network) with one name and the default path have one."""
+    (a, got_a), (b, got_b) = twin_bridges
+    assert a.publish(message('x', f'1-{"a" * 16}-1'), 1)
+    assert b.publish(message('x', f'2-{"b" * 16}-1'), 1)
+    wait_until(lambda: any(r.levelname == 'ERROR' and 'host/run/b.sock' in r.getMessage()
+                           for r in caplog.records), 10,
+               what='an ERROR naming the id that two brokers use')
+    assert b.publish(message('x', f'2-{"b" * 16}-2'), 1)     # once it knows: routed
+    wait_until(lambda: b'2-bbbbbbbbbbbbbbbb-2' in b''.join(got_a), 10,
+               what="b's message at a, once a knows of b")
