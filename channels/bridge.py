@@ -199,6 +199,7 @@ class Bridge:
         self._drain_until = 0.0           # stop(): until when pending messages may go out
         self._started = False
         self._connected = False
+        self._failing: set[str] = set()   # 'send', 'read': the sides failing now
         self._down_since: float | None = None
         self._last_error = ''
         self.sent = 0
@@ -543,11 +544,13 @@ class Bridge:
             except Exception as exc:
                 if self._halting:       # a client may turn cancelling into its own error
                     return
-                self._mark_down(f'sending failed: {exc!r}')
+                self._mark_down(f'sending failed: {exc!r}', 'send')
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            if self._failing:
+                self._mark_up('send')
             self._last_sent = time.monotonic()
             self._inflight = None
             if entry.count:
@@ -720,7 +723,16 @@ class Bridge:
     # Each change of state is logged before stats() can show it, so whoever sees
     # 'connected' change (an operator, a test) finds its WARNING already written.
 
-    def _mark_up(self) -> None:
+    # The sender and the reader each mark their own side: the bridge is connected when
+    # both work (an engine may answer reads and refuse writes: Redis out of memory), and
+    # one side working does not hide the other's failure, retry after retry.
+
+    def _mark_up(self, side: str = 'read') -> None:
+        failing = self._failing
+        if failing:
+            failing.discard(side)
+            if failing:
+                return
         if not self._connected:
             if self._down_since is not None:
                 self.reconnects += 1
@@ -729,8 +741,9 @@ class Bridge:
             self._down_since = None
             self._connected = True
 
-    def _mark_down(self, why: str) -> None:
+    def _mark_down(self, why: str, side: str = 'read') -> None:
         self._last_error = why
+        self._failing.add(side)
         if self._connected or self._down_since is None:
             logger.warning('bridge %s: not connected (%s); reconnecting', self.url, why)
             self._down_since = time.monotonic()

@@ -153,3 +153,39 @@ def test_another_broker_with_this_brokers_id_is_a_logged_error(twin_bridges, cap
     assert b.publish(message('x', f'2-{"b" * 16}-2'), 1)     # once it knows: routed
     wait_until(lambda: b'2-bbbbbbbbbbbbbbbb-2' in b''.join(got_a), 10,
                what="b's message at a, once a knows of b")
+
+
+def test_an_engine_that_refuses_writes_is_one_warning_not_a_flapping_connection(
+        redis_server, caplog):
+    """Redis out of memory (``maxmemory`` with ``noeviction``) answers reads and refuses
+    every XADD, heartbeats too. The bridge is down (it cannot send) until XADD works
+    again: one WARNING, not one "not connected" and one "connected again" per retry from
+    its reader and its sender taking turns."""
+    from channels.bridge import Bridge
+    bridge = Bridge.from_url(redis_server.url, 'oom', broker_id='a',
+                             on_frames=lambda _: None, on_lost=lambda *_: None)
+    bridge.start()
+    try:
+        wait_until(lambda: bridge.stats()['connected'], 10, what='connected')
+        redis_server.redis_cli('config', 'set', 'maxmemory-policy', 'noeviction')
+        redis_server.redis_cli('config', 'set', 'maxmemory', '1')
+        states = []
+
+        def refused(times: int) -> bool:
+            states.append(bridge.stats()['connected'])
+            info = redis_server.redis_cli('info', 'errorstats')
+            return any(line.startswith('errorstat_OOM:count=') and
+                       int(line.split('=')[1].split(',')[0]) >= times
+                       for line in info.splitlines())
+
+        wait_until(lambda: refused(1), 10, what='an XADD refused')
+        wait_until(lambda: not bridge.stats()['connected'], 5, what='down')
+        states.clear()
+        wait_until(lambda: refused(8), 15, interval=0.02, what='eight XADDs refused')
+        assert not any(states), 'shown connected while every XADD is refused'
+        assert sum('connected again' in r.getMessage() for r in caplog.records) == 0
+        assert sum('not connected' in r.getMessage() for r in caplog.records) == 1
+        redis_server.redis_cli('config', 'set', 'maxmemory', '0')
+        wait_until(lambda: bridge.stats()['connected'], 10, what='connected again')
+    finally:
+        assert bridge.stop(10)
