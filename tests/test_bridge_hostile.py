@@ -144,7 +144,7 @@ def test_another_broker_with_this_brokers_id_is_a_logged_error(twin_bridges, cap
     """Each would skip the other's entries as its own: every message between them lost,
     and nothing said. The id is the host name and the socket's path, so two hosts (or
     containers sharing a host's network) with one name and the default path have one."""
-    (a, got_a), (b, got_b) = twin_bridges
+    (a, got_a), (b, _) = twin_bridges
     assert a.publish(message('x', f'1-{"a" * 16}-1'), 1)
     assert b.publish(message('x', f'2-{"b" * 16}-1'), 1)
     wait_until(lambda: any(r.levelname == 'ERROR' and 'host/run/b.sock' in r.getMessage()
