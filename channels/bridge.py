@@ -154,7 +154,10 @@ class Bridge:
     frames in stream order, each origin's messages exactly once and in its order;
     ``on_lost(count, reason)`` is called once per loss (messages gone for good), and
     ``on_lost`` / ``on_frames`` run on the bridge's own thread, one call at a time.
-    Exceptions they raise are logged and the bridge goes on. Thread-safe: ``publish``,
+    ``on_frames`` raises (having taken none of them) for frames it cannot read: the
+    entries are then handed over one at a time, and the messages of each entry that
+    fails again are told lost through ``on_lost``. Exceptions ``on_lost`` raises are
+    logged and the bridge goes on. Thread-safe: ``publish``,
     ``stats`` and ``state`` may be called from any thread.
     """
 
@@ -183,6 +186,8 @@ class Bridge:
         self._drops = 0                 # dropped over the bound, not yet reported
         self._inflight: _Entry | None = None
         self._origins: dict[str, _Origin] = {}
+        self._own_read = False          # an entry of this incarnation was read back
+        self._twins: set[int] = set()   # incarnations of others using this id, logged
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake: asyncio.Event | None = None
@@ -194,6 +199,7 @@ class Bridge:
         self._drain_until = 0.0           # stop(): until when pending messages may go out
         self._started = False
         self._connected = False
+        self._failing: set[str] = set()   # 'send', 'read': the sides failing now
         self._down_since: float | None = None
         self._last_error = ''
         self.sent = 0
@@ -538,11 +544,13 @@ class Bridge:
             except Exception as exc:
                 if self._halting:       # a client may turn cancelling into its own error
                     return
-                self._mark_down(f'sending failed: {exc!r}')
+                self._mark_down(f'sending failed: {exc!r}', 'send')
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            if self._failing:
+                self._mark_up('send')
             self._last_sent = time.monotonic()
             self._inflight = None
             if entry.count:
@@ -609,8 +617,17 @@ class Bridge:
                                '%r?)', self.url, _VERSION, self.namespace)
                 continue
             self.entries_received += 1
-            if origin == own and not self.echo:
-                continue
+            if origin == own:
+                if incarnation == self.incarnation:
+                    self._own_read = True
+                    if not self.echo:
+                        continue
+                elif self._own_read:
+                    # after this incarnation's entries, so not the previous one's: another
+                    # broker runs with this id; its messages are routed as any other's
+                    self._another_with_my_id(incarnation)
+                elif not self.echo:
+                    continue        # (before: this broker's own, before a restart)
             known = origins.get(origin)
             if known is None or known.incarnation != incarnation:
                 known = origins[origin] = _Origin(incarnation, first - 1)
@@ -624,7 +641,7 @@ class Bridge:
                 gaps.append((origin, first - known.last - 1))
             known.last = end
             if count:
-                frames.append(view[start:])
+                frames.append((view[start:], count, origin))
                 self.received += count
         if gaps:
             cause = await self._loss_cause()
@@ -632,11 +649,43 @@ class Bridge:
                 self._lose(missing, f'{missing} messages from broker {origin!r} are missing '
                                     f'from the stream ({cause})')
         if frames:
-            data = frames[0].tobytes() if len(frames) == 1 else b''.join(frames)
+            data = frames[0][0].tobytes() if len(frames) == 1 else \
+                b''.join([part for part, _, _ in frames])
             try:
                 self.on_frames(data)
-            except Exception:
-                logger.exception('the bridge on_frames callback failed')
+            except Exception as exc:
+                # (it took none of them): each entry alone, so that one another program
+                # wrote wrong costs only its own messages, which are told lost
+                self._deliver_each(frames, exc)
+
+    def _deliver_each(self, frames: list[tuple[memoryview, int, str]],
+                      failure: Exception) -> None:
+        for part, count, origin in frames:
+            if len(frames) > 1:
+                try:
+                    self.on_frames(part.tobytes())
+                    continue
+                except Exception as exc:
+                    failure = exc
+            self.received -= count
+            logger.warning('bridge %s: an entry of broker %r holds frames that cannot be '
+                           'routed (%s)', self.url, origin, failure,
+                           exc_info=not isinstance(failure, ChannelsError))
+            self._lose(count, f'{count} messages from broker {origin!r} could not be read '
+                              f'(an entry that is not whole MESSAGE frames: another program '
+                              f'writing to namespace {self.namespace!r}?)')
+
+    def _another_with_my_id(self, incarnation: int) -> None:
+        if incarnation in self._twins:
+            return
+        if len(self._twins) > 100:
+            self._twins.clear()
+        self._twins.add(incarnation)
+        self._last_error = f'another broker uses this broker\'s id {self.broker_id!r}'
+        logger.error('bridge %s: another broker writes to namespace %r as %r, this broker\'s '
+                     'id (the host name and socket path): each takes the other\'s messages '
+                     'for its own; give each machine its own host name or --address',
+                     self.url, self.namespace, self.broker_id)
 
     async def _loss_cause(self) -> str:
         try:
@@ -674,7 +723,16 @@ class Bridge:
     # Each change of state is logged before stats() can show it, so whoever sees
     # 'connected' change (an operator, a test) finds its WARNING already written.
 
-    def _mark_up(self) -> None:
+    # The sender and the reader each mark their own side: the bridge is connected when
+    # both work (an engine may answer reads and refuse writes: Redis out of memory), and
+    # one side working does not hide the other's failure, retry after retry.
+
+    def _mark_up(self, side: str = 'read') -> None:
+        failing = self._failing
+        if failing:
+            failing.discard(side)
+            if failing:
+                return
         if not self._connected:
             if self._down_since is not None:
                 self.reconnects += 1
@@ -683,8 +741,9 @@ class Bridge:
             self._down_since = None
             self._connected = True
 
-    def _mark_down(self, why: str) -> None:
+    def _mark_down(self, why: str, side: str = 'read') -> None:
         self._last_error = why
+        self._failing.add(side)
         if self._connected or self._down_since is None:
             logger.warning('bridge %s: not connected (%s); reconnecting', self.url, why)
             self._down_since = time.monotonic()

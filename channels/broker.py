@@ -1060,7 +1060,9 @@ class Broker:
 
     def _from_other_machines(self, frames: bytes) -> None:
         """The bridge's thread: MESSAGE frames from other machines, routed as a batch from
-        a process is (expiry is checked again there; internal topics never come in)."""
+        a process is (expiry is checked again there; internal topics never come in).
+        Frames it cannot read raise ProtocolError before any is routed (the bridge then
+        hands over its entries one by one, and tells the bad one's messages lost)."""
         sender = self._other_machines
         items = [RoutedMessage(frame[3], frame[4], frame[5], frame[6], frame[7],
                                frames[frame[1]:frame[2]], sender)
