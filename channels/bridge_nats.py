@@ -21,7 +21,9 @@
 * Liveness: nats-py pings the server every second and gives up on the connection after
   two unanswered pings; an idle reader also flushes (a round trip) once a second, and
   counts as down when the consumer has sent nothing, not even a heartbeat, for
-  ``LIVENESS_SECONDS``.
+  ``LIVENESS_SECONDS``. A consumer that sends heartbeats but no entry for that long,
+  while the stream holds entries past the last one read, is made again (every bridge
+  appends an entry each idle second, so a working consumer is never that quiet).
 
 nats-py does reconnecting, TLS (``tls://``) and user/password or token auth from the URL.
 """
@@ -83,6 +85,8 @@ class NatsEngine:
         self._ack_numbers = itertools.count(1)
         self._delivered = 0                   # the consumer sequence of the last delivery
         self._heard = 0.0                     # when the consumer last sent something
+        self._entry_heard = 0.0               # ... last delivered an entry
+        self._next_probe = 0.0                # when the stream may be looked at again
         self._broken: str | None = None       # why the consumer must be made again
         self._buffer: list[bytes] = []
         self._publishing = Watchdog(LIVENESS_SECONDS)
@@ -306,7 +310,7 @@ class NatsEngine:
 
         self._delivered = 0
         self._broken = None
-        self._heard = time.monotonic()
+        self._heard = self._entry_heard = time.monotonic()
         sub = self.sub = await self.nc.subscribe(deliver, cb=on_delivery)
         await self.js.add_consumer(self.stream, api.ConsumerConfig(
             deliver_subject=deliver, filter_subject=self.subject,
@@ -334,6 +338,7 @@ class NatsEngine:
             self._break(f'the consumer delivered {delivered} after {self._delivered}')
             return
         self._delivered = delivered
+        self._entry_heard = self._heard
         if self.position is not None:
             if sequence <= self.position:
                 return                           # delivered again after a consumer reset
@@ -383,6 +388,9 @@ class NatsEngine:
                     self._check()
                 if quiet >= 1.0:                       # not even a heartbeat:
                     await self.nc.flush(timeout=LIVENESS_SECONDS)    # is the link alive?
+                else:
+                    await self._probe_stream()
+                    self._check()
                 return []
         self._ticked = False
         entries, self._buffer = self._buffer, []
@@ -394,6 +402,23 @@ class NatsEngine:
         self._ticked = True
         self._arrived.set()
         self._ticker = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    async def _probe_stream(self) -> None:
+        """A consumer that sends heartbeats but no entries while the stream has entries
+        past the last one read (seen after an operator deleted the consumer and the
+        stream in turn) is made again. Every bridge appends a heartbeat entry each idle
+        second, so a working consumer delivers at least that often: the stream is looked
+        at only after LIVENESS_SECONDS without an entry, and at most that often."""
+        now = time.monotonic()
+        if now - self._entry_heard < LIVENESS_SECONDS or now < self._next_probe \
+                or self.position is None:
+            return
+        self._next_probe = now + LIVENESS_SECONDS
+        info = await asyncio.wait_for(self.js.stream_info(self.stream), LIVENESS_SECONDS)
+        if info.state.last_seq > self.position:
+            self._break(f'the stream holds entries up to {info.state.last_seq} and the '
+                        f'consumer sent none after {self.position} for '
+                        f'{now - self._entry_heard:.1f}s')
 
     def _check(self) -> None:
         if self._down or self.nc is None or not self.nc.is_connected:

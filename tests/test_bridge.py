@@ -351,6 +351,31 @@ def test_a_consumer_deleted_on_the_nats_server_is_made_again_and_nothing_is_lost
         server.stop()
 
 
+def test_a_nats_consumer_that_sends_heartbeats_and_no_entries_is_made_again(bridges, caplog):
+    # As a consumer the server stopped delivering was seen to do (after an operator
+    # deleted the consumer and the stream in turn): alive to every other check
+    caplog.set_level(logging.WARNING, logger='channels.bridge')
+    server = EngineServer('nats').start()
+    try:
+        sender, _ = bridges(server.url, 'a')
+        receiver, seen = bridges(server.url, 'b')
+        publish(sender, 'a', 10)
+        wait_until(lambda: len(seen.received()) == 10, 10, what='the first 10')
+        engine = receiver.engine
+
+        async def deaf(msg) -> None:      # takes everything, heartbeats too; reads nothing
+            engine._heard = time.monotonic()
+        engine._on_delivery = deaf
+        publish(sender, 'a', 10, start=10)
+        wait_until(lambda: _warned(caplog, 'the stream holds entries'), 10,
+                   what='the silent consumer noticed')
+        del engine._on_delivery           # the consumer made again delivers
+        wait_until(lambda: len(seen.received()) == 20, 10, what='the 10 sent meanwhile')
+        assert seen.from_origin('a') == list(range(20)) and seen.losses == []
+    finally:
+        server.stop()
+
+
 def test_a_reading_connection_killed_by_redis_is_noticed_and_resumed(bridges, caplog):
     caplog.set_level(logging.WARNING, logger='channels.bridge')
     server = EngineServer('redis').start()
