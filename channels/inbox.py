@@ -79,6 +79,10 @@ _groups_lock = threading.Lock()      # joining and leaving groups; taken before 
 _RELEASE = object()
 """A group's marker in its loop's dispatcher: release what it held back."""
 
+HOLD_SLACK = 16
+"""A group holds messages back once more than twice its largest ``maxsize``, plus this
+many, wait for its loop (a loop that is a few messages behind is not held up)."""
+
 OVERFLOW_POLICIES = ('error', 'drop-oldest', 'drop-newest')
 """The values of ``listen(overflow=...)``; see the module's documentation."""
 
@@ -290,19 +294,20 @@ class _Group(LoopRunner):
     given a topic twice is in it twice).
 
     What waits for the loop is bounded. Once more than twice ``_cap`` messages (``_cap``:
-    the largest ``maxsize`` of its members) wait, every member is far enough behind that
+    the largest ``maxsize`` of its members), and ``HOLD_SLACK``, wait, every member is far enough behind that
     its overflow policy will apply: the group then holds back what arrives, keeping only
     the newest ``_cap`` (for ``'drop-oldest'``) and counting the rest, and puts one
     marker in the dispatcher. When the loop reaches the marker, each member is told
     how many it lost (``Inbox._lose``) and the held messages follow, so a loop that
     stalled ends as it would have, had each message reached its inboxes at once: the
     oldest kept by ``'drop-newest'`` and ``'error'``, the newest by ``'drop-oldest'``,
-    every drop counted; at most about three times ``_cap`` messages wait meanwhile.
+    every drop counted; at most about three times ``_cap`` (and ``HOLD_SLACK``) messages
+    wait meanwhile.
     """
 
     __slots__ = ('loop', 'topic', 'channel', 'dispatcher', 'orphaned', '_counts',
-                 '_members', '_numbers', '_joining', '_cap', '_arrived', '_held_lock',
-                 '_holding', '_held', '_lost', '_first_lost', '__weakref__')
+                 '_members', '_numbers', '_joining', '_cap', '_hold_after', '_arrived',
+                 '_held_lock', '_holding', '_held', '_lost', '_first_lost', '__weakref__')
 
     def __init__(self, loop: asyncio.AbstractEventLoop, topic: str) -> None:
         self.loop = loop
@@ -316,6 +321,7 @@ class _Group(LoopRunner):
         self._numbers = itertools.count()          # next() is one step: any thread
         self._joining: dict[Inbox, int] = {}       # -> its number: not yet given any
         self._cap = 1                # the largest maxsize of any member it has had
+        self._hold_after = 2 + HOLD_SLACK           # 2 * _cap + HOLD_SLACK
         self._arrived = next(self._numbers)       # the number last taken on the loop
         self._held_lock = threading.Lock()
         self._holding = False        # the marker is in the dispatcher: hold what arrives
@@ -338,12 +344,12 @@ class _Group(LoopRunner):
         if self.orphaned:
             return
         number = next(self._numbers)
-        # Past twice the cap: joins take numbers too, so what waits is counted a little
-        # high, and at least the cap must wait ahead of the marker, so that each member
-        # fills its queue from there before it loses any
-        if self._holding or number - self._arrived > 2 * self._cap:
+        # Past twice the cap and some: joins take numbers too, so what waits is counted
+        # a little high, and at least the cap must wait ahead of the marker, so that
+        # each member fills its queue from there before it loses any
+        if self._holding or number - self._arrived > self._hold_after:
             with self._held_lock:
-                if self._holding or number - self._arrived > 2 * self._cap:
+                if self._holding or number - self._arrived > self._hold_after:
                     self._hold(number, message)
                     return
         self.dispatcher.put(self, (number, message))
@@ -445,6 +451,7 @@ def _join(inbox: Inbox, loop: asyncio.AbstractEventLoop, topic: str) -> None:
         group._joining.setdefault(inbox, next(group._numbers))
         if inbox.maxsize > group._cap:       # never lowered: a bound, not a policy
             group._cap = inbox.maxsize
+            group._hold_after = 2 * inbox.maxsize + HOLD_SLACK
         group._changed()
         inbox._groups.append(group)
 
