@@ -55,6 +55,7 @@ __all__ = ['Bridge', 'Retention', 'redact_url', 'BridgeError']
 logger = logging.getLogger(__name__)
 
 _ENTRY = struct.Struct('!2sBBQQI')
+_MIN_FRAME = wire.HEADER.size + wire.MESSAGE_HEADER.size    # the smallest MESSAGE frame
 _MAGIC = b'MB'
 _VERSION = 1
 
@@ -611,6 +612,9 @@ class Bridge:
                 origin = bytes(view[_ENTRY.size:start]).decode()
             except (struct.error, UnicodeDecodeError):
                 magic = None
+            else:      # a header that claims more than the entry holds is not one of ours
+                if start > len(view) or count * _MIN_FRAME > len(view) - start:
+                    magic = None
             if magic != _MAGIC or version != _VERSION:
                 logger.warning('bridge %s: dropped an entry that is not an mpchannels '
                                'entry of version %d (another program writing to namespace '

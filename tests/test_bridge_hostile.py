@@ -107,7 +107,8 @@ def test_a_junk_entry_read_with_good_ones_costs_only_itself(redis_server, redis_
         wait_until(lambda: _bridge(b)['connected'], 15, what='the bridge connected')
         xadd_all(redis_client,
                  entry('good-a', 1, [message('x', f'1-{"a" * 16}-1')]),
-                 entry('junk', 1, [b'\x00\x00\x00\x05\x02\x04hello']),
+                 # room for the one frame it claims, but not a frame of ours
+                 entry('junk', 1, [b'\x00\x00\x00\x20\x02\x04' + b'x' * 32]),
                  entry('good-b', 1, [message('x', f'2-{"b" * 16}-1')]))
         wait_until(lambda: _bridge(b)['entries_received'] >= 3, 15, what='three entries')
         wait_until(lambda: len(_user(app.received('x'))) >= 2, 10,
@@ -189,3 +190,22 @@ def test_an_engine_that_refuses_writes_is_one_warning_not_a_flapping_connection(
         wait_until(lambda: bridge.stats()['connected'], 10, what='connected again')
     finally:
         assert bridge.stop(10)
+
+
+def test_an_entry_claiming_more_messages_than_it_holds_is_dropped_as_not_ours(
+        redis_server, redis_client):
+    """A header's count is only believed where the entry has room for that many frames:
+    a claim of four billion messages in one frame's bytes would make the counters (and
+    the losses later told of that origin) nonsense."""
+    with bridged_broker(redis_server.url) as b, app_processes(b.address, 1) as (app,):
+        _subscribed(b, app, 'x', LOST)
+        wait_until(lambda: _bridge(b)['connected'], 15, what='the bridge connected')
+        xadd_all(redis_client,
+                 entry('liar', 1, [message('x', f'1-{"a" * 16}-1')], count=2 ** 32 - 1),
+                 entry('good', 1, [message('x', f'2-{"b" * 16}-1')]))
+        wait_until(lambda: len(_user(app.received('x'))) >= 1, 15, what='the good message')
+        assert [data for _, data in _user(app.received('x'))] == [{}]
+        stats = _bridge(b)
+        assert (stats['received'], stats['lost']) == (1, 0), stats
+        assert app.received(LOST) == []
+        assert 'not an mpchannels entry' in b.log
