@@ -7,6 +7,7 @@ redis-server and nats-server -js started by the test on free ports (tests/engine
 from __future__ import annotations
 
 import builtins
+import contextlib
 import http.server
 import logging
 import sys
@@ -336,62 +337,61 @@ def _delete_consumers(url: str, stream: str) -> list[str]:
     return asyncio.run(delete())
 
 
-def test_a_consumer_deleted_on_the_nats_server_is_made_again_and_nothing_is_lost(bridges):
-    server = EngineServer('nats').start()
+@contextlib.contextmanager
+def ten_through_an_engine_of_our_own(bridges, kind: str):
+    """A *kind* server of this test's, bridge a sending to bridge b through it, and a's
+    first 10 messages at b: (server, sender, receiver, what b saw); the server always
+    stopped (the bridges by their fixture)."""
+    server = EngineServer(kind).start()
     try:
         sender, _ = bridges(server.url, 'a')
         receiver, seen = bridges(server.url, 'b')
         publish(sender, 'a', 10)
         wait_until(lambda: len(seen.received()) == 10, 10, what='the first 10')
-        assert len(_delete_consumers(server.url, 'test')) == 2      # a's and b's
-        publish(sender, 'a', 10, start=10)
-        wait_until(lambda: len(seen.received()) == 20, 10, what='the 10 sent after')
-        assert seen.from_origin('a') == list(range(20)) and seen.losses == []
+        yield server, sender, receiver, seen
     finally:
         server.stop()
+
+
+def ten_more_arrive_and_none_is_lost(sender: Bridge, seen: Machine) -> None:
+    publish(sender, 'a', 10, start=10)
+    wait_until(lambda: len(seen.received()) == 20, 10, what='the next 10')
+    assert seen.from_origin('a') == list(range(20)) and seen.losses == []
+
+
+def test_a_consumer_deleted_on_the_nats_server_is_made_again_and_nothing_is_lost(bridges):
+    with ten_through_an_engine_of_our_own(bridges, 'nats') as (server, sender, _, seen):
+        assert len(_delete_consumers(server.url, 'test')) == 2      # a's and b's
+        ten_more_arrive_and_none_is_lost(sender, seen)
 
 
 def test_a_nats_consumer_that_sends_heartbeats_and_no_entries_is_made_again(bridges, caplog):
     # As a consumer the server stopped delivering was seen to do (after an operator
     # deleted the consumer and the stream in turn): alive to every other check
     caplog.set_level(logging.WARNING, logger='channels.bridge')
-    server = EngineServer('nats').start()
-    try:
-        sender, _ = bridges(server.url, 'a')
-        receiver, seen = bridges(server.url, 'b')
-        publish(sender, 'a', 10)
-        wait_until(lambda: len(seen.received()) == 10, 10, what='the first 10')
+    with ten_through_an_engine_of_our_own(bridges, 'nats') as (_, sender, receiver, seen):
         engine = receiver.engine
 
         async def deaf(msg) -> None:      # takes everything, heartbeats too; reads nothing
             engine._heard = time.monotonic()
         engine._on_delivery = deaf
-        publish(sender, 'a', 10, start=10)
+        publish(sender, 'a', 5, start=10)
         wait_until(lambda: _warned(caplog, 'the stream holds entries'), 10,
                    what='the silent consumer noticed')
         del engine._on_delivery           # the consumer made again delivers
-        wait_until(lambda: len(seen.received()) == 20, 10, what='the 10 sent meanwhile')
+        publish(sender, 'a', 5, start=15)
+        wait_until(lambda: len(seen.received()) == 20, 10, what='the 10 sent since')
         assert seen.from_origin('a') == list(range(20)) and seen.losses == []
-    finally:
-        server.stop()
 
 
 def test_a_reading_connection_killed_by_redis_is_noticed_and_resumed(bridges, caplog):
     caplog.set_level(logging.WARNING, logger='channels.bridge')
-    server = EngineServer('redis').start()
-    try:
-        sender, _ = bridges(server.url, 'a')
-        receiver, seen = bridges(server.url, 'b')
-        publish(sender, 'a', 10)
-        wait_until(lambda: len(seen.received()) == 10, 10, what='the first 10')
+    with ten_through_an_engine_of_our_own(bridges, 'redis') as (server, sender, receiver,
+                                                                 seen):
         server.redis_cli('CLIENT', 'KILL', 'TYPE', 'normal')
         wait_until(lambda: receiver.stats()['reconnects'] >= 1, 8, what='a reconnect')
         assert _warned(caplog, 'not connected')
-        publish(sender, 'a', 10, start=10)
-        wait_until(lambda: len(seen.received()) == 20, 10, what='the next 10')
-        assert seen.from_origin('a') == list(range(20)) and seen.losses == []
-    finally:
-        server.stop()
+        ten_more_arrive_and_none_is_lost(sender, seen)
 
 
 def test_replies_over_the_redis_output_buffer_limit_are_read_in_smaller_parts(bridges):
