@@ -78,9 +78,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument('--stop-timeout', type=float, default=10.0, metavar='S',
                         help='seconds a graceful stop may take (default 10)')
     parser.add_argument('--state-file', metavar='PATH',
-                        help='the file of the connected processes (their origins) that a restart reads '
-                             '(default: $CHANNELS_BROKER_STATE_FILE, else ADDR.peers next '
-                             'to a socket, else one in the per-user private directory)')
+                        help='the file of the connected processes (their origins) that a '
+                             'restart reads (default: $CHANNELS_BROKER_STATE_FILE, else '
+                             'ADDR.peers next to a socket, else one in the per-user private '
+                             'directory)')
     parser.add_argument('--bridge', metavar='URL',
                         help="link this machine's broker with other machines' through an "
                              'engine: redis://[user:password@]host:port/db, rediss://..., '

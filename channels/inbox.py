@@ -294,15 +294,15 @@ class _Group(LoopRunner):
     given a topic twice is in it twice).
 
     What waits for the loop is bounded. Once more than twice ``_cap`` messages (``_cap``:
-    the largest ``maxsize`` of its members), and ``HOLD_SLACK``, wait, every member is far enough behind that
-    its overflow policy will apply: the group then holds back what arrives, keeping only
-    the newest ``_cap`` (for ``'drop-oldest'``) and counting the rest, and puts one
-    marker in the dispatcher. When the loop reaches the marker, each member is told
-    how many it lost (``Inbox._lose``) and the held messages follow, so a loop that
-    stalled ends as it would have, had each message reached its inboxes at once: the
-    oldest kept by ``'drop-newest'`` and ``'error'``, the newest by ``'drop-oldest'``,
-    every drop counted; at most about three times ``_cap`` (and ``HOLD_SLACK``) messages
-    wait meanwhile.
+    the largest ``maxsize`` of its members) and ``HOLD_SLACK`` wait, every member is far
+    enough behind that its overflow policy will apply: the group then holds back what
+    arrives, keeping only the newest ``_cap`` (for ``'drop-oldest'``) and counting the
+    rest, and puts one marker in the dispatcher. When the loop reaches the marker, each
+    member is told how many it lost (``Inbox._lose``) and the held messages follow, so a
+    loop that stalled ends as it would have, had each message reached its inboxes at
+    once: the oldest kept by ``'drop-newest'`` and ``'error'``, the newest by
+    ``'drop-oldest'``, every drop counted; at most about three times ``_cap`` (and
+    ``HOLD_SLACK``) messages wait meanwhile.
     """
 
     __slots__ = ('loop', 'topic', 'channel', 'dispatcher', 'orphaned', '_counts',
