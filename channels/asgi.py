@@ -302,6 +302,12 @@ class EventStream:
                         _unsendable('SSE stream', inbox, message, exc)
                         continue
                 yield payload
+                if len(inbox):
+                    # A backlog: get() returns without suspending, and so does uvicorn's
+                    # send() once the client is gone. Let the loop run, so that the
+                    # disconnect is seen (here and by the server's framework) before the
+                    # whole backlog is encoded for nobody while the worker waits.
+                    await asyncio.sleep(0)
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -831,3 +831,52 @@ async def _until(predicate: Callable[[], Any], what: str) -> None:
         await asyncio.wait_for(wait(), TIMEOUT)
     except TimeoutError:
         raise AssertionError(f'timed out after {TIMEOUT}s waiting for {what}') from None
+
+
+class LeavingConnection:
+    """A server's connection as uvicorn's: the client takes nothing after the first writes
+    (send() waits), then leaves: receive() says ``http.disconnect`` and send() returns at
+    once, writing nothing, as uvicorn's does once the client is gone."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.writes = 0
+        self.after_gone = 0
+
+    async def receive(self) -> dict:
+        await self.gone.wait()
+        return {'type': 'http.disconnect'}
+
+    async def send(self, event: dict) -> None:
+        if self.gone.is_set():
+            self.after_gone += 1
+            return
+        self.writes += 1
+        if self.writes > 2:
+            await self.gone.wait()
+
+
+def test_a_stream_whose_client_left_stops_at_once_and_does_not_write_its_backlog():
+    """A stream of a slow client holds a backlog in its inbox; once the client leaves,
+    uvicorn's send() returns without suspending, so a stream that never yields to the
+    event loop would JSON-encode and 'write' its whole backlog to nobody while the
+    worker's loop (every other request) waits, and its stop runs far past STUCK_GRACE."""
+    backlog = 300
+
+    async def main():
+        connection = LeavingConnection()
+        stream = sse_events('feed', ready=READY)
+        request = asyncio.ensure_future(stream(http_scope(), connection.receive,
+                                               connection.send))
+        await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+        send('feed', n=0)                                  # this write waits
+        await _until(lambda: connection.writes == 3, 'the write to wait')
+        for n in range(1, backlog + 1):
+            send('feed', n=n)
+        await _until(lambda: len(stream.inbox) == backlog, 'the backlog')
+        connection.gone.set()
+        await asyncio.wait_for(request, TIMEOUT)
+        assert stream.disconnected
+        assert connection.after_gone < 10, \
+            f'{connection.after_gone} writes of a backlog of {backlog} after the client left'
+    run(main())
