@@ -292,7 +292,8 @@ class EventStream:
                                    exc.dropped)
                     yield sse_event({'missed': exc.dropped}, event='lagged')
                     return
-                payload = message.data if self._data is None else self._data(message)
+                payload = (_data_of('SSE stream', inbox, message) if self._data is None
+                           else self._data(message))
                 if payload is None or self.disconnected:
                     continue
                 if not isinstance(payload, bytes):
@@ -408,7 +409,8 @@ async def _relay(inbox: Inbox, receive: Receive, send: Send,
     async def forward() -> tuple[int, str]:
         try:
             async for message in inbox:
-                payload = message.data if data is None else data(message)
+                payload = (_data_of('websocket relay', inbox, message) if data is None
+                           else data(message))
                 if payload is None:
                     continue
                 try:
@@ -517,6 +519,22 @@ def _unsendable(stream: str, inbox: Inbox, message: Message, error: Exception) -
                  'process that gets it): its data cannot be sent as JSON (%s); send JSON-'
                  'able data, or pass data= to turn it into str or bytes', stream,
                  ', '.join(inbox.topics), message.id, message.topic, error)
+
+
+def _data_of(stream: str, inbox: Inbox, message: Message) -> Any:
+    """*message*'s data, or None (the message is skipped) where it cannot be unpickled
+    in this process (its class is in a module only the sender has, say): one such
+    message must not end every open stream of every worker. Logged once per process."""
+    try:
+        return message.data
+    except Exception as error:
+        if message.id not in _unsendable_ids:
+            _unsendable_ids.append(message.id)
+            logger.error('%s of %s skipped message %s of %r (and so does every stream of '
+                         'this process that gets it): its data cannot be unpickled here: '
+                         '%r', stream, ', '.join(inbox.topics), message.id, message.topic,
+                         error)
+        return None
 
 
 async def _close(send: Send, code: int, reason: str) -> None:

@@ -273,7 +273,9 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
                                           ready_timeout=self.ready_timeout) as inbox:
                     self._ready.set()
                     async for message in inbox:
-                        yield message.data
+                        data = _data_of(self.topic, message)
+                        if data is not None:
+                            yield data
                 logger.warning('the Socket.IO listener of %r was closed; listening again '
                                '(what was sent meanwhile is missed)', self.topic)
             except InboxOverflowError as exc:
@@ -369,8 +371,11 @@ class Manager(_ChannelsPubSub, PubSubManager):
 
     def _enqueue(self, message: Message) -> None:
         """The channel's handler, on a channels task thread."""
+        data = _data_of(self.topic, message)
+        if data is None:
+            return
         try:
-            self._queue.put_nowait(message.data)
+            self._queue.put_nowait(data)
         except queue.Full:
             self.dropped += 1
             self._dropping += 1
@@ -392,3 +397,17 @@ class Manager(_ChannelsPubSub, PubSubManager):
         """The messages of :attr:`topic`, from the queue the channel's handler fills."""
         while True:
             yield self._queue.get()
+
+
+def _data_of(topic: str, message: Message) -> dict | None:
+    """*message*'s data, or None where it cannot be unpickled in this process (its class
+    is in a module only the sender has, say): logged and skipped, so that one such
+    message neither ends the listener (losing what is queued behind it) nor goes
+    unnoticed (python-socketio's own logger is off by default)."""
+    try:
+        return message.data
+    except Exception as error:
+        logger.error('the Socket.IO listener of %r skipped message %s: its data cannot be '
+                     'unpickled in this process (%r); its clients do not get it', topic,
+                     message.id, error)
+        return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -880,3 +881,56 @@ def test_a_stream_whose_client_left_stops_at_once_and_does_not_write_its_backlog
         assert connection.after_gone < 10, \
             f'{connection.after_gone} writes of a backlog of {backlog} after the client left'
     run(main())
+
+
+def _refuse_to_unpickle() -> None:
+    raise ModuleNotFoundError("No module named 'only_in_the_sender'")
+
+
+class Unloadable:
+    """Data that pickles in the sender and cannot be unpickled where it arrives (its
+    class lives in a module that only the sender has)."""
+
+    def __reduce__(self):
+        return _refuse_to_unpickle, ()
+
+
+def test_a_message_that_cannot_be_unpickled_is_skipped_and_the_stream_goes_on(caplog):
+    async def main():
+        client = Client(stream_app('feed', ready=READY))
+        await opened(client)
+        send('feed', thing=Unloadable())
+        send('feed', n=2)
+        assert await client.event() == ('message', {'n': 2})
+        client.disconnect()
+        await client.finished()
+    with caplog.at_level(logging.ERROR, logger='channels.asgi'):
+        run(main())
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.asgi')
+
+
+def test_a_relay_skips_a_message_that_cannot_be_unpickled_and_goes_on(caplog):
+    async def main():
+        inbound: asyncio.Queue = asyncio.Queue()
+        inbound.put_nowait({'type': 'websocket.connect'})
+        sent: list[dict] = []
+        relay = asyncio.ensure_future(relay_websocket((inbound.get, _append(sent)), 'feed',
+                                                      ready='ready'))
+        await _until(lambda: len(sent) == 2, 'the ready frame')
+        send('feed', thing=Unloadable())
+        send('feed', n=2)
+        await _until(lambda: len(sent) == 3, 'the message after the bad one')
+        assert json.loads(sent[2]['text']) == {'n': 2}
+        inbound.put_nowait({'type': 'websocket.disconnect'})
+        await asyncio.wait_for(relay, TIMEOUT)
+    with caplog.at_level(logging.ERROR, logger='channels.asgi'):
+        run(main())
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.asgi')
+
+
+def _append(sent: list) -> Callable:
+    async def send(event: dict) -> None:
+        sent.append(event)
+    return send

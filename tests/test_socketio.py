@@ -295,6 +295,45 @@ def test_ending_the_streams_of_a_worker_leaves_its_async_listener_listening(capl
     assert not [r for r in caplog.records if r.name == 'channels.socketio']
 
 
+def _refuse_to_unpickle() -> None:
+    raise ModuleNotFoundError("No module named 'only_in_the_sender'")
+
+
+class _Unloadable:
+    """Data that pickles in the sender and cannot be unpickled where it arrives."""
+
+    def __reduce__(self):
+        return _refuse_to_unpickle, ()
+
+
+def test_an_async_listener_skips_a_message_it_cannot_unpickle_and_loses_none_after_it(
+        caplog):
+    import channels
+    import channels.socketio
+    manager = channels.socketio.AsyncManager()
+    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+    handled = []
+
+    async def handle_emit(message):
+        handled.append(message['data'][0]['n'])
+    manager._handle_emit = handle_emit
+
+    async def main():
+        manager.initialize()
+        await manager._listening()
+        channels.Channel(manager.topic).send({**_emit_message(0), 'x': _Unloadable()})
+        for n in range(1, 4):
+            channels.Channel(manager.topic).send(_emit_message(n))
+        await _until(lambda: len(handled) == 3, 'the messages after the bad one')
+        manager.thread.cancel()
+
+    with caplog.at_level(logging.ERROR, logger='channels.socketio'):
+        _run_async(main())
+    assert handled == [1, 2, 3]
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.socketio')
+
+
 # the servers -------------------------------------------------------------------------
 
 def _gunicorn(module: str, port: int, *extra: str) -> list[str]:
