@@ -334,6 +334,22 @@ def test_an_async_listener_skips_a_message_it_cannot_unpickle_and_loses_none_aft
                if r.name == 'channels.socketio')
 
 
+def test_a_sync_listener_skips_a_message_it_cannot_unpickle_and_logs_it(caplog):
+    import channels
+    import channels.socketio
+    manager = channels.socketio.Manager()
+    server = socketio.Server(async_mode='threading', client_manager=manager)
+    server.start_background_task = lambda *args, **kwargs: None     # no listener runs
+    manager.initialize()
+    with caplog.at_level(logging.ERROR, logger='channels.socketio'):
+        channels.Channel(manager.topic).send({**_emit_message(0), 'x': _Unloadable()})
+        channels.Channel(manager.topic).send(_emit_message(1))
+        wait_until(lambda: manager._queue.qsize() == 1, TIMEOUT, what='the good message')
+    assert manager._queue.get_nowait()['data'] == [{'n': 1}]
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.socketio')
+
+
 # the servers -------------------------------------------------------------------------
 
 def _gunicorn(module: str, port: int, *extra: str) -> list[str]:
