@@ -89,6 +89,7 @@ MAXSIZE = 10_000
 """Messages a process's manager holds for python-socketio's listener when it is behind."""
 
 _UNSUPPORTED_MODES = ('eventlet', 'gevent', 'gevent_uwsgi')
+_RETRY_INTERVAL = 1.0     # seconds from one attempt to listen to the next, at least
 
 
 class _ListenerInbox(Inbox):
@@ -268,6 +269,7 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
     async def _listen(self) -> AsyncIterator[dict]:
         """The messages of :attr:`topic`, from one inbox on the server's loop."""
         while True:
+            started = asyncio.get_running_loop().time()
             try:
                 async with _ListenerInbox(self.topic, maxsize=self.maxsize,
                                           ready_timeout=self.ready_timeout) as inbox:
@@ -285,6 +287,10 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
                              self.topic, exc.dropped)
             except BrokerUnavailableError as exc:
                 logger.warning('cannot listen to %r yet (%s); trying again', self.topic, exc)
+                # an attempt fails at once with ready_timeout=0: retry at a measured pace,
+                # not in a loop that holds the worker's event loop and floods the log
+                waited = asyncio.get_running_loop().time() - started
+                await asyncio.sleep(max(0.0, _RETRY_INTERVAL - waited))
             except ShutdownError:
                 logger.info('channels is shutting down: the Socket.IO listener of %r stops',
                             self.topic)

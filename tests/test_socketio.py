@@ -350,6 +350,32 @@ def test_a_sync_listener_skips_a_message_it_cannot_unpickle_and_logs_it(caplog):
                if r.name == 'channels.socketio')
 
 
+def test_an_async_listener_that_cannot_reach_the_broker_retries_at_a_measured_pace(
+        caplog, tmp_path):
+    """ready_timeout=0 is allowed: then each failed attempt returns at once, and the
+    listener must not spin the worker's event loop (and flood the log) retrying."""
+    import asyncio
+    import channels
+    import channels.socketio
+    channels.configure(BROKER_ADDRESS=str(tmp_path / 'nobody.sock'))
+    manager = channels.socketio.AsyncManager(ready_timeout=0)
+    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+
+    def retries() -> int:
+        return sum(1 for r in caplog.records if r.name == 'channels.socketio'
+                   and 'cannot listen' in r.getMessage())
+
+    async def main():
+        manager.initialize()
+        await _until(lambda: retries() >= 1, 'the first attempt to fail')
+        await asyncio.sleep(1.0)       # how fast it retries is the point: a fixed window
+        manager.thread.cancel()
+
+    with caplog.at_level(logging.WARNING, logger='channels.socketio'):
+        _run_async(main())
+    assert retries() <= 3, f'{retries()} attempts in about 1s'
+
+
 # the servers -------------------------------------------------------------------------
 
 def _gunicorn(module: str, port: int, *extra: str) -> list[str]:
