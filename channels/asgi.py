@@ -354,7 +354,8 @@ async def relay_websocket(websocket: Any, *topics: str,
         ``str`` is sent as a text frame, ``bytes`` as a binary frame, anything else as
         JSON text; ``None`` skips the message.
     :ready: a frame (the same kinds) sent once the subscriptions are in force: from then
-        on, every message any process sends to *topics* reaches this client.
+        on, every message any process sends to *topics* reaches this client. One that
+        cannot be JSON raises here, before the connection is accepted.
     :on_receive: called with each frame the client sends (``str`` or ``bytes``; a
         coroutine function is awaited); None: they are ignored.
     :maxsize, overflow, ready_timeout: as for :func:`channels.listen`.
@@ -373,6 +374,7 @@ async def relay_websocket(websocket: Any, *topics: str,
                         f'{data!r}')
     if on_receive is not None and not callable(on_receive):
         raise TypeError(f'relay_websocket(): on_receive must be callable, got {on_receive!r}')
+    ready_frame = _frame(ready) if ready is not None else None  # not JSON: raises here
     inbox = listen(*topics, maxsize=maxsize, overflow=overflow, ready_timeout=ready_timeout)
     if not await accept():
         return                                # the client left before it was accepted
@@ -388,8 +390,8 @@ async def relay_websocket(websocket: Any, *topics: str,
         if _stopping(loop):
             await _close(send, 1001, 'the server is stopping')
             return
-        if ready is not None:
-            await _send_frame(send, ready)
+        if ready_frame is not None:
+            await send(ready_frame)
         await _relay(inbox, receive, send, data, on_receive)
     except Exception as exc:
         if _is_disconnect(exc):               # the client went away mid-write
@@ -492,10 +494,6 @@ def _frame(payload: Any) -> ASGIMessage:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return {'type': 'websocket.send', 'bytes': bytes(payload)}
     return {'type': 'websocket.send', 'text': _json(payload)}
-
-
-async def _send_frame(send: Send, payload: Any) -> None:
-    await send(_frame(payload))
 
 
 def _json(value: Any) -> str:

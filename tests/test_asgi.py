@@ -934,3 +934,16 @@ def _append(sent: list) -> Callable:
     async def send(event: dict) -> None:
         sent.append(event)
     return send
+
+
+def test_a_relay_refuses_a_ready_frame_that_is_not_json_before_it_accepts():
+    async def main():
+        inbound: asyncio.Queue = asyncio.Queue()
+        inbound.put_nowait({'type': 'websocket.connect'})
+        sent: list[dict] = []
+        with pytest.raises(TypeError, match='not JSON serializable'):
+            await asyncio.wait_for(relay_websocket((inbound.get, _append(sent)), 'feed',
+                                                   ready={'a set'}), TIMEOUT)
+        assert sent == []                     # neither accepted nor closed with 1011
+        assert not Channel.get_channels('feed')
+    run(main())
