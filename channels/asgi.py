@@ -292,7 +292,8 @@ class EventStream:
                                    exc.dropped)
                     yield sse_event({'missed': exc.dropped}, event='lagged')
                     return
-                payload = message.data if self._data is None else self._data(message)
+                payload = (_data_of('SSE stream', inbox, message) if self._data is None
+                           else self._data(message))
                 if payload is None or self.disconnected:
                     continue
                 if not isinstance(payload, bytes):
@@ -302,6 +303,12 @@ class EventStream:
                         _unsendable('SSE stream', inbox, message, exc)
                         continue
                 yield payload
+                if len(inbox):
+                    # A backlog: get() returns without suspending, and so does uvicorn's
+                    # send() once the client is gone. Let the loop run, so that the
+                    # disconnect is seen (here and by the server's framework) before the
+                    # whole backlog is encoded for nobody while the worker waits.
+                    await asyncio.sleep(0)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -347,7 +354,8 @@ async def relay_websocket(websocket: Any, *topics: str,
         ``str`` is sent as a text frame, ``bytes`` as a binary frame, anything else as
         JSON text; ``None`` skips the message.
     :ready: a frame (the same kinds) sent once the subscriptions are in force: from then
-        on, every message any process sends to *topics* reaches this client.
+        on, every message any process sends to *topics* reaches this client. One that
+        cannot be JSON raises here, before the connection is accepted.
     :on_receive: called with each frame the client sends (``str`` or ``bytes``; a
         coroutine function is awaited); None: they are ignored.
     :maxsize, overflow, ready_timeout: as for :func:`channels.listen`.
@@ -366,6 +374,7 @@ async def relay_websocket(websocket: Any, *topics: str,
                         f'{data!r}')
     if on_receive is not None and not callable(on_receive):
         raise TypeError(f'relay_websocket(): on_receive must be callable, got {on_receive!r}')
+    ready_frame = _frame(ready) if ready is not None else None  # not JSON: raises here
     inbox = listen(*topics, maxsize=maxsize, overflow=overflow, ready_timeout=ready_timeout)
     if not await accept():
         return                                # the client left before it was accepted
@@ -381,8 +390,8 @@ async def relay_websocket(websocket: Any, *topics: str,
         if _stopping(loop):
             await _close(send, 1001, 'the server is stopping')
             return
-        if ready is not None:
-            await _send_frame(send, ready)
+        if ready_frame is not None:
+            await send(ready_frame)
         await _relay(inbox, receive, send, data, on_receive)
     except Exception as exc:
         if _is_disconnect(exc):               # the client went away mid-write
@@ -402,7 +411,8 @@ async def _relay(inbox: Inbox, receive: Receive, send: Send,
     async def forward() -> tuple[int, str]:
         try:
             async for message in inbox:
-                payload = message.data if data is None else data(message)
+                payload = (_data_of('websocket relay', inbox, message) if data is None
+                           else data(message))
                 if payload is None:
                     continue
                 try:
@@ -486,10 +496,6 @@ def _frame(payload: Any) -> ASGIMessage:
     return {'type': 'websocket.send', 'text': _json(payload)}
 
 
-async def _send_frame(send: Send, payload: Any) -> None:
-    await send(_frame(payload))
-
-
 def _json(value: Any) -> str:
     """*value* as JSON that browsers parse: ``NaN`` and ``Infinity`` are refused
     (``ValueError``) as are sets, datetimes and other objects JSON has no form for
@@ -511,6 +517,22 @@ def _unsendable(stream: str, inbox: Inbox, message: Message, error: Exception) -
                  'process that gets it): its data cannot be sent as JSON (%s); send JSON-'
                  'able data, or pass data= to turn it into str or bytes', stream,
                  ', '.join(inbox.topics), message.id, message.topic, error)
+
+
+def _data_of(stream: str, inbox: Inbox, message: Message) -> Any:
+    """*message*'s data, or None (the message is skipped) where it cannot be unpickled
+    in this process (its class is in a module only the sender has, say): one such
+    message must not end every open stream of every worker. Logged once per process."""
+    try:
+        return message.data
+    except Exception as error:
+        if message.id not in _unsendable_ids:
+            _unsendable_ids.append(message.id)
+            logger.error('%s of %s skipped message %s of %r (and so does every stream of '
+                         'this process that gets it): its data cannot be unpickled here: '
+                         '%r', stream, ', '.join(inbox.topics), message.id, message.topic,
+                         error)
+        return None
 
 
 async def _close(send: Send, code: int, reason: str) -> None:

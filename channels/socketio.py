@@ -89,6 +89,7 @@ MAXSIZE = 10_000
 """Messages a process's manager holds for python-socketio's listener when it is behind."""
 
 _UNSUPPORTED_MODES = ('eventlet', 'gevent', 'gevent_uwsgi')
+_RETRY_INTERVAL = 1.0     # seconds from one attempt to listen to the next, at least
 
 
 class _ListenerInbox(Inbox):
@@ -268,12 +269,15 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
     async def _listen(self) -> AsyncIterator[dict]:
         """The messages of :attr:`topic`, from one inbox on the server's loop."""
         while True:
+            started = asyncio.get_running_loop().time()
             try:
                 async with _ListenerInbox(self.topic, maxsize=self.maxsize,
                                           ready_timeout=self.ready_timeout) as inbox:
                     self._ready.set()
                     async for message in inbox:
-                        yield message.data
+                        data = _data_of(self.topic, message)
+                        if data is not None:
+                            yield data
                 logger.warning('the Socket.IO listener of %r was closed; listening again '
                                '(what was sent meanwhile is missed)', self.topic)
             except InboxOverflowError as exc:
@@ -283,6 +287,10 @@ class AsyncManager(_ChannelsPubSub, AsyncPubSubManager):
                              self.topic, exc.dropped)
             except BrokerUnavailableError as exc:
                 logger.warning('cannot listen to %r yet (%s); trying again', self.topic, exc)
+                # an attempt fails at once with ready_timeout=0: retry at a measured pace,
+                # not in a loop that holds the worker's event loop and floods the log
+                waited = asyncio.get_running_loop().time() - started
+                await asyncio.sleep(max(0.0, _RETRY_INTERVAL - waited))
             except ShutdownError:
                 logger.info('channels is shutting down: the Socket.IO listener of %r stops',
                             self.topic)
@@ -369,8 +377,11 @@ class Manager(_ChannelsPubSub, PubSubManager):
 
     def _enqueue(self, message: Message) -> None:
         """The channel's handler, on a channels task thread."""
+        data = _data_of(self.topic, message)
+        if data is None:
+            return
         try:
-            self._queue.put_nowait(message.data)
+            self._queue.put_nowait(data)
         except queue.Full:
             self.dropped += 1
             self._dropping += 1
@@ -392,3 +403,17 @@ class Manager(_ChannelsPubSub, PubSubManager):
         """The messages of :attr:`topic`, from the queue the channel's handler fills."""
         while True:
             yield self._queue.get()
+
+
+def _data_of(topic: str, message: Message) -> dict | None:
+    """*message*'s data, or None where it cannot be unpickled in this process (its class
+    is in a module only the sender has, say): logged and skipped, so that one such
+    message neither ends the listener (losing what is queued behind it) nor goes
+    unnoticed (python-socketio's own logger is off by default)."""
+    try:
+        return message.data
+    except Exception as error:
+        logger.error('the Socket.IO listener of %r skipped message %s: its data cannot be '
+                     'unpickled in this process (%r); its clients do not get it', topic,
+                     message.id, error)
+        return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -831,3 +832,118 @@ async def _until(predicate: Callable[[], Any], what: str) -> None:
         await asyncio.wait_for(wait(), TIMEOUT)
     except TimeoutError:
         raise AssertionError(f'timed out after {TIMEOUT}s waiting for {what}') from None
+
+
+class LeavingConnection:
+    """A server's connection as uvicorn's: the client takes nothing after the first writes
+    (send() waits), then leaves: receive() says ``http.disconnect`` and send() returns at
+    once, writing nothing, as uvicorn's does once the client is gone."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.writes = 0
+        self.after_gone = 0
+
+    async def receive(self) -> dict:
+        await self.gone.wait()
+        return {'type': 'http.disconnect'}
+
+    async def send(self, event: dict) -> None:
+        if self.gone.is_set():
+            self.after_gone += 1
+            return
+        self.writes += 1
+        if self.writes > 2:
+            await self.gone.wait()
+
+
+def test_a_stream_whose_client_left_stops_at_once_and_does_not_write_its_backlog():
+    """A stream of a slow client holds a backlog in its inbox; once the client leaves,
+    uvicorn's send() returns without suspending, so a stream that never yields to the
+    event loop would JSON-encode and 'write' its whole backlog to nobody while the
+    worker's loop (every other request) waits, and its stop runs far past STUCK_GRACE."""
+    backlog = 300
+
+    async def main():
+        connection = LeavingConnection()
+        stream = sse_events('feed', ready=READY)
+        request = asyncio.ensure_future(stream(http_scope(), connection.receive,
+                                               connection.send))
+        await _until(lambda: Channel.get_channels('feed'), 'the stream to subscribe')
+        send('feed', n=0)                                  # this write waits
+        await _until(lambda: connection.writes == 3, 'the write to wait')
+        for n in range(1, backlog + 1):
+            send('feed', n=n)
+        await _until(lambda: len(stream.inbox) == backlog, 'the backlog')
+        connection.gone.set()
+        await asyncio.wait_for(request, TIMEOUT)
+        assert stream.disconnected
+        assert connection.after_gone < 10, \
+            f'{connection.after_gone} writes of a backlog of {backlog} after the client left'
+    run(main())
+
+
+def _refuse_to_unpickle() -> None:
+    raise ModuleNotFoundError("No module named 'only_in_the_sender'")
+
+
+class Unloadable:
+    """Data that pickles in the sender and cannot be unpickled where it arrives (its
+    class lives in a module that only the sender has)."""
+
+    def __reduce__(self):
+        return _refuse_to_unpickle, ()
+
+
+def test_a_message_that_cannot_be_unpickled_is_skipped_and_the_stream_goes_on(caplog):
+    async def main():
+        client = Client(stream_app('feed', ready=READY))
+        await opened(client)
+        send('feed', thing=Unloadable())
+        send('feed', n=2)
+        assert await client.event() == ('message', {'n': 2})
+        client.disconnect()
+        await client.finished()
+    with caplog.at_level(logging.ERROR, logger='channels.asgi'):
+        run(main())
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.asgi')
+
+
+def test_a_relay_skips_a_message_that_cannot_be_unpickled_and_goes_on(caplog):
+    async def main():
+        inbound: asyncio.Queue = asyncio.Queue()
+        inbound.put_nowait({'type': 'websocket.connect'})
+        sent: list[dict] = []
+        relay = asyncio.ensure_future(relay_websocket((inbound.get, _append(sent)), 'feed',
+                                                      ready='ready'))
+        await _until(lambda: len(sent) == 2, 'the ready frame')
+        send('feed', thing=Unloadable())
+        send('feed', n=2)
+        await _until(lambda: len(sent) == 3, 'the message after the bad one')
+        assert json.loads(sent[2]['text']) == {'n': 2}
+        inbound.put_nowait({'type': 'websocket.disconnect'})
+        await asyncio.wait_for(relay, TIMEOUT)
+    with caplog.at_level(logging.ERROR, logger='channels.asgi'):
+        run(main())
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.asgi')
+
+
+def _append(sent: list) -> Callable:
+    async def send(event: dict) -> None:
+        sent.append(event)
+    return send
+
+
+def test_a_relay_refuses_a_ready_frame_that_is_not_json_before_it_accepts():
+    async def main():
+        inbound: asyncio.Queue = asyncio.Queue()
+        inbound.put_nowait({'type': 'websocket.connect'})
+        sent: list[dict] = []
+        with pytest.raises(TypeError, match='not JSON serializable'):
+            await asyncio.wait_for(relay_websocket((inbound.get, _append(sent)), 'feed',
+                                                   ready={'a set'}), TIMEOUT)
+        assert sent == []                     # neither accepted nor closed with 1011
+        assert not Channel.get_channels('feed')
+    run(main())

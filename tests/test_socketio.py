@@ -295,6 +295,87 @@ def test_ending_the_streams_of_a_worker_leaves_its_async_listener_listening(capl
     assert not [r for r in caplog.records if r.name == 'channels.socketio']
 
 
+def _refuse_to_unpickle() -> None:
+    raise ModuleNotFoundError("No module named 'only_in_the_sender'")
+
+
+class _Unloadable:
+    """Data that pickles in the sender and cannot be unpickled where it arrives."""
+
+    def __reduce__(self):
+        return _refuse_to_unpickle, ()
+
+
+def test_an_async_listener_skips_a_message_it_cannot_unpickle_and_loses_none_after_it(
+        caplog):
+    import channels
+    import channels.socketio
+    manager = channels.socketio.AsyncManager()
+    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+    handled = []
+
+    async def handle_emit(message):
+        handled.append(message['data'][0]['n'])
+    manager._handle_emit = handle_emit
+
+    async def main():
+        manager.initialize()
+        await manager._listening()
+        channels.Channel(manager.topic).send({**_emit_message(0), 'x': _Unloadable()})
+        for n in range(1, 4):
+            channels.Channel(manager.topic).send(_emit_message(n))
+        await _until(lambda: len(handled) == 3, 'the messages after the bad one')
+        manager.thread.cancel()
+
+    with caplog.at_level(logging.ERROR, logger='channels.socketio'):
+        _run_async(main())
+    assert handled == [1, 2, 3]
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.socketio')
+
+
+def test_a_sync_listener_skips_a_message_it_cannot_unpickle_and_logs_it(caplog):
+    import channels
+    import channels.socketio
+    manager = channels.socketio.Manager()
+    server = socketio.Server(async_mode='threading', client_manager=manager)
+    server.start_background_task = lambda *args, **kwargs: None     # no listener runs
+    manager.initialize()
+    with caplog.at_level(logging.ERROR, logger='channels.socketio'):
+        channels.Channel(manager.topic).send({**_emit_message(0), 'x': _Unloadable()})
+        channels.Channel(manager.topic).send(_emit_message(1))
+        wait_until(lambda: manager._queue.qsize() == 1, TIMEOUT, what='the good message')
+    assert manager._queue.get_nowait()['data'] == [{'n': 1}]
+    assert any('only_in_the_sender' in r.getMessage() for r in caplog.records
+               if r.name == 'channels.socketio')
+
+
+def test_an_async_listener_that_cannot_reach_the_broker_retries_at_a_measured_pace(
+        caplog, tmp_path):
+    """ready_timeout=0 is allowed: then each failed attempt returns at once, and the
+    listener must not spin the worker's event loop (and flood the log) retrying."""
+    import asyncio
+    import channels
+    import channels.socketio
+    channels.configure(BROKER_ADDRESS=str(tmp_path / 'nobody.sock'))
+    manager = channels.socketio.AsyncManager(ready_timeout=0)
+    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+
+    def retries() -> int:
+        return sum(1 for r in caplog.records if r.name == 'channels.socketio'
+                   and 'cannot listen' in r.getMessage())
+
+    async def main():
+        manager.initialize()
+        await _until(lambda: retries() >= 1, 'the first attempt to fail')
+        await asyncio.sleep(1.0)       # how fast it retries is the point: a fixed window
+        manager.thread.cancel()
+
+    with caplog.at_level(logging.WARNING, logger='channels.socketio'):
+        _run_async(main())
+    assert retries() <= 3, f'{retries()} attempts in about 1s'
+
+
 # the servers -------------------------------------------------------------------------
 
 def _gunicorn(module: str, port: int, *extra: str) -> list[str]:
