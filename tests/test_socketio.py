@@ -41,6 +41,7 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import socketio
@@ -164,18 +165,26 @@ async def _until(predicate, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
+def _recording_async_manager(**options) -> tuple[Any, list]:
+    """An AsyncManager of an AsyncServer, and the list its remote emits' ``n`` go to
+    (python-socketio's ``_handle_emit`` replaced)."""
+    import channels.socketio
+    manager = channels.socketio.AsyncManager(**options)
+    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
+    handled: list = []
+
+    async def handle_emit(message):            # python-socketio's, for a remote emit
+        handled.append(message['data'][0]['n'])
+    manager._handle_emit = handle_emit
+    return manager, handled
+
+
 def test_an_async_listener_that_falls_behind_logs_what_it_missed_and_listens_again(caplog):
     import asyncio
     import channels
     import channels.socketio
     from channels.handlers import dispatcher_of
-    manager = channels.socketio.AsyncManager(maxsize=2)
-    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
-    handled = []
-
-    async def handle_emit(message):            # python-socketio's, for a remote emit
-        handled.append(message['data'][0]['n'])
-    manager._handle_emit = handle_emit
+    manager, handled = _recording_async_manager(maxsize=2)
 
     def logged(name: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == name]
@@ -266,17 +275,10 @@ def test_an_async_worker_without_clients_that_emits_with_a_callback_gets_the_ans
 
 
 def test_ending_the_streams_of_a_worker_leaves_its_async_listener_listening(caplog):
-    import asyncio
     import channels
     import channels.socketio
     from channels.asgi import end_streams
-    manager = channels.socketio.AsyncManager()
-    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
-    handled = []
-
-    async def handle_emit(message):
-        handled.append(message['data'][0]['n'])
-    manager._handle_emit = handle_emit
+    manager, handled = _recording_async_manager()
 
     async def main():
         manager.initialize()
@@ -310,13 +312,7 @@ def test_an_async_listener_skips_a_message_it_cannot_unpickle_and_loses_none_aft
         caplog):
     import channels
     import channels.socketio
-    manager = channels.socketio.AsyncManager()
-    socketio.AsyncServer(async_mode='asgi', client_manager=manager)
-    handled = []
-
-    async def handle_emit(message):
-        handled.append(message['data'][0]['n'])
-    manager._handle_emit = handle_emit
+    manager, handled = _recording_async_manager()
 
     async def main():
         manager.initialize()
