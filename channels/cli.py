@@ -137,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(_serve_parser().parse_args(argv), command)
 
 
+_HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+"""What the launcher handles (forwarded to the command, or a graceful stop)."""
+
+
 def _serve(args: argparse.Namespace, command: list[str]) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format='channels-broker[%(process)d] %(levelname)s %(name)s: '
@@ -176,6 +180,13 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The kernel gives a signal sent to the process to any of its threads that does not
+    # block it; Python runs the handler in the main thread, but only once that thread
+    # wakes. Asleep in a wait (for stop, for the command), it slept on: a SIGTERM was
+    # seen only when the wait ended (for an hour, or until the command exited). So the
+    # broker's threads, and the threads they start, block these two, and every signal
+    # to the process interrupts the main thread's wait.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
     try:
         broker.start()
     except ChannelsError as exc:          # the bridge: a bad URL, engine or extra
@@ -185,6 +196,8 @@ def _serve(args: argparse.Namespace, command: list[str]) -> int:
         print(f'channels-broker: cannot listen on {broker.address_text}: '
               f'{exc.strerror or exc}', file=sys.stderr)
         return 1
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
     print(f'channels-broker: listening on {broker.address_text}', flush=True)
     status = 0
     try:
